@@ -1,0 +1,1550 @@
+"""relay: an SMS relay with an escalation chain, for a phone line on Twilio.
+
+Twilio posts every text that arrives on a line to ``/api/sms/inbound``. The
+relay stores it durably, answers Twilio at once, and then texts it on from the
+line's own number to the first contact of the line's chain. If nobody
+acknowledges within that contact's wait, the next contact is paged, and so on
+down the chain (and round it again ``repeat`` times). A contact acknowledges by
+replying to the page; that stops the escalation.
+
+The file reads top to bottom:
+
+    settings and config -> logs and metrics -> state store -> Twilio gateway
+    -> escalation rules -> the relay service -> web routes -> sweeper -> CLI
+
+The escalation rules are pure: a conversation and ``now`` go in, the changed
+conversation (with the texts it wants sent, as pending pages) comes out. All
+I/O lives around them. Run ``python relay.py --help`` for the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import heapq
+import json
+import logging
+import os
+import random
+import re
+import stat
+import sys
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bottle
+import dotenv
+import prometheus_client
+import requests
+import waitress
+from twilio.base.exceptions import TwilioException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.request_validator import (
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
+from twilio.rest import Client
+from twilio.twiml.messaging_response import MessagingResponse
+
+# ---------------------------------------------------------------------------
+# Settings and config
+# ---------------------------------------------------------------------------
+
+DEFAULT_PORT = 8080
+DRY_RUN_TOKEN = "dry-run"
+MAX_BODY_BYTES = 64 * 1024
+MAX_SMS_CHARS = 1600
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+DURATION = re.compile(r"([0-9]+)\s*([smhd]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """The config or the environment cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Contact:
+    name: str
+    phone: str
+    wait: int
+
+
+@dataclass(frozen=True)
+class Line:
+    name: str
+    number: str
+    chain: tuple[Contact, ...]
+
+    def contact(self, phone: str) -> Contact | None:
+        return next((c for c in self.chain if c.phone == phone), None)
+
+
+@dataclass(frozen=True)
+class Config:
+    lines: tuple[Line, ...]
+    public_url: str | None = None
+    wait: int = 300
+    repeat: int = 0
+    alarm_phone: str | None = None
+    retention: int = 7 * 86400
+    log_bodies: bool = False
+    sender_hourly_cap: int = 20
+    outbound_hourly_cap: int = 200
+
+    def line_for(self, number: str) -> Line | None:
+        return next((line for line in self.lines if line.number == number), None)
+
+
+RELAY_KEYS = {f.name for f in dataclasses.fields(Config)} - {"lines"}
+LINE_KEYS = {"name", "number", "chain"}
+CONTACT_KEYS = {"name", "phone", "wait"}
+
+
+def parse_duration(value: object, key: str) -> int:
+    """Seconds from an integer or a string such as "90s", "5m", "1h"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and (m := DURATION.fullmatch(value.strip())):
+        seconds = int(m[1]) * DURATION_UNITS[m[2]]
+    else:
+        raise ConfigError(f'{key}: {value!r} is not a duration like 90, "90s", "5m" or "1h"')
+    if seconds <= 0:
+        raise ConfigError(f"{key}: a duration must be more than 0 seconds")
+    return seconds
+
+
+def _phone(value: object, key: str) -> str:
+    if not isinstance(value, str) or not E164.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} is not an E.164 number like +16195550100")
+    return value
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: must be a non-empty string")
+    return value.strip()
+
+
+def _count(value: object, key: str, least: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"{key}: must be a whole number of at least {least}")
+    return value
+
+
+def _refuse_unknown(table: dict, known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+
+
+def parse_config(data: dict) -> Config:
+    """Build a Config from parsed TOML, refusing anything doubtful with the key and why."""
+    _refuse_unknown(data, {"relay", "lines"}, "")
+    relay = data.get("relay", {})
+    if not isinstance(relay, dict):
+        raise ConfigError("relay: must be a table")
+    _refuse_unknown(relay, RELAY_KEYS, "relay")
+    options: dict = {}
+    if "public_url" in relay:
+        url = _text(relay["public_url"], "relay.public_url")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError("relay.public_url: must start with https:// (or http://)")
+        options["public_url"] = url.rstrip("/")
+    for key in ("wait", "retention"):
+        if key in relay:
+            options[key] = parse_duration(relay[key], f"relay.{key}")
+    for key, least in (("repeat", 0), ("sender_hourly_cap", 1), ("outbound_hourly_cap", 1)):
+        if key in relay:
+            options[key] = _count(relay[key], f"relay.{key}", least)
+    if "alarm_phone" in relay:
+        options["alarm_phone"] = _phone(relay["alarm_phone"], "relay.alarm_phone")
+    if "log_bodies" in relay:
+        if not isinstance(relay["log_bodies"], bool):
+            raise ConfigError("relay.log_bodies: must be true or false")
+        options["log_bodies"] = relay["log_bodies"]
+    default_wait = options.get("wait", Config.wait)
+
+    raw_lines = data.get("lines")
+    if not isinstance(raw_lines, list) or not raw_lines:
+        raise ConfigError("lines: at least one [[lines]] table is needed")
+    lines = []
+    for i, raw in enumerate(raw_lines):
+        where = f"lines[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: must be a table")
+        _refuse_unknown(raw, LINE_KEYS, where)
+        name = _text(raw.get("name"), f"{where}.name")
+        number = _phone(raw.get("number"), f"{where}.number")
+        chain = raw.get("chain")
+        if not isinstance(chain, list) or not chain:
+            raise ConfigError(f"{where}.chain: the chain is empty; name at least one contact")
+        contacts = []
+        for j, rc in enumerate(chain):
+            cwhere = f"{where}.chain[{j}]"
+            if not isinstance(rc, dict):
+                raise ConfigError(f"{cwhere}: must be a table like {{ name = ..., phone = ... }}")
+            _refuse_unknown(rc, CONTACT_KEYS, cwhere)
+            wait = parse_duration(rc["wait"], f"{cwhere}.wait") if "wait" in rc else default_wait
+            contacts.append(
+                Contact(_text(rc.get("name"), f"{cwhere}.name"), _phone(rc.get("phone"), f"{cwhere}.phone"), wait)
+            )
+        lines.append(Line(name, number, tuple(contacts)))
+
+    numbers = [line.number for line in lines]
+    for i, line in enumerate(lines):
+        if numbers.index(line.number) != i:
+            raise ConfigError(f"lines[{i}].number: {line.number} is already used by another line")
+        if [x.name for x in lines].index(line.name) != i:
+            raise ConfigError(f"lines[{i}].name: {line.name!r} is already used by another line")
+        for j, contact in enumerate(line.chain):
+            if contact.phone in numbers:
+                raise ConfigError(
+                    f"lines[{i}].chain[{j}].phone: {contact.phone} is a line's own number; "
+                    "paging it would loop back into the relay"
+                )
+    if options.get("alarm_phone") in numbers:
+        raise ConfigError("relay.alarm_phone: is a line's own number; it would loop back into the relay")
+    return Config(lines=tuple(lines), **options)
+
+
+def load_config(path: Path) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file (set RELAY_CONFIG or create it)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment says; secrets live here and nowhere else."""
+
+    config_path: Path
+    state_dir: Path
+    port: int
+    dry_run: bool
+    public_url: str | None
+    api_base_url: str
+    account_sid: str | None
+    auth_token: str | None
+    api_key: str | None
+    api_secret: str | None
+
+    @classmethod
+    def from_env(cls, env: dict, dry_run: bool = False) -> Settings:
+        def get(name: str) -> str | None:
+            return env.get(name, "").strip() or None
+
+        port = get("PORT") or str(DEFAULT_PORT)
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"PORT: {port!r} is not a port number")
+        return cls(
+            config_path=Path(get("RELAY_CONFIG") or "config.toml"),
+            state_dir=Path(get("RELAY_STATE_DIR") or "state"),
+            port=int(port),
+            dry_run=dry_run or (get("RELAY_DRY_RUN") or "0").lower() not in ("0", "false", "no"),
+            public_url=(get("RELAY_PUBLIC_URL") or "").rstrip("/") or None,
+            api_base_url=(get("TWILIO_API_BASE_URL") or "https://api.twilio.com").rstrip("/"),
+            account_sid=get("TWILIO_ACCOUNT_SID"),
+            auth_token=get("TWILIO_AUTH_TOKEN"),
+            api_key=get("TWILIO_API_KEY"),
+            api_secret=get("TWILIO_API_SECRET"),
+        )
+
+    @property
+    def signing_token(self) -> str | None:
+        return self.auth_token or (DRY_RUN_TOKEN if self.dry_run else None)
+
+    def require_credentials(self) -> None:
+        if self.dry_run:
+            return
+        if not self.account_sid or not self.account_sid.startswith("AC"):
+            raise ConfigError("TWILIO_ACCOUNT_SID: missing or not an AC... account SID (or use --dry-run)")
+        if not self.auth_token:
+            raise ConfigError("TWILIO_AUTH_TOKEN: missing; it is needed to check Twilio's signatures")
+        if bool(self.api_key) != bool(self.api_secret):
+            raise ConfigError("TWILIO_API_KEY and TWILIO_API_SECRET: set both or neither")
+
+    def public_url_for(self, config: Config) -> str | None:
+        return self.public_url or config.public_url
+
+
+def load_dotenv_file(path: Path = Path(".env")) -> None:
+    """Load .env without overriding the environment; refuse one others can read."""
+    if not path.exists():
+        return
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"{path}: readable by group or others; run: chmod 600 {path}")
+    dotenv.load_dotenv(path, override=False)
+
+
+# ---------------------------------------------------------------------------
+# Logs and metrics
+# ---------------------------------------------------------------------------
+
+_log_lock = threading.Lock()
+
+
+def log(level: str, event: str, **fields: object) -> None:
+    """One JSON object per line on stdout."""
+    now = datetime.datetime.now(datetime.UTC)
+    record = {"ts": now.isoformat(timespec="milliseconds"), "level": level, "event": event}
+    record.update((k, v) for k, v in fields.items() if v is not None)
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    with _log_lock:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+class JsonLogHandler(logging.Handler):
+    """Routes the libraries' own logging (waitress, twilio) into our JSON lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log(record.levelname.lower(), record.name, message=record.getMessage())
+
+
+def tame_library_logging() -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [JsonLogHandler()]
+    root.setLevel(logging.WARNING)
+    # Under load waitress warns about every queued request; that is not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+METRICS = prometheus_client.CollectorRegistry()
+INBOUND = prometheus_client.Counter("relay_inbound_total", "Inbound texts accepted", ["kind"], registry=METRICS)
+REJECTED = prometheus_client.Counter("relay_rejected_total", "Requests refused", ["reason"], registry=METRICS)
+SENDS = prometheus_client.Counter("relay_sends_total", "Outbound SMS attempts", ["result"], registry=METRICS)
+ESCALATIONS = prometheus_client.Counter("relay_escalations_total", "Pages moved to the next contact", registry=METRICS)
+ACKS = prometheus_client.Counter("relay_acknowledgements_total", "Conversations acknowledged", registry=METRICS)
+UNANSWERED = prometheus_client.Counter("relay_unanswered_total", "Conversations nobody answered", registry=METRICS)
+OPEN = prometheus_client.Gauge("relay_open_conversations", "Conversations waiting for a contact", registry=METRICS)
+SWEEP_LAG = prometheus_client.Gauge("relay_sweep_lag_seconds", "How late the last due deadline fired", registry=METRICS)
+
+
+# ---------------------------------------------------------------------------
+# State store
+#
+# Every change to a conversation is appended, as the whole conversation, to a
+# journal of JSON lines; the last line for a conversation wins. Appends that
+# arrive together share one fsync (group commit), so a webhook is durable
+# before its 200 without paying a whole fsync each. Now and then the journal
+# is folded into a snapshot written atomically, and finished conversations are
+# moved to per-day archive files, which retention deletes whole.
+# ---------------------------------------------------------------------------
+
+OPEN_STATUS = "open"
+
+
+@dataclass
+class Page:
+    """One outbound text and where it stands."""
+
+    to: str
+    body: str
+    kind: str  # "page" (a step of the chain), "followup" or "alarm"
+    step: int | None = None
+    state: str = "pending"  # pending -> sent -> delivered | failed | undelivered; or cancelled
+    attempts: int = 0
+    retry_at: float = 0.0
+    sid: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Conversation:
+    """A customer's text and everything the relay did about it."""
+
+    id: str  # the MessageSid of the text that opened it
+    line: str
+    number: str  # the line's number: pages go out from it
+    code: str
+    sender: str
+    chain: list[Contact]  # frozen when the conversation opened
+    rounds: int  # 1 + repeat
+    alarm_phone: str | None
+    created: float
+    step: int
+    step_started: float
+    deadline: float
+    messages: list[dict] = field(default_factory=list)  # {"sid", "body", "at"}
+    replies: list[dict] = field(default_factory=list)  # {"sid", "from", "body", "at", "answer"}
+    pages: list[Page] = field(default_factory=list)
+    status: str = OPEN_STATUS  # open | acknowledged | unanswered
+    finished_at: float | None = None
+    acknowledged_by: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: dict) -> Conversation:
+        data = dict(data)
+        data["chain"] = [Contact(**c) for c in data["chain"]]
+        data["pages"] = [Page(**p) for p in data["pages"]]
+        return cls(**data)
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == OPEN_STATUS
+
+    @property
+    def is_settled(self) -> bool:
+        """Finished, with nothing left to send: ready for the archive."""
+        return not self.is_open and not any(p.state == "pending" for p in self.pages)
+
+    def sids(self) -> list[str]:
+        return [m["sid"] for m in self.messages] + [r["sid"] for r in self.replies]
+
+
+class StateLocked(Exception):
+    """Another relay holds the state directory."""
+
+
+class StoreFailure(Exception):
+    """The state directory could not be written; nothing is acknowledged as stored."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def append_durably(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The complete lines of a JSON-lines file; a torn last line (a crash mid-append) is skipped."""
+    records = []
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                records.append(json.loads(raw))
+            except ValueError:
+                log("error", "state_line_unreadable", file=path.name)
+    return records
+
+
+class Journal:
+    """An append-only file of lines; appends waiting together share one fsync."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.cv = threading.Condition()
+        self.queued: list[bytes] = []
+        self.enqueued = 0
+        self.durable = 0
+        self.flushing = False
+        self.failure: OSError | None = None
+
+    def append(self, line: bytes) -> int:
+        with self.cv:
+            self.queued.append(line)
+            self.enqueued += 1
+            return self.enqueued
+
+    def wait(self, ticket: int) -> None:
+        """Return once the line with this ticket is on disk; the first waiter writes for all."""
+        with self.cv:
+            while self.durable < ticket and not self.failure:
+                if self.flushing:
+                    self.cv.wait()
+                    continue
+                self.flushing, batch, self.queued = True, self.queued, []
+                upto = self.enqueued
+                self.cv.release()
+                try:
+                    data = b"".join(batch)
+                    os.write(self.fd, data)
+                    os.fsync(self.fd)
+                except OSError as e:
+                    failure: OSError | None = e
+                else:
+                    failure = None
+                finally:
+                    self.cv.acquire()
+                self.flushing = False
+                self.failure = failure
+                if not failure:
+                    self.durable = upto
+                    self.size += len(data)
+                self.cv.notify_all()
+            if self.failure:
+                raise StoreFailure(f"cannot write {self.path}: {self.failure.strerror}")
+
+    def close(self) -> None:
+        with self.cv:
+            last = self.enqueued
+        self.wait(last)
+        os.close(self.fd)
+
+
+class Store:
+    """Conversations on disk under one directory, held by one relay at a time."""
+
+    SNAPSHOT = "conversations.json"
+    LOCK = "relay.lock"
+    FOLD_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.conversations: dict[str, Conversation] = {}  # all not yet archived
+        self.seen: dict[str, str] = {}  # message sid -> conversation id, for those above
+        self.archived: set[str] = set()  # message sids of archived conversations
+        self.archive_days: dict[str, list[str]] = {}
+        self.generation = 0
+        self.journal: Journal | None = None
+        self.lock_fd: int | None = None
+
+    # -- opening ----------------------------------------------------------
+
+    def acquire(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        fd = os.open(self.dir / self.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateLocked(f"{self.dir}: another relay is running on this state directory") from None
+        self.lock_fd = fd
+        for path in self.dir.iterdir():
+            if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+                os.chmod(path, 0o600)
+
+    def load(self) -> None:
+        """Read snapshot, journals and archive; safe without the lock (for `status`)."""
+        snapshot_path = self.dir / self.SNAPSHOT
+        first_journal = 0
+        if snapshot_path.exists():
+            snapshot = json.loads(snapshot_path.read_bytes())
+            first_journal = snapshot["generation"]
+            for data in snapshot["conversations"]:
+                self._remember(Conversation.from_json(data))
+        for gen, path in self._journals():
+            self.generation = max(self.generation, gen)
+            if gen >= first_journal:
+                for data in read_json_lines(path):
+                    self._remember(Conversation.from_json(data))
+        for path in sorted(self.dir.glob("archive-*.jsonl")):
+            day = path.name[len("archive-") : -len(".jsonl")]
+            sids = [sid for data in read_json_lines(path) for sid in data["sids"]]
+            self.archive_days[day] = sids
+            self.archived.update(sids)
+
+    def open(self) -> None:
+        self.acquire()
+        self.load()
+        self.fold()
+
+    def _journals(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.dir.glob("journal-*.jsonl"):
+            number = path.name[len("journal-") : -len(".jsonl")]
+            if number.isdigit():
+                found.append((int(number), path))
+        return sorted(found)
+
+    def _remember(self, conv: Conversation) -> None:
+        self.conversations[conv.id] = conv
+        for sid in conv.sids():
+            self.seen[sid] = conv.id
+
+    # -- writing ----------------------------------------------------------
+
+    def save(self, conv: Conversation) -> tuple[Journal, int]:
+        """Queue the conversation's new state; call wait(ticket) before acting on it outside."""
+        self._remember(conv)
+        return self.journal, self.journal.append((conv.to_json() + "\n").encode())
+
+    @staticmethod
+    def wait(ticket: tuple[Journal, int]) -> None:
+        journal, number = ticket
+        journal.wait(number)
+
+    def knows(self, sid: str) -> bool:
+        return sid in self.seen or sid in self.archived
+
+    @property
+    def failure(self) -> str | None:
+        if self.journal and self.journal.failure:
+            return f"cannot write {self.journal.path.name}: {self.journal.failure.strerror}"
+        return None
+
+    def needs_fold(self) -> bool:
+        return self.journal.size > self.FOLD_BYTES
+
+    def fold(self) -> None:
+        """Move settled conversations to the archive and fold the journal into a snapshot.
+
+        The caller holds the relay's lock, so nothing is appended meanwhile.
+        """
+        if self.journal:
+            self.journal.close()
+        settled = [c for c in self.conversations.values() if c.is_settled]
+        by_day: dict[str, list[bytes]] = {}
+        for conv in settled:
+            day = time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at))
+            line = json.dumps({"sids": conv.sids(), "conversation": dataclasses.asdict(conv)}, ensure_ascii=False)
+            by_day.setdefault(day, []).append((line + "\n").encode())
+        for day, lines in by_day.items():
+            append_durably(self.dir / f"archive-{day}.jsonl", b"".join(lines))
+        for conv in settled:
+            sids = conv.sids()
+            day = time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at))
+            self.archive_days.setdefault(day, []).extend(sids)
+            self.archived.update(sids)
+            for sid in sids:
+                self.seen.pop(sid, None)
+            del self.conversations[conv.id]
+        self.generation += 1
+        self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
+        snapshot = {
+            "generation": self.generation,
+            "conversations": [dataclasses.asdict(c) for c in self.conversations.values()],
+        }
+        write_atomically(self.dir / self.SNAPSHOT, json.dumps(snapshot, ensure_ascii=False).encode())
+        for gen, path in self._journals():
+            if gen < self.generation:
+                path.unlink()
+
+    def prune(self, now: float, retention: int) -> int:
+        """Delete archive days wholly older than the retention; returns how many."""
+        cutoff = time.strftime("%Y-%m-%d", time.gmtime(now - retention - 86400))
+        pruned = 0
+        for day in sorted(self.archive_days):
+            if day <= cutoff:
+                (self.dir / f"archive-{day}.jsonl").unlink(missing_ok=True)
+                self.archived.difference_update(self.archive_days.pop(day))
+                pruned += 1
+        return pruned
+
+    def writable(self) -> str | None:
+        """None when the directory takes a write, else the reason."""
+        if self.failure:
+            return self.failure
+        probe = self.dir / ".probe.tmp"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            return f"state directory not writable: {e.strerror}"
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Twilio gateway
+# ---------------------------------------------------------------------------
+
+REST_TIMEOUT = 10.0
+# Errors that say this recipient can never get this text: move on to the next contact.
+PERMANENT_CODES = {21211, 21408, 21610, 21612, 21614, 21635, 21608, 21606, 21660, 30003, 30005, 30006, 30007}
+# Errors about our own account: no recipient does better, so keep retrying and shout.
+ACCOUNT_STATUSES = {401, 403}
+
+
+class SendError(Exception):
+    """A send that did not go through: `permanent` for that recipient, or worth retrying."""
+
+    def __init__(self, reason: str, permanent: bool, code: int | None = None, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+        self.code = code
+        self.retry_after = retry_after
+
+
+def classify_twilio_error(status: int | None, code: int | None) -> bool:
+    """True when the error is permanent for the recipient."""
+    if code in PERMANENT_CODES:
+        return True
+    if status is None or status == 429 or status >= 500 or status in ACCOUNT_STATUSES:
+        return False
+    return 400 <= status < 500
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = datetime.datetime.strptime(value, "%a, %d %b %Y %H:%M:%S GMT")
+        except ValueError:
+            return None
+        return max(0.0, when.replace(tzinfo=datetime.UTC).timestamp() - time.time())
+
+
+class BaseUrlHttpClient(TwilioHttpClient):
+    """Sends the twilio package's requests to TWILIO_API_BASE_URL and remembers Retry-After."""
+
+    def __init__(self, base_url: str, timeout: float = REST_TIMEOUT):
+        super().__init__(timeout=timeout)
+        self.base = urllib.parse.urlsplit(base_url)
+        self.last = threading.local()
+
+    def request(self, method, url, *args, **kwargs):
+        parts = urllib.parse.urlsplit(url)
+        url = urllib.parse.urlunsplit(
+            (self.base.scheme, self.base.netloc, self.base.path.rstrip("/") + parts.path, parts.query, "")
+        )
+        self.last.retry_after = None
+        response = super().request(method, url, *args, **kwargs)
+        self.last.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return response
+
+
+class TwilioGateway:
+    def __init__(self, settings: Settings):
+        self.http = BaseUrlHttpClient(settings.api_base_url)
+        if settings.api_key:
+            self.client = Client(settings.api_key, settings.api_secret, settings.account_sid, http_client=self.http)
+        else:
+            self.client = Client(settings.account_sid, settings.auth_token, http_client=self.http)
+
+    def send(self, from_: str, to: str, body: str, status_callback: str | None) -> str:
+        options = {"status_callback": status_callback} if status_callback else {}
+        try:
+            return self.client.messages.create(to=to, from_=from_, body=body, **options).sid
+        except TwilioException as e:
+            status, code = getattr(e, "status", None), getattr(e, "code", None)
+            reason = f"twilio {status} {code or ''}".strip()
+            retry_after = getattr(self.http.last, "retry_after", None)
+            raise SendError(reason, classify_twilio_error(status, code), code, retry_after) from None
+        except requests.RequestException as e:
+            raise SendError(f"network: {type(e).__name__}", permanent=False) from None
+
+
+class DryRunGateway:
+    """Sends nothing: logs each text and appends it to <state>/outbox.jsonl."""
+
+    def __init__(self, state_dir: Path):
+        self.outbox = state_dir / "outbox.jsonl"
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def send(self, from_: str, to: str, body: str, status_callback: str | None) -> str:
+        with self.lock:
+            self.count += 1
+            sid = "SMdryrun" + hashlib.sha1(f"{time.time()}{self.count}".encode()).hexdigest()[:26]
+        record = {"ts": time.time(), "sid": sid, "from": from_, "to": to, "body": body}
+        append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        log("info", "dry_run_sms", sid=sid, to=to, from_number=from_, body=body)
+        return sid
+
+
+# ---------------------------------------------------------------------------
+# Escalation rules: pure functions of a conversation and `now`
+# ---------------------------------------------------------------------------
+
+RETRY_BASE = 1.0
+RETRY_CAP = 60.0
+RETRY_AFTER_CAP = 300.0
+MAX_ATTEMPTS = 8
+CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,4})\b")
+BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,4})[.!]?")
+# Carrier and Twilio keywords (opt-out, help, opt-in): never an acknowledgement.
+KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+KEYWORDS |= {"HELP", "INFO", "START", "UNSTOP"}
+
+
+def utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def fit_sms(text: str, limit: int = MAX_SMS_CHARS) -> str:
+    """Cut text to Twilio's limit (counted in UTF-16 units, as Twilio does), marking the cut."""
+    if utf16_len(text) <= limit:
+        return text
+    while utf16_len(text) > limit - 1:
+        text = text[: len(text) - max(1, (utf16_len(text) - limit) // 2)]
+    return text + "…"
+
+
+def relay_text(conv: Conversation) -> str:
+    bodies = " / ".join(m["body"] for m in conv.messages)
+    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender}: {bodies}\nReply #{conv.code} to take it.")
+
+
+def followup_text(conv: Conversation, body: str) -> str:
+    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender} (more): {body}")
+
+
+def alarm_text(conv: Conversation) -> str:
+    names = ", ".join(dict.fromkeys(c.name for c in conv.chain))
+    first = conv.messages[0]["body"]
+    return fit_sms(f"UNANSWERED {conv.line} #{conv.code} from {conv.sender}; nobody of {names} replied: {first}")
+
+
+def contact_at(conv: Conversation, step: int) -> Contact:
+    return conv.chain[step % len(conv.chain)]
+
+
+def _begin_step(conv: Conversation, step: int, now: float) -> None:
+    contact = contact_at(conv, step)
+    conv.step, conv.step_started, conv.deadline = step, now, now + contact.wait
+    conv.pages.append(Page(to=contact.phone, body=relay_text(conv), kind="page", step=step, retry_at=now))
+
+
+def start_conversation(
+    line: Line, config: Config, sid: str, sender: str, body: str, code: str, now: float
+) -> Conversation:
+    conv = Conversation(
+        id=sid,
+        line=line.name,
+        number=line.number,
+        code=code,
+        sender=sender,
+        chain=list(line.chain),
+        rounds=config.repeat + 1,
+        alarm_phone=config.alarm_phone,
+        created=now,
+        step=0,
+        step_started=now,
+        deadline=now,
+        messages=[{"sid": sid, "body": body, "at": now}],
+    )
+    _begin_step(conv, 0, now)
+    return conv
+
+
+def escalate(conv: Conversation, now: float) -> str:
+    """Move to the next contact, or end the conversation unanswered; says which."""
+    if conv.step + 1 < len(conv.chain) * conv.rounds:
+        _begin_step(conv, conv.step + 1, now)
+        return "escalated"
+    conv.status, conv.finished_at = "unanswered", now
+    if conv.alarm_phone:
+        conv.pages.append(Page(to=conv.alarm_phone, body=alarm_text(conv), kind="alarm", retry_at=now))
+    return "unanswered"
+
+
+def expire(conv: Conversation, now: float) -> str | None:
+    """Escalate when the current step's wait has run out."""
+    if conv.is_open and now >= conv.deadline:
+        return escalate(conv, now)
+    return None
+
+
+def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -> None:
+    conv.status, conv.finished_at, conv.acknowledged_by = "acknowledged", now, contact.name
+    conv.replies.append(reply)
+    for page in conv.pages:
+        if page.kind == "page" and page.state == "pending":
+            page.state = "cancelled"
+
+
+def reached_phones(conv: Conversation) -> list[str]:
+    return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page"))
+
+
+def join(conv: Conversation, sid: str, body: str, now: float) -> None:
+    """A further text from the customer: relay it to everyone already paged."""
+    conv.messages.append({"sid": sid, "body": body, "at": now})
+    for phone in reached_phones(conv):
+        conv.pages.append(Page(to=phone, body=followup_text(conv, body), kind="followup", retry_at=now))
+
+
+def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> float:
+    """Exponential backoff with jitter (jitter in [0, 1)), never sooner than Retry-After."""
+    backoff = min(RETRY_CAP, RETRY_BASE * 2 ** (attempts - 1))
+    delay = backoff / 2 + jitter * backoff / 2
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, RETRY_AFTER_CAP))
+    return delay
+
+
+def record_sent(conv: Conversation, index: int, sid: str) -> None:
+    page = conv.pages[index]
+    page.state, page.sid, page.error = "sent", sid, None
+
+
+def record_send_error(conv: Conversation, index: int, error: SendError, now: float, jitter: float) -> str:
+    """Retry a transient failure; a permanent one (or too many) moves the chain on at once."""
+    page = conv.pages[index]
+    page.error = error.reason
+    if not error.permanent and page.attempts < MAX_ATTEMPTS:
+        page.retry_at = now + retry_delay(page.attempts, error.retry_after, jitter)
+        return "retry"
+    page.state = "failed"
+    return delivery_failed(conv, index, now) or "failed"
+
+
+def delivery_failed(conv: Conversation, index: int, now: float) -> str | None:
+    """The page to the contact on duty will never arrive: do not wait out the timer."""
+    page = conv.pages[index]
+    if page.kind == "page" and conv.is_open and page.step == conv.step:
+        return escalate(conv, now)
+    return None
+
+
+def record_status(conv: Conversation, index: int, status: str, error_code: str | None, now: float) -> str | None:
+    page = conv.pages[index]
+    if status in ("delivered", "read"):
+        page.state = "delivered"
+    elif status in ("failed", "undelivered"):
+        page.state, page.error = status, f"callback {status} {error_code or ''}".strip()
+        return delivery_failed(conv, index, now)
+    return None
+
+
+def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float | None:
+    """When the conversation next needs attention: a pending page's retry or the step's deadline."""
+    times = [p.retry_at for i, p in enumerate(conv.pages) if p.state == "pending" and i not in in_flight]
+    if conv.is_open:
+        times.append(conv.deadline)
+    return min(times, default=None)
+
+
+def is_keyword(body: str) -> bool:
+    return body.strip().strip(".!").upper() in KEYWORDS
+
+
+def named_code(body: str, open_codes: set[str]) -> str | None:
+    """The code a reply names: `#7 on it`, or a bare `7` that is an open code."""
+    if m := CODE_IN_TEXT.search(body):
+        return m[1].upper()
+    m = BARE_CODE.fullmatch(body.strip())
+    if m and m[1].upper() in open_codes:
+        return m[1].upper()
+    return None
+
+
+def choose_acknowledged(
+    open_convs: list[Conversation], phone: str, body: str
+) -> tuple[Conversation | None, str | None]:
+    """Which open conversation a contact's reply acknowledges, and the code it named if any."""
+    by_code = {c.code: c for c in open_convs}
+    code = named_code(body, set(by_code))
+    if code is not None:
+        return by_code.get(code), code
+    paged = [c for c in open_convs if phone in reached_phones(c)]
+    return max(paged, key=lambda c: c.created, default=None), None
+
+
+def next_code(used: set[str], last: int) -> tuple[str, int]:
+    """The next number after `last` (1-9999, wrapping) that no open conversation of the line holds."""
+    n = last
+    for _ in range(9999):
+        n = n % 9999 + 1
+        if str(n) not in used:
+            return str(n), n
+    raise RuntimeError("all 9999 reply codes are in use on this line")
+
+
+# ---------------------------------------------------------------------------
+# The relay service: the rules, the store and the gateway, under one lock
+# ---------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class Relay:
+    def __init__(self, settings: Settings, config: Config, store: Store, gateway, clock=time.time):
+        self.settings = settings
+        self.config = config
+        self.config_mtime = self._config_mtime()
+        self.store = store
+        self.gateway = gateway
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.wake = threading.Condition(self.lock)
+        self.timers: list[tuple[float, str]] = []
+        self.in_flight: set[tuple[str, int]] = set()
+        self.codes: dict[str, int] = {}
+        self.open_by_sender: dict[tuple[str, str], str] = {}
+        self.senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="send")
+        self.last_sweep = 0.0
+        self.random = random.Random()
+        with self.lock:
+            for conv in store.conversations.values():
+                self._index(conv)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    @property
+    def public_url(self) -> str | None:
+        return self.settings.public_url_for(self.config)
+
+    def _config_mtime(self) -> float | None:
+        try:
+            return self.settings.config_path.stat().st_mtime
+        except OSError:
+            return None
+
+    def _index(self, conv: Conversation) -> None:
+        """Keep look-ups and timers in step with the conversation's state (lock held)."""
+        key = (conv.line, conv.sender)
+        if conv.is_open:
+            self.open_by_sender[key] = conv.id
+        elif self.open_by_sender.get(key) == conv.id:
+            del self.open_by_sender[key]
+        if conv.code.isdigit():
+            self.codes[conv.line] = max(self.codes.get(conv.line, 0), int(conv.code))
+        when = self._wakeup(conv)
+        if when is not None:
+            heapq.heappush(self.timers, (when, conv.id))
+        OPEN.set(len(self.open_by_sender))
+
+    def _wakeup(self, conv: Conversation) -> float | None:
+        return next_wakeup(conv, {i for cid, i in self.in_flight if cid == conv.id})
+
+    def _save(self, conv: Conversation) -> tuple[Journal, int]:
+        self._index(conv)
+        return self.store.save(conv)
+
+    def open_conversations(self, line: str | None = None) -> list[Conversation]:
+        with self.lock:
+            convs = [self.store.conversations[cid] for cid in self.open_by_sender.values()]
+        return [c for c in convs if line is None or c.line == line]
+
+    def _ids(self, conv: Conversation, **more) -> dict:
+        return {"line": conv.line, "code": conv.code, **more}
+
+    def _body(self, body: str) -> str | None:
+        return body if self.config.log_bodies else None
+
+    # -- inbound -------------------------------------------------------------
+
+    def receive(self, params: dict[str, str]) -> str:
+        """Handle a verified inbound text; returns the TwiML answer once the outcome is durable."""
+        sid, sender, to = (params.get(k, "").strip() for k in ("MessageSid", "From", "To"))
+        missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
+        if missing:
+            raise BadRequest(400, f"missing {', '.join(missing)}")
+        if len(sid) > 64 or len(sender) > 64 or len(to) > 64:
+            raise BadRequest(400, "MessageSid, From or To is too long")
+        body = params.get("Body", "")
+        config = self.config
+        line = config.line_for(to)
+        if line is None:
+            INBOUND.labels("no_line").inc()
+            log("warning", "inbound_no_line", message_sid=sid, to=to)
+            return str(MessagingResponse())
+        now = self.clock()
+        answer = MessagingResponse()
+        with self.lock:
+            if self.store.failure:
+                raise BadRequest(503, self.store.failure)
+            if self.store.knows(sid):
+                INBOUND.labels("duplicate").inc()
+                log("info", "inbound_duplicate", message_sid=sid, line=line.name)
+                conv = self.store.conversations.get(self.store.seen.get(sid, ""))
+                previous = next((r["answer"] for r in conv.replies if r["sid"] == sid), None) if conv else None
+                if previous:
+                    answer.message(previous)
+                return str(answer)
+            contact = line.contact(sender)
+            if contact is not None:
+                conv, event, fields = self._reply(line, contact, sid, body, now, answer)
+            elif (cid := self.open_by_sender.get((line.name, sender))) is not None:
+                conv = self.store.conversations[cid]
+                join(conv, sid, body, now)
+                event, fields = "inbound_joined", self._ids(conv)
+            else:
+                code, self.codes[line.name] = next_code(
+                    {c.code for c in self.open_conversations(line.name)}, self.codes.get(line.name, 0)
+                )
+                conv = start_conversation(line, config, sid, sender, body, code, now)
+                event, fields = "inbound_accepted", self._ids(conv)
+            ticket = self._save(conv) if conv else None
+        if ticket is not None:
+            self.store.wait(ticket)
+            with self.lock:
+                self.wake.notify()
+        INBOUND.labels(event.removeprefix("inbound_")).inc()
+        log("info", event, message_sid=sid, **fields, body=self._body(body))
+        return str(answer)
+
+    def _reply(self, line: Line, contact: Contact, sid: str, body: str, now: float, answer: MessagingResponse):
+        """A text from one of the line's contacts (lock held)."""
+        fields = {"line": line.name, "to": None, "contact": contact.name}
+        if is_keyword(body):
+            return None, "reply_keyword", fields
+        conv, code = choose_acknowledged(self.open_conversations(line.name), contact.phone, body)
+        if conv is None:
+            text = f"{line.name}: no open message #{code}." if code else f"{line.name}: nothing is waiting for you."
+            answer.message(text)
+            return None, "reply_unmatched", {**fields, "code": code}
+        text = f"Thanks {contact.name}: {line.name} #{conv.code} from {conv.sender} is yours. Nobody else is paged."
+        acknowledge(conv, contact, {"sid": sid, "from": contact.phone, "body": body, "at": now, "answer": text}, now)
+        answer.message(text)
+        ACKS.inc()
+        return conv, "acknowledged", self._ids(conv, contact=contact.name)
+
+    # -- delivery reports ----------------------------------------------------
+
+    def delivery_status(self, conv_id: str, index: int, params: dict[str, str]) -> None:
+        status = params.get("MessageStatus") or params.get("SmsStatus") or ""
+        with self.lock:
+            conv = self.store.conversations.get(conv_id)
+            if conv is None or not 0 <= index < len(conv.pages):
+                log("warning", "status_unknown", conversation=conv_id, page=index, status=status)
+                return
+            event = record_status(conv, index, status, params.get("ErrorCode"), self.clock())
+            ticket = self._save(conv)
+            to = conv.pages[index].to
+        self.store.wait(ticket)
+        log("info", "status_callback", **self._ids(conv, to=to, status=status, error_code=params.get("ErrorCode")))
+        if event:
+            self._after_change(conv, event, reason=f"delivery {status}")
+
+    def _after_change(self, conv: Conversation, event: str, **fields) -> None:
+        """Log and count an escalation or an unanswered end, and wake the sweeper."""
+        if event == "escalated":
+            ESCALATIONS.inc()
+            to = contact_at(conv, conv.step).phone
+            log("warning", "escalated", **self._ids(conv, to=to, step=conv.step), **fields)
+        elif event == "unanswered":
+            UNANSWERED.inc()
+            log("error", "unanswered", **self._ids(conv, sender=conv.sender), **fields)
+        with self.lock:
+            self.wake.notify()
+
+    # -- sending ---------------------------------------------------------------
+
+    def status_callback_url(self, conv: Conversation, index: int) -> str | None:
+        if not self.public_url:
+            return None
+        query = urllib.parse.urlencode({"c": conv.id, "p": index})
+        return f"{self.public_url}/api/sms/status?{query}"
+
+    def _send(self, conv_id: str, index: int) -> None:
+        """Runs on a sender thread: one attempt at one page, its outcome stored before anything else."""
+        with self.lock:
+            conv = self.store.conversations[conv_id]
+            page = conv.pages[index]
+            page.attempts += 1
+            args = (conv.number, page.to, page.body, self.status_callback_url(conv, index))
+        try:
+            sid = self.gateway.send(*args)
+        except SendError as e:
+            outcome: SendError | str = e
+        except Exception as e:  # a bug or an unexpected library error must not lose the page
+            outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
+        else:
+            outcome = sid
+        with self.lock:
+            if isinstance(outcome, str):
+                record_sent(conv, index, outcome)
+                event, result = None, "sent"
+            else:
+                event = record_send_error(conv, index, outcome, self.clock(), self.random.random())
+                result = "retry" if event == "retry" else "failed"
+            self.in_flight.discard((conv_id, index))
+            ticket = self._save(conv)
+        self.store.wait(ticket)
+        SENDS.labels(result).inc()
+        ids = self._ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
+        if result == "sent":
+            log("info", "relay_sent", twilio_sid=outcome, **ids)
+        else:
+            error = outcome
+            level = "warning" if result == "retry" else "error"
+            log(level, "send_failed", result=result, reason=error.reason, error_code=error.code, **ids)
+            if event != "retry":
+                self._after_change(conv, event, reason=error.reason)
+        with self.lock:
+            self.wake.notify()
+
+    # -- the sweep -----------------------------------------------------------
+
+    def sweep(self) -> float | None:
+        """Fire what is due; returns when next to look. Sends go to the sender threads."""
+        now = self.clock()
+        events, to_send, tickets, lag = [], [], [], 0.0
+        with self.lock:
+            while self.timers and self.timers[0][0] <= now:
+                when, conv_id = heapq.heappop(self.timers)
+                conv = self.store.conversations.get(conv_id)
+                due = self._wakeup(conv) if conv else None
+                if due is None or due > now:
+                    continue  # stale timer: the conversation moved on and has its own entry
+                if event := expire(conv, now):
+                    lag = max(lag, now - when)
+                    events.append((conv, event))
+                    tickets.append(self.store.save(conv))
+                for index, page in enumerate(conv.pages):
+                    if page.state == "pending" and page.retry_at <= now and (conv_id, index) not in self.in_flight:
+                        self.in_flight.add((conv_id, index))
+                        to_send.append((conv_id, index))
+                self._index(conv)
+            self.last_sweep = now
+            SWEEP_LAG.set(lag)
+            next_at = self.timers[0][0] if self.timers else None
+        for ticket in tickets:
+            self.store.wait(ticket)
+        for conv, event in events:
+            self._after_change(conv, event, reason="wait ran out")
+        for conv_id, index in to_send:
+            self.senders.submit(self._send, conv_id, index)
+        return next_at
+
+    def housekeeping(self) -> None:
+        """Cheap checks done about once a second: config edits, journal folding, retention."""
+        mtime = self._config_mtime()
+        if mtime != self.config_mtime:
+            self.config_mtime = mtime
+            try:
+                self.config = load_config(self.settings.config_path)
+            except ConfigError as e:
+                log("error", "config_rejected", reason=str(e))
+            else:
+                log("info", "config_reloaded", lines=[line.name for line in self.config.lines])
+        with self.lock:
+            if self.store.needs_fold():
+                self.store.fold()
+            pruned = self.store.prune(self.clock(), self.config.retention)
+        if pruned:
+            log("info", "pruned", days=pruned)
+
+
+# ---------------------------------------------------------------------------
+# Web routes
+# ---------------------------------------------------------------------------
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+class FormParams(dict):
+    """Form fields, keeping every value of a repeated field for the signature."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        super().__init__(pairs)
+        self.all: dict[str, list[str]] = {}
+        for key, value in pairs:
+            self.all.setdefault(key, []).append(value)
+
+    def getlist(self, key: str) -> list[str]:
+        return self.all[key]
+
+
+def make_app(relay: Relay) -> bottle.Bottle:
+    app = bottle.Bottle()
+
+    def refuse(status: int, reason: str, **fields) -> str:
+        REJECTED.labels(reason.split(":")[0].split(" (")[0]).inc()
+        log("warning", "rejected", status=status, reason=reason, path=bottle.request.path, **fields)
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": reason})
+
+    def verified_form() -> FormParams | str:
+        """The request's form fields, or a refusal already written to the response."""
+        request = bottle.request
+        length = request.content_length
+        if length > MAX_BODY_BYTES:
+            return refuse(413, "body over 64 KiB")
+        raw = request.body.read(MAX_BODY_BYTES + 1)
+        if len(raw) > MAX_BODY_BYTES:
+            return refuse(413, "body over 64 KiB")
+        signature = request.headers.get("X-Twilio-Signature")
+        if not signature:
+            return refuse(403, "missing X-Twilio-Signature")
+        is_form = request.content_type.split(";")[0].strip().lower() == FORM_TYPE
+        text = raw.decode("utf-8", errors="replace") if is_form else ""
+        params = FormParams(urllib.parse.parse_qsl(text, keep_blank_values=True))
+        base = relay.public_url or f"{request.urlparts.scheme}://{request.urlparts.netloc}"
+        url = base + request.path + (f"?{request.query_string}" if request.query_string else "")
+        algorithm = get_signature_algorithm(request.headers.get(SIGNATURE_SETTINGS_HEADER))
+        if not RequestValidator(relay.settings.signing_token).validate(url, params, signature, algorithm):
+            return refuse(403, "bad signature", checked_url=url)
+        if not is_form:
+            return refuse(415, f"content type must be {FORM_TYPE}")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return refuse(400, "body is not UTF-8")
+        return params
+
+    @app.post("/api/sms/inbound")
+    def inbound():
+        params = verified_form()
+        if isinstance(params, str):
+            return params
+        try:
+            twiml = relay.receive(params)
+        except BadRequest as e:
+            return refuse(e.status, e.reason, message_sid=params.get("MessageSid"))
+        except StoreFailure as e:
+            return refuse(503, str(e), message_sid=params.get("MessageSid"))
+        bottle.response.content_type = "text/xml; charset=utf-8"
+        return twiml
+
+    @app.post("/api/sms/status")
+    def status_callback():
+        params = verified_form()
+        if isinstance(params, str):
+            return params
+        conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
+        if not conv_id or not index.isdigit():
+            return refuse(400, "status callback without c and p")
+        try:
+            relay.delivery_status(conv_id, int(index), params)
+        except StoreFailure as e:
+            return refuse(503, str(e))
+        bottle.response.content_type = "text/xml; charset=utf-8"
+        return str(MessagingResponse())
+
+    @app.get("/healthz")
+    def healthz():
+        now = relay.clock()
+        problem = relay.store.writable()
+        if problem is None and now - relay.last_sweep > SWEEP_STALL:
+            problem = f"sweep loop last ran {now - relay.last_sweep:.1f}s ago"
+        bottle.response.content_type = "application/json"
+        body = {
+            "ok": problem is None,
+            "open_conversations": len(relay.open_by_sender),
+            "last_sweep": relay.last_sweep,
+            "dry_run": relay.settings.dry_run,
+        }
+        if problem:
+            bottle.response.status = 503
+            body["reason"] = problem
+        return json.dumps(body)
+
+    @app.get("/metrics")
+    def metrics():
+        bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
+        return prometheus_client.generate_latest(METRICS)
+
+    @app.error(404)
+    @app.error(405)
+    def not_here(error):
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": f"{error.status_line}"})
+
+    @app.error(500)
+    def crashed(error):
+        log("error", "internal_error", path=bottle.request.path, error=repr(error.exception))
+        bottle.response.content_type = "application/json"
+        return json.dumps({"error": "internal error"})
+
+    return app
+
+
+# ---------------------------------------------------------------------------
+# Sweeper
+# ---------------------------------------------------------------------------
+
+HOUSEKEEPING_EVERY = 1.0
+SWEEP_STALL = 10.0
+
+
+def run_sweeper(relay: Relay, stop: threading.Event) -> None:
+    """Sleep until the next deadline or retry, or until new work wakes us; never a fixed tick."""
+    next_housekeeping = 0.0
+    while not stop.is_set():
+        try:
+            next_at = relay.sweep()
+            if time.monotonic() >= next_housekeeping:
+                relay.housekeeping()
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+        except Exception as e:  # keep paging whatever one pass hit; /healthz shows a stall
+            log("error", "sweep_failed", error=repr(e))
+            next_at = None
+        with relay.lock:
+            timeout = HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock()
+            if timeout > 0:
+                relay.wake.wait(min(timeout, HOUSEKEEPING_EVERY))
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+
+def prepare(dry_run: bool) -> tuple[Settings, Config]:
+    load_dotenv_file()
+    settings = Settings.from_env(dict(os.environ), dry_run=dry_run)
+    return settings, load_config(settings.config_path)
+
+
+def describe(settings: Settings, config: Config) -> list[str]:
+    """What the relay would do, in words (for `check` and the startup log)."""
+    out = []
+    for line in config.lines:
+        steps = " -> ".join(f"{c.name} {c.phone} (wait {c.wait}s)" for c in line.chain)
+        out.append(f"line {line.name} {line.number}: {steps}; repeat {config.repeat}")
+    out.append(f"alarm: {config.alarm_phone or 'none (unanswered texts are only logged)'}")
+    public_url = settings.public_url_for(config)
+    if public_url:
+        out.append(f"webhook: {public_url}/api/sms/inbound; delivery reports: {public_url}/api/sms/status")
+    else:
+        out.append(
+            "public URL: not set (RELAY_PUBLIC_URL); signatures are checked against the URL the request "
+            "arrived on, and no delivery reports are asked for"
+        )
+    out.append("mode: dry-run, nothing is sent" if settings.dry_run else f"REST: {settings.api_base_url}")
+    return out
+
+
+def cmd_serve(args) -> int:
+    tame_library_logging()
+    settings, config = prepare(args.dry_run)
+    settings.require_credentials()
+    store = Store(settings.state_dir)
+    store.open()
+    gateway = DryRunGateway(settings.state_dir) if settings.dry_run else TwilioGateway(settings)
+    relay = Relay(settings, config, store, gateway)
+    for text in describe(settings, config):
+        log("info", "startup", detail=text)
+    log("info", "listening", port=settings.port, open_conversations=len(relay.open_by_sender))
+    stop = threading.Event()
+    threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True).start()
+    waitress.serve(
+        make_app(relay),
+        host="0.0.0.0",
+        port=settings.port,
+        threads=8,
+        max_request_body_size=MAX_BODY_BYTES,
+        ident="relay",
+        _quiet=True,
+    )
+    return 0
+
+
+def cmd_send(args) -> int:
+    load_dotenv_file()
+    settings = Settings.from_env(dict(os.environ), dry_run=True)
+    url = args.url or f"http://127.0.0.1:{settings.port}/api/sms/inbound"
+    try:
+        public_url = settings.public_url_for(load_config(settings.config_path))
+    except ConfigError:
+        public_url = settings.public_url
+    parts = urllib.parse.urlsplit(url)
+    signed_url = (public_url + parts.path + (f"?{parts.query}" if parts.query else "")) if public_url else url
+    params = {
+        "MessageSid": "SM" + hashlib.sha1(f"{time.time()}{os.getpid()}".encode()).hexdigest()[:32],
+        "AccountSid": settings.account_sid or "AC" + "0" * 32,
+        "From": args.from_,
+        "To": args.to,
+        "Body": args.body,
+        "NumMedia": "0",
+    }
+    signature = RequestValidator(settings.signing_token).compute_signature(signed_url, params)
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(params).encode(),
+        headers={"X-Twilio-Signature": signature, "Content-Type": FORM_TYPE},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            status, answer = response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        status, answer = e.code, e.read().decode()
+    except (urllib.error.URLError, OSError) as e:
+        print(f"relay: cannot reach {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+    print(status)
+    print(answer)
+    return 0 if status == 200 else 1
+
+
+def cmd_check(args) -> int:
+    settings, config = prepare(args.dry_run)
+    settings.require_credentials()
+    for text in describe(settings, config):
+        print(text)
+    print("ok")
+    return 0
+
+
+def cmd_status(args) -> int:
+    load_dotenv_file()
+    settings = Settings.from_env(dict(os.environ))
+    store = Store(settings.state_dir)
+    if settings.state_dir.exists():
+        store.load()
+    convs = sorted((c for c in store.conversations.values() if c.is_open), key=lambda c: c.created)
+
+    def when(ts: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+    print(f"{len(convs)} open conversation(s)")
+    for conv in convs:
+        paged = ", ".join(f"{p.to} at {when(p.retry_at)} ({p.state})" for p in conv.pages if p.kind == "page")
+        nxt = contact_at(conv, conv.step + 1).name if conv.step + 1 < len(conv.chain) * conv.rounds else "unanswered"
+        print(
+            f"{conv.line} #{conv.code} from {conv.sender} since {when(conv.created)}; paged: {paged}; "
+            f"next: {nxt} at {when(conv.deadline)}"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="relay.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="serve the webhook and relay texts (the default)")
+    serve.add_argument("--dry-run", action="store_true", help="send nothing; log texts and append to outbox.jsonl")
+    send = commands.add_parser("send", help="post a signed inbound text to a running relay")
+    send.add_argument("--from", dest="from_", required=True)
+    send.add_argument("--to", required=True)
+    send.add_argument("--body", required=True)
+    send.add_argument("--url")
+    check = commands.add_parser("check", help="validate config and environment")
+    check.add_argument("--dry-run", action="store_true")
+    commands.add_parser("status", help="list open conversations")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
+    handler = {"serve": cmd_serve, "send": cmd_send, "check": cmd_check, "status": cmd_status}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, StateLocked) as e:
+        print(f"relay: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
