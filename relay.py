@@ -989,13 +989,13 @@ class BadRequest(Exception):
 
 
 class Relay:
-    def __init__(self, settings: Settings, config: Config, store: Store, gateway, clock=time.time):
+    def __init__(self, settings: Settings, config: Config, store: Store, gateway, clock=None):
         self.settings = settings
         self.config = config
         self.config_mtime = self._config_mtime()
         self.store = store
         self.gateway = gateway
-        self.clock = clock
+        self.clock = clock or (lambda: time.time())  # looked up per call, so tests can move time
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
         self.timers: list[tuple[float, str]] = []

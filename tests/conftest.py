@@ -1,0 +1,274 @@
+"""Shared test helpers: phone numbers, a fake Twilio REST API, and a relay run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from twilio.request_validator import RequestValidator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+LINE = "+16195550100"
+SERGIO = "+16195550111"
+BACKUP = "+18583354807"
+ALARM = "+16195550199"
+CUSTOMER = "+15551230001"
+OTHER_CUSTOMER = "+15551230002"
+TOKEN = "test-auth-token"
+ACCOUNT = "AC" + "1" * 32
+
+
+def config_text(primary_wait="2m", backup_wait="5m", repeat=0, alarm=None, extra_relay="") -> str:
+    alarm_line = f'alarm_phone = "{alarm}"' if alarm else ""
+    return f"""
+[relay]
+wait = "5m"
+repeat = {repeat}
+{alarm_line}
+{extra_relay}
+
+[[lines]]
+name = "QDN"
+number = "{LINE}"
+chain = [
+  {{ name = "Sergio", phone = "{SERGIO}", wait = "{primary_wait}" }},
+  {{ name = "Backup", phone = "{BACKUP}", wait = "{backup_wait}" }},
+]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    """Poll until predicate() is truthy; returns its value, or fails the test at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def sign(url: str, params: dict, token: str = TOKEN) -> str:
+    return RequestValidator(token).compute_signature(url, params)
+
+
+# ---------------------------------------------------------------------------
+# A fake Twilio REST API on 127.0.0.1 that records what it is sent
+# ---------------------------------------------------------------------------
+
+MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages\.json")
+
+
+class FakeTwilio:
+    """Answers Messages.json like Twilio; `faults` is a queue of answers to give first.
+
+    A fault is (status, twilio_error_code, headers) or ("hang", seconds) or ("drop",).
+    """
+
+    def __init__(self):
+        self.requests: list[dict] = []  # every Messages POST, faulted or not
+        self.faults: deque = deque()
+        self.lock = threading.Lock()
+        self.count = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                if not MESSAGES_PATH.fullmatch(self.path):
+                    return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
+                if not self.headers.get("Authorization"):
+                    return self._answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
+                with fake.lock:
+                    fault = fake.faults.popleft() if fake.faults else None
+                    fake.count += 1
+                    sid = f"SM{fake.count:032x}"
+                    record = {"form": form, "at": time.time(), "sid": sid, "fault": fault}
+                    fake.requests.append(record)
+                if fault and fault[0] == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if fault and fault[0] == "hang":
+                    time.sleep(fault[1])
+                    fault = None
+                if fault:
+                    status, code, headers = fault
+                    body = {"code": code, "message": "fault", "more_info": "", "status": status}
+                    return self._answer(status, body, headers)
+                body = {"sid": sid, "status": "queued", "to": form.get("To"), "from": form.get("From")}
+                self._answer(201, body)
+
+            def _answer(self, status, body, headers=None):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self, to: str | None = None) -> list[dict]:
+        """The messages answered 201, optionally only those to one number."""
+        with self.lock:
+            return [r["form"] for r in self.requests if not r["fault"] and (to is None or r["form"]["To"] == to)]
+
+    def attempts(self, to: str) -> int:
+        with self.lock:
+            return sum(1 for r in self.requests if r["form"].get("To") == to)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_twilio():
+    fake = FakeTwilio()
+    yield fake
+    fake.close()
+
+
+# ---------------------------------------------------------------------------
+# The relay as a real process, talking HTTP
+# ---------------------------------------------------------------------------
+
+
+class RelayProcess:
+    def __init__(self, workdir: Path, fake: FakeTwilio | None, config: str, dry_run=False, env=None):
+        self.workdir = workdir
+        self.state_dir = workdir / "state"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "relay.log"
+        (workdir / "config.toml").write_text(config)
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PORT": str(self.port),
+            "RELAY_CONFIG": str(workdir / "config.toml"),
+            "RELAY_STATE_DIR": str(self.state_dir),
+            "RELAY_PUBLIC_URL": self.url,
+            "PYTHONUNBUFFERED": "1",
+        }
+        if fake is not None:
+            self.env |= {"TWILIO_ACCOUNT_SID": ACCOUNT, "TWILIO_AUTH_TOKEN": TOKEN, "TWILIO_API_BASE_URL": fake.url}
+        self.env |= env or {}
+        self.dry_run = dry_run
+        self.proc: subprocess.Popen | None = None
+        self.sent = 0
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, str(ROOT / "relay.py"), *args]
+
+    def start(self, wait=True) -> RelayProcess:
+        args = ["serve", "--dry-run"] if self.dry_run else ["serve"]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(*args), cwd=self.workdir, env=self.env, stdout=log, stderr=log)
+        log.close()
+        if wait:
+            wait_until(self.healthy, timeout=15)
+        return self
+
+    def healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"relay exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        try:
+            return self.get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    def run(self, *args: str, timeout=20) -> subprocess.CompletedProcess:
+        """Run another relay.py command with the same environment."""
+        return subprocess.run(
+            self.command(*args), cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def request(self, method: str, path: str, data: bytes | None = None, headers=None) -> tuple[int, str]:
+        req = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def get(self, path: str) -> tuple[int, str]:
+        return self.request("GET", path)
+
+    def post_form(self, path: str, params: dict, signature: str | None = None, token=TOKEN) -> tuple[int, str]:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if signature is None:
+            signature = sign(self.url + path, params, token)
+        if signature:
+            headers["X-Twilio-Signature"] = signature
+        return self.request("POST", path, urllib.parse.urlencode(params).encode(), headers)
+
+    def inbound(self, sender: str, body: str, sid: str | None = None, to: str = LINE, **kw) -> tuple[int, str]:
+        self.sent += 1
+        params = {"MessageSid": sid or f"SMtest{self.sent:028d}", "From": sender, "To": to, "Body": body}
+        return self.post_form("/api/sms/inbound", params, **kw)
+
+    def logs(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+    def events(self, name: str) -> list[dict]:
+        return [r for r in self.logs() if r["event"] == name]
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def start_relay(tmp_path, fake_twilio):
+    """Start a relay process against the fake Twilio API: start_relay(config_text(...))."""
+    started = []
+
+    def start(config: str, dry_run=False, env=None, fake=fake_twilio) -> RelayProcess:
+        process = RelayProcess(tmp_path, fake, config, dry_run=dry_run, env=env).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()

@@ -1,0 +1,67 @@
+"""The newcomer's walk-through in dry-run: no Twilio account, everything visible."""
+
+import json
+
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RelayProcess, config_text, wait_until
+
+
+def outbox(relay: RelayProcess) -> list[dict]:
+    path = relay.state_dir / "outbox.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def dry_run_relay(tmp_path, config: str) -> RelayProcess:
+    relay = RelayProcess(tmp_path, None, config, dry_run=True)
+    relay.env.pop("RELAY_PUBLIC_URL")
+    return relay.start()
+
+
+def test_dry_run_relays_a_customer_text_and_a_reply_acknowledges_it(tmp_path):
+    relay = dry_run_relay(tmp_path, config_text())
+    try:
+        sent = relay.run(
+            "send", "--from", CUSTOMER, "--to", LINE, "--body", "Boat at 9?", "--url", relay.url + "/api/sms/inbound"
+        )
+        assert sent.returncode == 0 and sent.stdout.startswith("200")
+        page = wait_until(lambda: outbox(relay))[0]
+        assert page["to"] == SERGIO and page["from"] == LINE and "Boat at 9?" in page["body"]
+        assert relay.events("dry_run_sms")[0]["to"] == SERGIO
+        assert "QDN #1" in relay.run("status").stdout
+        reply = relay.run(
+            "send", "--from", SERGIO, "--to", LINE, "--body", "#1 yes", "--url", relay.url + "/api/sms/inbound"
+        )
+        assert "<Message>" in reply.stdout and "#1" in reply.stdout
+        assert relay.run("status").stdout.startswith("0 open")
+    finally:
+        relay.stop()
+
+
+def test_dry_run_pages_the_backup_when_nobody_answers(tmp_path):
+    relay = dry_run_relay(tmp_path, config_text(primary_wait="1s"))
+    try:
+        url = relay.url + "/api/sms/inbound"
+        assert relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "hello", "--url", url).returncode == 0
+        pages = wait_until(lambda: len(outbox(relay)) == 2 and outbox(relay), timeout=5)
+        assert [p["to"] for p in pages] == [SERGIO, BACKUP]
+    finally:
+        relay.stop()
+
+
+def test_check_describes_the_chain_and_accepts_the_shipped_config(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    result = relay.run("check", "--dry-run")
+    assert result.returncode == 0
+    assert "Sergio +16195550111 (wait 120s) -> Backup +18583354807 (wait 300s)" in result.stdout
+
+
+def test_check_fails_with_one_line_reason_on_a_bad_config(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text().replace(SERGIO, LINE), dry_run=True)
+    result = relay.run("check", "--dry-run")
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "loop" in result.stderr
+
+
+def test_serve_without_credentials_exits_with_a_reason(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text())
+    result = relay.run("serve")
+    assert result.returncode == 1 and "TWILIO_ACCOUNT_SID" in result.stderr

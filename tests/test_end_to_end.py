@@ -1,0 +1,134 @@
+"""The relay as a real process over HTTP, with a fake Twilio REST API on 127.0.0.1."""
+
+import time
+
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
+
+
+def test_forged_signature_is_refused_and_sends_nothing(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    status, body = relay.inbound(CUSTOMER, "hello", signature="Zm9yZ2Vk")
+    assert status == 403
+    assert "signature" in body
+    time.sleep(0.3)
+    assert fake_twilio.requests == []
+    assert relay.run("status").stdout.startswith("0 open")
+
+
+def test_signature_made_with_another_token_is_refused(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    status, _ = relay.inbound(CUSTOMER, "hello", token="not-the-token")
+    assert status == 403
+
+
+def test_missing_signature_is_refused(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    status, _ = relay.inbound(CUSTOMER, "hello", signature="")
+    assert status == 403
+    time.sleep(0.3)
+    assert fake_twilio.requests == []
+
+
+def test_refused_request_log_names_the_url_checked(start_relay):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello", signature="Zm9yZ2Vk")
+    rejected = wait_until(lambda: relay.events("rejected"))
+    assert rejected[0]["checked_url"] == relay.url + "/api/sms/inbound"
+    assert "test-auth-token" not in relay.log_path.read_text()
+
+
+def test_missing_fields_get_400(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    status, body = relay.post_form("/api/sms/inbound", {"From": CUSTOMER, "To": LINE, "Body": "x"})
+    assert status == 400
+    assert "MessageSid" in body
+
+
+def test_primary_is_paged_from_the_line_number(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    status, twiml = relay.inbound(CUSTOMER, "Is the boat out today?")
+    assert status == 200
+    assert twiml.startswith("<?xml") and "<Response" in twiml
+    page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
+    assert page["From"] == LINE
+    assert "QDN" in page["Body"] and "#1" in page["Body"] and CUSTOMER in page["Body"]
+    assert "Is the boat out today?" in page["Body"]
+    assert page["StatusCallback"].startswith(relay.url + "/api/sms/status?")
+
+
+def test_non_ascii_and_emoji_body_arrives_intact(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    text = "¿Mañana a las 9? 🚤⚓ Привет 你好"
+    assert relay.inbound(CUSTOMER, text)[0] == 200
+    page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
+    assert text in page["Body"]
+
+
+def test_duplicate_message_sid_sends_once(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    assert relay.inbound(CUSTOMER, "hello", sid="SM" + "d" * 32)[0] == 200
+    assert relay.inbound(CUSTOMER, "hello", sid="SM" + "d" * 32)[0] == 200
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    time.sleep(0.5)
+    assert len(fake_twilio.requests) == 1
+    assert len(relay.events("inbound_duplicate")) == 1
+
+
+def test_text_to_a_number_that_is_no_line_relays_nothing(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    status, twiml = relay.inbound(CUSTOMER, "hello", to="+16195559999")
+    assert status == 200
+    assert "<Message>" not in twiml
+    assert wait_until(lambda: relay.events("inbound_no_line"))
+    time.sleep(0.3)
+    assert fake_twilio.requests == []
+
+
+def test_backup_is_paged_when_primary_stays_silent(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="1s", backup_wait="1h"))
+    relay.inbound(CUSTOMER, "anyone there?")
+    first = wait_until(lambda: fake_twilio.delivered(SERGIO))
+    backup = wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=5)
+    assert "anyone there?" in backup[0]["Body"]
+    assert len(first) == 1
+
+
+def test_reply_from_primary_stops_the_escalation(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="2s"))
+    relay.inbound(CUSTOMER, "need a ride")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    status, twiml = relay.inbound(SERGIO, "#1 on it")
+    assert status == 200
+    assert "<Message>" in twiml and "#1" in twiml
+    time.sleep(3)
+    assert fake_twilio.delivered(BACKUP) == []
+    assert relay.events("acknowledged")[0]["contact"] == "Sergio"
+
+
+def test_follow_up_from_customer_joins_the_open_conversation(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "first")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    relay.inbound(CUSTOMER, "second")
+    pages = wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2 and fake_twilio.delivered(SERGIO))
+    assert "second" in pages[1]["Body"] and "#1" in pages[1]["Body"]
+    assert "1 open" in relay.run("status").stdout
+
+
+def test_second_relay_on_the_same_state_directory_refuses_to_start(start_relay, tmp_path):
+    relay = start_relay(config_text())
+    second = relay.run("serve", timeout=20)
+    assert second.returncode != 0
+    assert "another relay" in second.stderr
+
+
+def test_healthz_and_metrics_answer(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    status, body = relay.get("/healthz")
+    assert status == 200 and '"open_conversations": 1' in body
+    status, metrics = relay.get("/metrics")
+    assert status == 200
+    assert 'relay_inbound_total{kind="accepted"} 1.0' in metrics
+    assert wait_until(lambda: 'relay_sends_total{result="sent"} 1.0' in relay.get("/metrics")[1])

@@ -1,0 +1,111 @@
+"""The state directory: durable before the 200, readable after any crash, held by one relay."""
+
+import json
+import os
+import stat
+import time
+
+import pytest
+from conftest import CUSTOMER, LINE, SERGIO
+from freezegun import freeze_time
+
+import relay
+
+QDN = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
+CONFIG = relay.Config(lines=(QDN,), retention=7 * 86400)
+
+
+def conversation(sid: str, now: float) -> relay.Conversation:
+    return relay.start_conversation(QDN, CONFIG, sid, CUSTOMER, "hello", "1", now)
+
+
+def opened(directory) -> relay.Store:
+    store = relay.Store(directory)
+    store.open()
+    return store
+
+
+def reopen(store: relay.Store) -> relay.Store:
+    """What a restart after SIGKILL sees: the files only."""
+    os.close(store.lock_fd)
+    return opened(store.dir)
+
+
+def test_saved_conversation_survives_a_restart(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation("SM1", time.time())))
+    again = reopen(store)
+    assert again.conversations["SM1"].messages[0]["body"] == "hello"
+    assert again.knows("SM1")
+
+
+def test_last_saved_state_of_a_conversation_wins(tmp_path):
+    store = opened(tmp_path)
+    conv = conversation("SM1", time.time())
+    store.save(conv)
+    relay.record_sent(conv, 0, "SMsent")
+    store.wait(store.save(conv))
+    assert reopen(store).conversations["SM1"].pages[0].state == "sent"
+
+
+def test_torn_last_journal_line_is_skipped(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation("SM1", time.time())))
+    with open(store.journal.path, "ab") as f:
+        f.write(b'{"id": "SM2", "line": "Q')
+    again = reopen(store)
+    assert set(again.conversations) == {"SM1"}
+    for path in tmp_path.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            json.loads(line)
+    json.loads((tmp_path / "conversations.json").read_text())
+
+
+def test_second_store_on_the_same_directory_is_refused(tmp_path):
+    opened(tmp_path)
+    with pytest.raises(relay.StateLocked):
+        opened(tmp_path)
+
+
+def test_files_are_0600_and_the_directory_0700(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o755)
+    (directory / "old.json").write_text("{}")
+    os.chmod(directory / "old.json", 0o644)
+    store = opened(directory)
+    store.wait(store.save(conversation("SM1", time.time())))
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_folding_moves_settled_conversations_to_the_archive(tmp_path):
+    store = opened(tmp_path)
+    done = conversation("SM1", time.time())
+    relay.acknowledge(done, QDN.chain[0], {"sid": "SM1r"}, time.time())
+    still_open = conversation("SM2", time.time())
+    store.save(done)
+    store.wait(store.save(still_open))
+    store.fold()
+    assert set(store.conversations) == {"SM2"}
+    assert store.knows("SM1") and store.knows("SM1r")
+    again = reopen(store)
+    assert set(again.conversations) == {"SM2"}
+    assert again.knows("SM1") and again.knows("SM1r")
+
+
+def test_pruning_deletes_old_finished_conversations_and_keeps_open_ones(tmp_path):
+    with freeze_time("2026-11-01 12:00:00") as clock:
+        store = opened(tmp_path)
+        done = conversation("SM1", time.time())
+        relay.acknowledge(done, QDN.chain[0], {"sid": "SM1r"}, time.time())
+        store.save(done)
+        store.wait(store.save(conversation("SM2", time.time())))
+        store.fold()
+        clock.tick(6 * 86400)
+        assert store.prune(time.time(), CONFIG.retention) == 0
+        clock.tick(3 * 86400)
+        assert store.prune(time.time(), CONFIG.retention) == 1
+        assert not store.knows("SM1")
+        assert list(tmp_path.glob("archive-*")) == []
+        assert set(reopen(store).conversations) == {"SM2"}
