@@ -1,0 +1,128 @@
+"""Delivery you can trust: API faults, delivery reports, kills, repeat and alarms, live config edits."""
+
+import time
+import urllib.parse
+
+from conftest import ALARM, BACKUP, CUSTOMER, LINE, SERGIO, config_text, sign, wait_until
+
+
+def test_transient_errors_are_retried_until_exactly_one_relay_is_delivered(start_relay, fake_twilio):
+    fake_twilio.faults.extend([(500, 20500, {}), (500, 20500, {}), (429, 20429, {"Retry-After": "1"})])
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO), timeout=15)
+    time.sleep(0.5)
+    assert fake_twilio.attempts(SERGIO) == 4
+    assert len(fake_twilio.delivered(SERGIO)) == 1
+    assert fake_twilio.delivered(BACKUP) == []
+    assert [e["result"] for e in relay.events("send_failed")] == ["retry"] * 3
+
+
+def test_connection_errors_are_retried(start_relay, fake_twilio):
+    fake_twilio.faults.append(("drop",))
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO), timeout=10)
+    assert fake_twilio.attempts(SERGIO) == 2
+
+
+def test_permanent_error_for_the_primary_pages_the_backup_at_once(start_relay, fake_twilio):
+    fake_twilio.faults.append((400, 21211, {}))
+    relay = start_relay(config_text(primary_wait="1h"))
+    relay.inbound(CUSTOMER, "hello")
+    backup = wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=5)
+    assert backup[0]["From"] == LINE
+    failed_at = fake_twilio.requests[0]["at"]
+    assert fake_twilio.requests[1]["at"] - failed_at < 1.0
+    assert fake_twilio.attempts(SERGIO) == 1
+    assert relay.events("send_failed")[0]["error_code"] == 21211
+
+
+def test_failed_delivery_report_pages_the_backup_at_once(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="1h"))
+    relay.inbound(CUSTOMER, "hello")
+    page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
+    callback = page["StatusCallback"]
+    params = {"MessageSid": "SMx", "MessageStatus": "undelivered", "ErrorCode": "30003", "To": SERGIO}
+    path = callback.removeprefix(relay.url)
+    reported = time.time()
+    assert relay.post_form(path, params, signature=sign(callback, params))[0] == 200
+    wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=5)
+    assert time.time() - reported < 1.5
+
+
+def test_forged_delivery_report_changes_nothing(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="1h"))
+    relay.inbound(CUSTOMER, "hello")
+    callback = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]["StatusCallback"]
+    params = {"MessageSid": "SMx", "MessageStatus": "failed"}
+    assert relay.post_form(callback.removeprefix(relay.url), params, signature="Zm9yZ2Vk")[0] == 403
+    time.sleep(0.5)
+    assert fake_twilio.delivered(BACKUP) == []
+
+
+def test_callback_for_an_unknown_conversation_is_ignored(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    path = "/api/sms/status?" + urllib.parse.urlencode({"c": "SMnone", "p": 0})
+    params = {"MessageSid": "SMx", "MessageStatus": "failed"}
+    assert relay.post_form(path, params)[0] == 200
+    assert wait_until(lambda: relay.events("status_unknown"))
+
+
+def test_backup_is_paged_on_the_original_deadline_after_a_kill(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="3s", backup_wait="1h"))
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    accepted_at = fake_twilio.requests[0]["at"]
+    relay.kill()
+    relay.start()
+    backup = wait_until(lambda: [r for r in fake_twilio.requests if r["form"]["To"] == BACKUP], timeout=10)
+    lateness = backup[0]["at"] - (accepted_at + 3)
+    assert -0.1 < lateness < 1.0
+    assert fake_twilio.attempts(SERGIO) == 1
+
+
+def test_page_in_flight_at_a_kill_is_sent_again_after_restart(start_relay, fake_twilio):
+    fake_twilio.faults.append(("hang", 3))
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    relay.kill()
+    relay.start()
+    wait_until(lambda: fake_twilio.delivered(SERGIO), timeout=10)
+    assert fake_twilio.attempts(SERGIO) == 2
+
+
+def test_text_answered_200_just_before_a_kill_still_pages_the_primary(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    assert relay.inbound(CUSTOMER, "hello")[0] == 200
+    relay.kill()
+    relay.start()
+    wait_until(lambda: fake_twilio.delivered(SERGIO), timeout=10)
+    assert "1 open" in relay.run("status").stdout
+
+
+def test_repeat_goes_round_the_chain_again_then_tells_the_alarm_phone(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="1s", backup_wait="1s", repeat=1, alarm=ALARM))
+    relay.inbound(CUSTOMER, "hello")
+    alarm = wait_until(lambda: fake_twilio.delivered(ALARM), timeout=10)
+    assert [r["To"] for r in fake_twilio.delivered()] == [SERGIO, BACKUP, SERGIO, BACKUP, ALARM]
+    assert "UNANSWERED" in alarm[0]["Body"]
+    assert relay.events("unanswered")[0]["level"] == "error"
+
+
+def test_config_edits_are_picked_up_while_running(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    (relay.workdir / "config.toml").write_text(config_text().replace(SERGIO, "+16195550122"))
+    wait_until(lambda: relay.events("config_reloaded"), timeout=5)
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered("+16195550122"))
+
+
+def test_invalid_config_edit_keeps_the_last_good_config(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    (relay.workdir / "config.toml").write_text(config_text().replace(SERGIO, "555"))
+    rejected = wait_until(lambda: relay.events("config_rejected"), timeout=5)
+    assert "lines[0].chain[0].phone" in rejected[0]["reason"]
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
