@@ -49,11 +49,7 @@ import requests
 import waitress
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
-from twilio.request_validator import (
-    SIGNATURE_SETTINGS_HEADER,
-    RequestValidator,
-    get_signature_algorithm,
-)
+from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.rest import Client
 from twilio.twiml.messaging_response import MessagingResponse
 
@@ -872,15 +868,21 @@ def expire(conv: Conversation, now: float) -> str | None:
 
 
 def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -> None:
+    """Stop the escalation; everyone else who got the page is told who took it."""
     conv.status, conv.finished_at, conv.acknowledged_by = "acknowledged", now, contact.name
     conv.replies.append(reply)
+    told = [phone for phone in reached_phones(conv, delivered_only=True) if phone != contact.phone]
     for page in conv.pages:
         if page.kind == "page" and page.state == "pending":
             page.state = "cancelled"
+    notice = f"{conv.line} #{conv.code} from {conv.sender} was taken by {contact.name}."
+    conv.pages.extend(Page(to=phone, body=notice, kind="notice", retry_at=now) for phone in told)
 
 
-def reached_phones(conv: Conversation) -> list[str]:
-    return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page"))
+def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str]:
+    """Contacts paged so far (whose page has not failed), in the order they were paged."""
+    states = ("sent", "delivered") if delivered_only else ("pending", "sent", "delivered")
+    return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page" and p.state in states))
 
 
 def join(conv: Conversation, sid: str, body: str, now: float) -> None:
@@ -983,9 +985,11 @@ def next_code(used: set[str], last: int) -> tuple[str, int]:
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, reason: str):
+    """A request refused with `status`; `label` names the kind for metrics, `reason` says it to people."""
+
+    def __init__(self, status: int, label: str, reason: str):
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.label, self.reason = status, label, reason
 
 
 class Relay:
@@ -1060,9 +1064,9 @@ class Relay:
         sid, sender, to = (params.get(k, "").strip() for k in ("MessageSid", "From", "To"))
         missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
         if missing:
-            raise BadRequest(400, f"missing {', '.join(missing)}")
+            raise BadRequest(400, "missing_fields", f"missing {', '.join(missing)}")
         if len(sid) > 64 or len(sender) > 64 or len(to) > 64:
-            raise BadRequest(400, "MessageSid, From or To is too long")
+            raise BadRequest(400, "field_too_long", "MessageSid, From or To is too long")
         body = params.get("Body", "")
         config = self.config
         line = config.line_for(to)
@@ -1074,7 +1078,7 @@ class Relay:
         answer = MessagingResponse()
         with self.lock:
             if self.store.failure:
-                raise BadRequest(503, self.store.failure)
+                raise BadRequest(503, "state_unwritable", self.store.failure)
             if self.store.knows(sid):
                 INBOUND.labels("duplicate").inc()
                 log("info", "inbound_duplicate", message_sid=sid, line=line.name)
@@ -1112,14 +1116,24 @@ class Relay:
             return None, "reply_keyword", fields
         conv, code = choose_acknowledged(self.open_conversations(line.name), contact.phone, body)
         if conv is None:
-            text = f"{line.name}: no open message #{code}." if code else f"{line.name}: nothing is waiting for you."
-            answer.message(text)
+            answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
         text = f"Thanks {contact.name}: {line.name} #{conv.code} from {conv.sender} is yours. Nobody else is paged."
         acknowledge(conv, contact, {"sid": sid, "from": contact.phone, "body": body, "at": now, "answer": text}, now)
         answer.message(text)
         ACKS.inc()
         return conv, "acknowledged", self._ids(conv, contact=contact.name)
+
+    def _unmatched_reply_text(self, line: Line, code: str | None) -> str:
+        if code is None:
+            return f"{line.name}: nothing is waiting for you."
+        closed = [c for c in self.store.conversations.values() if c.line == line.name and c.code == code]
+        if not closed:
+            return f"{line.name}: no open message #{code}."
+        conv = max(closed, key=lambda c: c.created)
+        if conv.status == "acknowledged":
+            return f"{line.name} #{code} was already taken by {conv.acknowledged_by}."
+        return f"{line.name} #{code} ended with nobody answering; text {conv.sender} directly."
 
     # -- delivery reports ----------------------------------------------------
 
@@ -1271,8 +1285,8 @@ class FormParams(dict):
 def make_app(relay: Relay) -> bottle.Bottle:
     app = bottle.Bottle()
 
-    def refuse(status: int, reason: str, **fields) -> str:
-        REJECTED.labels(reason.split(":")[0].split(" (")[0]).inc()
+    def refuse(status: int, label: str, reason: str, **fields) -> str:
+        REJECTED.labels(label).inc()
         log("warning", "rejected", status=status, reason=reason, path=bottle.request.path, **fields)
         bottle.response.status = status
         bottle.response.content_type = "application/json"
@@ -1281,29 +1295,30 @@ def make_app(relay: Relay) -> bottle.Bottle:
     def verified_form() -> FormParams | str:
         """The request's form fields, or a refusal already written to the response."""
         request = bottle.request
-        length = request.content_length
-        if length > MAX_BODY_BYTES:
-            return refuse(413, "body over 64 KiB")
-        raw = request.body.read(MAX_BODY_BYTES + 1)
-        if len(raw) > MAX_BODY_BYTES:
-            return refuse(413, "body over 64 KiB")
-        signature = request.headers.get("X-Twilio-Signature")
+        length = request.environ.get("CONTENT_LENGTH") or "0"
+        if not length.isdigit():
+            return refuse(400, "bad_length", "Content-Length is not a number")
+        if int(length) > MAX_BODY_BYTES:
+            return refuse(413, "too_large", "body over 64 KiB")
+        raw = request.environ["wsgi.input"].read(int(length))
+        # Raw WSGI values: Bottle's header access decodes as UTF-8 and raises on stray bytes.
+        signature = request.environ.get("HTTP_X_TWILIO_SIGNATURE")
         if not signature:
-            return refuse(403, "missing X-Twilio-Signature")
+            return refuse(403, "no_signature", "missing X-Twilio-Signature")
         is_form = request.content_type.split(";")[0].strip().lower() == FORM_TYPE
         text = raw.decode("utf-8", errors="replace") if is_form else ""
         params = FormParams(urllib.parse.parse_qsl(text, keep_blank_values=True))
         base = relay.public_url or f"{request.urlparts.scheme}://{request.urlparts.netloc}"
         url = base + request.path + (f"?{request.query_string}" if request.query_string else "")
-        algorithm = get_signature_algorithm(request.headers.get(SIGNATURE_SETTINGS_HEADER))
+        algorithm = get_signature_algorithm(request.environ.get("HTTP_X_TWILIO_WEBHOOKS_SIGNATURE_SETTINGS"))
         if not RequestValidator(relay.settings.signing_token).validate(url, params, signature, algorithm):
-            return refuse(403, "bad signature", checked_url=url)
+            return refuse(403, "bad_signature", "bad signature", checked_url=url)
         if not is_form:
-            return refuse(415, f"content type must be {FORM_TYPE}")
+            return refuse(415, "content_type", f"content type must be {FORM_TYPE}")
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            return refuse(400, "body is not UTF-8")
+            return refuse(400, "not_utf8", "body is not UTF-8")
         return params
 
     @app.post("/api/sms/inbound")
@@ -1314,9 +1329,9 @@ def make_app(relay: Relay) -> bottle.Bottle:
         try:
             twiml = relay.receive(params)
         except BadRequest as e:
-            return refuse(e.status, e.reason, message_sid=params.get("MessageSid"))
+            return refuse(e.status, e.label, e.reason, message_sid=params.get("MessageSid"))
         except StoreFailure as e:
-            return refuse(503, str(e), message_sid=params.get("MessageSid"))
+            return refuse(503, "state_unwritable", str(e), message_sid=params.get("MessageSid"))
         bottle.response.content_type = "text/xml; charset=utf-8"
         return twiml
 
@@ -1327,11 +1342,11 @@ def make_app(relay: Relay) -> bottle.Bottle:
             return params
         conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
         if not conv_id or not index.isdigit():
-            return refuse(400, "status callback without c and p")
+            return refuse(400, "bad_callback", "status callback without c and p")
         try:
             relay.delivery_status(conv_id, int(index), params)
         except StoreFailure as e:
-            return refuse(503, str(e))
+            return refuse(503, "state_unwritable", str(e))
         bottle.response.content_type = "text/xml; charset=utf-8"
         return str(MessagingResponse())
 
