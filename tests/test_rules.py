@@ -109,6 +109,25 @@ def test_acknowledgement_cancels_a_page_still_waiting_to_be_sent(clock):
     assert conv.is_settled
 
 
+def test_contacts_already_paged_are_told_who_took_it(clock):
+    conv = new_conversation()
+    relay.record_sent(conv, 0, "SM1")
+    clock.tick(120)
+    relay.expire(conv, time.time())
+    relay.record_sent(conv, 1, "SM2")
+    relay.acknowledge(conv, BACKUP_C, {"sid": "SM3"}, time.time())
+    notices = [p for p in conv.pages if p.kind == "notice"]
+    assert [p.to for p in notices] == [SERGIO]
+    assert "taken by Backup" in notices[0].body
+
+
+def test_nobody_is_told_when_the_only_contact_paged_takes_it(clock):
+    conv = new_conversation()
+    relay.record_sent(conv, 0, "SM1")
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM3"}, time.time())
+    assert paged(conv, "notice") == []
+
+
 def test_reply_code_picks_the_conversation_when_several_are_open(clock):
     first = new_conversation(sid="SM1", code="1")
     clock.tick(1)
