@@ -1,0 +1,99 @@
+"""Every REST request the relay makes is one Twilio's own API description accepts.
+
+Prism serves a mock built from ../shared/twilio-oai/twilio_api_v2010.json and
+answers 422 to a request that does not match it (a missing or misnamed field),
+401 without credentials. `.ci/run` installs Prism into `.prism/`.
+"""
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+from conftest import ALARM, BACKUP, CUSTOMER, OTHER_CUSTOMER, ROOT, SERGIO, TOKEN, RelayProcess, config_text, wait_until
+
+PRISM = ROOT / ".prism" / "node_modules" / ".bin" / "prism"
+SPEC = ROOT.parent / "shared" / "twilio-oai" / "twilio_api_v2010.json"
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def prism_url(tmp_path_factory):
+    if not PRISM.exists() or not SPEC.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Prism ({PRISM}) or the API description ({SPEC}) is missing in CI")
+        pytest.skip("Prism is not installed here (.ci/run installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("prism") / "prism.log", "wb")
+    proc = subprocess.Popen([str(PRISM), "mock", "-h", "127.0.0.1", "-p", str(port), str(SPEC)], stdout=log, stderr=log)
+    try:
+        wait_until(lambda: listening(port), timeout=90, interval=0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+SCENARIO_SENDS = 7  # page, follow-up, escalation, notice; then page, escalation, alarm
+
+
+def run_scenario(tmp_path, prism_url: str, env: dict) -> RelayProcess:
+    """One conversation acknowledged by the backup, one that nobody answers."""
+    relay = RelayProcess(tmp_path, None, config_text(primary_wait="2s", backup_wait="1s", alarm=ALARM), env=env)
+    relay.env["TWILIO_API_BASE_URL"] = prism_url
+    relay.start()
+    try:
+        relay.inbound(CUSTOMER, "Is the boat out at 9? ¿Sí? 🚤")
+        wait_until(lambda: relay.events("relay_sent"))
+        relay.inbound(CUSTOMER, "also two kayaks")
+        wait_until(lambda: [e for e in relay.events("relay_sent") if e["to"] == BACKUP], timeout=10)
+        relay.inbound(BACKUP, "#1 got it")
+        relay.inbound(OTHER_CUSTOMER, "hello?")
+        wait_until(lambda: [e for e in relay.events("relay_sent") if e["to"] == ALARM], timeout=15)
+        wait_until(lambda: len(relay.events("relay_sent")) >= SCENARIO_SENDS, timeout=10)
+        time.sleep(0.5)
+    finally:
+        relay.stop()
+    return relay
+
+
+def test_every_request_is_accepted_by_twilios_api_description(tmp_path, prism_url):
+    relay = run_scenario(tmp_path, prism_url, {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN})
+    assert relay.events("send_failed") == []
+    sent = relay.events("relay_sent")
+    assert len(sent) == SCENARIO_SENDS
+    assert {e["kind"] for e in sent} == {"page", "followup", "notice", "alarm"}
+    assert {e["to"] for e in sent} == {SERGIO, BACKUP, ALARM}
+
+
+def test_requests_with_an_api_key_are_accepted_too(tmp_path, prism_url):
+    env = {
+        "TWILIO_ACCOUNT_SID": "AC" + "b" * 32,
+        "TWILIO_AUTH_TOKEN": TOKEN,
+        "TWILIO_API_KEY": "SK" + "c" * 32,
+        "TWILIO_API_SECRET": "secret",
+    }
+    relay = run_scenario(tmp_path, prism_url, env)
+    assert relay.events("send_failed") == []
+    assert len(relay.events("relay_sent")) == SCENARIO_SENDS
+
+
+def test_prism_refuses_a_request_without_a_recipient(prism_url):
+    """The guard itself works: a message with no `To` is refused, and the relay calls that permanent."""
+    import relay as relay_module
+
+    settings = relay_module.Settings.from_env(
+        {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN, "TWILIO_API_BASE_URL": prism_url}
+    )
+    gateway = relay_module.TwilioGateway(settings)
+    with pytest.raises(relay_module.SendError) as refused:
+        gateway.send("+16195550100", None, "hi", None)
+    assert refused.value.permanent and "422" in refused.value.reason
