@@ -38,6 +38,7 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,6 +335,7 @@ ESCALATIONS = prometheus_client.Counter("relay_escalations_total", "Pages moved 
 ACKS = prometheus_client.Counter("relay_acknowledgements_total", "Conversations acknowledged", registry=METRICS)
 UNANSWERED = prometheus_client.Counter("relay_unanswered_total", "Conversations nobody answered", registry=METRICS)
 OPEN = prometheus_client.Gauge("relay_open_conversations", "Conversations waiting for a contact", registry=METRICS)
+HELD = prometheus_client.Counter("relay_held_total", "Texts held by a cost cap", ["cap"], registry=METRICS)
 SWEEP_LAG = prometheus_client.Gauge("relay_sweep_lag_seconds", "How late the last due deadline fired", registry=METRICS)
 
 
@@ -357,9 +359,9 @@ class Page:
 
     to: str
     body: str
-    kind: str  # "page" (a step of the chain), "followup" or "alarm"
+    kind: str  # "page" (a step of the chain), "followup", "notice", "alarm" or "cap_alarm"
     step: int | None = None
-    state: str = "pending"  # pending -> sent -> delivered | failed | undelivered; or cancelled
+    state: str = "pending"  # pending -> sent -> delivered | failed | undelivered; or cancelled, held
     attempts: int = 0
     retry_at: float = 0.0
     sid: str | None = None
@@ -385,7 +387,7 @@ class Conversation:
     messages: list[dict] = field(default_factory=list)  # {"sid", "body", "at"}
     replies: list[dict] = field(default_factory=list)  # {"sid", "from", "body", "at", "answer"}
     pages: list[Page] = field(default_factory=list)
-    status: str = OPEN_STATUS  # open | acknowledged | unanswered
+    status: str = OPEN_STATUS  # open | acknowledged | unanswered | held (over a cost cap)
     finished_at: float | None = None
     acknowledged_by: str | None = None
 
@@ -885,11 +887,44 @@ def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str
     return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page" and p.state in states))
 
 
-def join(conv: Conversation, sid: str, body: str, now: float) -> None:
-    """A further text from the customer: relay it to everyone already paged."""
+def join(conv: Conversation, sid: str, body: str, now: float, relayed: bool = True) -> None:
+    """A further text from the customer: relay it to everyone already paged (unless held by a cap)."""
     conv.messages.append({"sid": sid, "body": body, "at": now})
-    for phone in reached_phones(conv):
+    for phone in reached_phones(conv) if relayed else ():
         conv.pages.append(Page(to=phone, body=followup_text(conv, body), kind="followup", retry_at=now))
+
+
+HOUR = 3600.0
+
+
+class HourlyWindow:
+    """Counts, per key, what happened in the last hour."""
+
+    def __init__(self):
+        self.times: dict[object, deque[float]] = {}
+
+    def take(self, key: object, limit: int, now: float) -> bool:
+        """Count one more unless `limit` were already counted this past hour."""
+        times = self.times.setdefault(key, deque())
+        while times and times[0] <= now - HOUR:
+            times.popleft()
+        if len(times) >= limit:
+            return False
+        times.append(now)
+        return True
+
+
+def hold_page(page: Page, reason: str) -> None:
+    page.state, page.error = "held", reason
+
+
+def hold(conv: Conversation, reason: str, now: float) -> None:
+    """Over a cost cap: the text stays stored and visible, and nothing is sent for it."""
+    for page in conv.pages:
+        if page.state == "pending":
+            hold_page(page, reason)
+    if conv.is_open:
+        conv.status, conv.finished_at = "held", now
 
 
 def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> float:
@@ -1009,6 +1044,9 @@ class Relay:
         self.senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="send")
         self.last_sweep = 0.0
         self.random = random.Random()
+        self.sender_window = HourlyWindow()
+        self.outbound_window = HourlyWindow()
+        self.cap_told: dict[str, float] = {}
         with self.lock:
             for conv in store.conversations.values():
                 self._index(conv)
@@ -1092,14 +1130,21 @@ class Relay:
                 conv, event, fields = self._reply(line, contact, sid, body, now, answer)
             elif (cid := self.open_by_sender.get((line.name, sender))) is not None:
                 conv = self.store.conversations[cid]
-                join(conv, sid, body, now)
-                event, fields = "inbound_joined", self._ids(conv)
+                relayed = self.sender_window.take((line.name, sender), config.sender_hourly_cap, now)
+                join(conv, sid, body, now, relayed)
+                event, fields = "inbound_joined" if relayed else "inbound_held", self._ids(conv)
+                if not relayed:
+                    self._cap_reached("sender", conv, now)
             else:
                 code, self.codes[line.name] = next_code(
                     {c.code for c in self.open_conversations(line.name)}, self.codes.get(line.name, 0)
                 )
                 conv = start_conversation(line, config, sid, sender, body, code, now)
                 event, fields = "inbound_accepted", self._ids(conv)
+                if not self.sender_window.take((line.name, sender), config.sender_hourly_cap, now):
+                    hold(conv, "sender cap", now)
+                    self._cap_reached("sender", conv, now)
+                    event = "inbound_held"
             ticket = self._save(conv) if conv else None
         if ticket is not None:
             self.store.wait(ticket)
@@ -1123,6 +1168,21 @@ class Relay:
         answer.message(text)
         ACKS.inc()
         return conv, "acknowledged", self._ids(conv, contact=contact.name)
+
+    def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
+        """A text was held by a cost cap: tell the operator once an hour, not once a text (lock held)."""
+        HELD.labels(cap).inc()
+        if now - self.cap_told.get(cap, -HOUR) < HOUR:
+            return
+        self.cap_told[cap] = now
+        limit = self.config.sender_hourly_cap if cap == "sender" else self.config.outbound_hourly_cap
+        log("error", "cap_reached", cap=cap, limit=limit, **self._ids(conv, sender=conv.sender))
+        if self.config.alarm_phone:
+            text = (
+                f"relay: the {cap} cap of {limit} texts an hour was reached on {conv.line} (latest from "
+                f"{conv.sender}). Texts over it are stored, not relayed; see `relay.py status`."
+            )
+            conv.pages.append(Page(to=self.config.alarm_phone, body=text, kind="cap_alarm", retry_at=now))
 
     def _unmatched_reply_text(self, line: Line, code: str | None) -> str:
         if code is None:
@@ -1228,9 +1288,15 @@ class Relay:
                     events.append((conv, event))
                     tickets.append(self.store.save(conv))
                 for index, page in enumerate(conv.pages):
-                    if page.state == "pending" and page.retry_at <= now and (conv_id, index) not in self.in_flight:
-                        self.in_flight.add((conv_id, index))
-                        to_send.append((conv_id, index))
+                    if page.state != "pending" or page.retry_at > now or (conv_id, index) in self.in_flight:
+                        continue
+                    if page.attempts == 0 and page.kind != "cap_alarm" and not self._outbound_allowed(now):
+                        hold_page(page, "outbound cap")
+                        self._cap_reached("outbound", conv, now)
+                        tickets.append(self.store.save(conv))
+                        continue
+                    self.in_flight.add((conv_id, index))
+                    to_send.append((conv_id, index))
                 self._index(conv)
             self.last_sweep = now
             SWEEP_LAG.set(lag)
@@ -1242,6 +1308,9 @@ class Relay:
         for conv_id, index in to_send:
             self.senders.submit(self._send, conv_id, index)
         return next_at
+
+    def _outbound_allowed(self, now: float) -> bool:
+        return self.outbound_window.take("all", self.config.outbound_hourly_cap, now)
 
     def housekeeping(self) -> None:
         """Cheap checks done about once a second: config edits, journal folding, retention."""
@@ -1521,13 +1590,20 @@ def cmd_status(args) -> int:
     store = Store(settings.state_dir)
     if settings.state_dir.exists():
         store.load()
-    convs = sorted((c for c in store.conversations.values() if c.is_open), key=lambda c: c.created)
+    convs = sorted(
+        (c for c in store.conversations.values() if c.status in (OPEN_STATUS, "held")), key=lambda c: c.created
+    )
 
     def when(ts: float) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
-    print(f"{len(convs)} open conversation(s)")
+    print(f"{sum(c.is_open for c in convs)} open conversation(s)")
     for conv in convs:
+        if not conv.is_open:
+            print(
+                f"{conv.line} #{conv.code} from {conv.sender} at {when(conv.created)}: HELD by a cost cap, not relayed"
+            )
+            continue
         paged = ", ".join(f"{p.to} at {when(p.retry_at)} ({p.state})" for p in conv.pages if p.kind == "page")
         nxt = contact_at(conv, conv.step + 1).name if conv.step + 1 < len(conv.chain) * conv.rounds else "unanswered"
         print(

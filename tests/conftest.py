@@ -24,6 +24,7 @@ from twilio.request_validator import RequestValidator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import relay  # noqa: E402
 
 LINE = "+16195550100"
 SERGIO = "+16195550111"
@@ -32,6 +33,7 @@ ALARM = "+16195550199"
 CUSTOMER = "+15551230001"
 OTHER_CUSTOMER = "+15551230002"
 TOKEN = "test-auth-token"
+PUBLIC_URL = "https://relay.example.com"
 ACCOUNT = "AC" + "1" * 32
 
 
@@ -73,6 +75,40 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
 
 def sign(url: str, params: dict, token: str = TOKEN) -> str:
     return RequestValidator(token).compute_signature(url, params)
+
+
+# ---------------------------------------------------------------------------
+# The relay service in-process, with a gateway that records what it is given
+# ---------------------------------------------------------------------------
+
+
+class RecordingGateway:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, from_, to, body, status_callback):
+        self.sent.append((from_, to, body))
+        return f"SM{len(self.sent):032d}"
+
+
+class RunAtOnce:
+    """Stands in for the sender threads: a submitted send runs before submit returns."""
+
+    def submit(self, fn, *args):
+        fn(*args)
+
+    def shutdown(self, wait=True):
+        pass
+
+
+def make_relay(state_dir, config: relay.Config | None = None) -> relay.Relay:
+    config = config or relay.Config(
+        lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),), public_url=PUBLIC_URL
+    )
+    settings = relay.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(state_dir)})
+    store = relay.Store(state_dir)
+    store.open()
+    return relay.Relay(settings, config, store, RecordingGateway())
 
 
 # ---------------------------------------------------------------------------

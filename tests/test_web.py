@@ -8,31 +8,13 @@ import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import CUSTOMER, LINE, SERGIO, TOKEN, sign
+from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, make_relay, sign
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import relay
 
-PUBLIC_URL = "https://relay.example.com"
-CONFIG = relay.Config(lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),), public_url=PUBLIC_URL)
 FORM = "application/x-www-form-urlencoded"
-
-
-class RecordingGateway:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, from_, to, body, status_callback):
-        self.sent.append((from_, to, body))
-        return f"SM{len(self.sent):032d}"
-
-
-def make_relay(state_dir) -> relay.Relay:
-    settings = relay.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(state_dir)})
-    store = relay.Store(state_dir)
-    store.open()
-    return relay.Relay(settings, CONFIG, store, RecordingGateway())
 
 
 def call(app, method, path, body=b"", headers=None, content_length=None):
