@@ -137,7 +137,10 @@ class FakeTwilio:
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
-                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                raw = self.rfile.read(length)
+                if len(raw) < length:
+                    return  # the client died mid-request: Twilio would have received nothing
+                form = dict(urllib.parse.parse_qsl(raw.decode()))
                 if not MESSAGES_PATH.fullmatch(self.path):
                     return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
                 if not self.headers.get("Authorization"):
