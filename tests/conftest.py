@@ -124,7 +124,7 @@ class FakeTwilio:
     A fault is (status, twilio_error_code, headers) or ("hang", seconds) or ("drop",).
     """
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.requests: list[dict] = []  # every Messages POST, faulted or not
         self.faults: deque = deque()
         self.lock = threading.Lock()
@@ -132,8 +132,19 @@ class FakeTwilio:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as Twilio does
+            disable_nagle_algorithm = True
+
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                """/_received: what was delivered, for a benchmark in another process."""
+                with fake.lock:
+                    received = [
+                        {"to": r["form"]["To"], "body": r["form"]["Body"], "at": r["at"]} for r in fake.requests
+                    ]
+                self._answer(200, received)
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
@@ -175,7 +186,7 @@ class FakeTwilio:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

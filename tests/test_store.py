@@ -58,7 +58,7 @@ def test_torn_last_journal_line_is_skipped(tmp_path):
     for path in tmp_path.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             json.loads(line)
-    json.loads((tmp_path / "conversations.json").read_text())
+    assert (tmp_path / "conversations.jsonl").exists()
 
 
 def test_second_store_on_the_same_directory_is_refused(tmp_path):
@@ -109,3 +109,26 @@ def test_pruning_deletes_old_finished_conversations_and_keeps_open_ones(tmp_path
         assert not store.knows("SM1")
         assert list(tmp_path.glob("archive-*")) == []
         assert set(reopen(store).conversations) == {"SM2"}
+
+
+def test_archive_sids_with_odd_characters_are_still_known_after_restart(tmp_path):
+    store = opened(tmp_path)
+    done = conversation("SM1", time.time())
+    relay.acknowledge(done, QDN.chain[0], {"sid": 'SM]odd"sid'}, time.time())
+    store.wait(store.save(done))
+    store.fold()
+    assert reopen(store).knows('SM]odd"sid')
+
+
+def test_restart_with_only_a_snapshot_does_not_rewrite_it(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation("SM1", time.time())))
+    store.fold()
+    store.journal.close()
+    store.journal.path.unlink()
+    written = (tmp_path / "conversations.jsonl").stat().st_mtime_ns
+    again = reopen(store)
+    assert (tmp_path / "conversations.jsonl").stat().st_mtime_ns == written
+    assert set(again.conversations) == {"SM1"}
+    again.wait(again.save(conversation("SM2", time.time())))
+    assert set(reopen(again).conversations) == {"SM1", "SM2"}
