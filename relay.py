@@ -39,6 +39,7 @@ import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
+import zoneinfo
 from collections import deque
 from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +79,7 @@ class Contact:
     name: str
     phone: str
     wait: int
+    hours: str | None = None  # "07:00-22:00" in the line's time zone; None is always
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class Line:
     name: str
     number: str
     chain: tuple[Contact, ...]
+    timezone: str = "UTC"
+    reply_to_sender: bool = False  # two-way: contacts' replies go on to the customer
+    received_text: str | None = None  # answered at once to a customer's first text
+    acknowledged_text: str | None = None  # texted to the customer when a contact takes it
+    unanswered_text: str | None = None  # texted to the customer when nobody did
 
     def contact(self, phone: str) -> Contact | None:
         return next((c for c in self.chain if c.phone == phone), None)
@@ -107,8 +114,10 @@ class Config:
 
 
 RELAY_KEYS = {f.name for f in dataclasses.fields(Config)} - {"lines"}
-LINE_KEYS = {"name", "number", "chain"}
-CONTACT_KEYS = {"name", "phone", "wait"}
+LINE_KEYS = {f.name for f in dataclasses.fields(Line)}
+CONTACT_KEYS = {f.name for f in dataclasses.fields(Contact)}
+HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
+TEMPLATE_FIELDS = {"line": "QDN", "contact": "Sergio"}
 
 
 def parse_duration(value: object, key: str) -> int:
@@ -142,6 +151,35 @@ def _count(value: object, key: str, least: int) -> int:
     return value
 
 
+def _hours(value: object, key: str) -> str:
+    if not isinstance(value, str) or not HOURS.fullmatch(value.strip()):
+        raise ConfigError(f'{key}: {value!r} is not a time range like "07:00-22:00"')
+    return value.strip()
+
+
+def _timezone(value: object, key: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+        raise ConfigError(f"{key}: {value!r} is not a time zone name like America/Los_Angeles") from None
+    return value
+
+
+def _template(value: object, key: str) -> str:
+    text = _text(value, key)
+    try:
+        text.format(**TEMPLATE_FIELDS)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{key}: only {{line}} and {{contact}} can be filled in ({e})") from None
+    return text
+
+
+def _flag(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false")
+    return value
+
+
 def _refuse_unknown(table: dict, known: set[str], where: str) -> None:
     for key in table:
         if key not in known:
@@ -171,9 +209,7 @@ def parse_config(data: dict) -> Config:
     if "alarm_phone" in relay:
         options["alarm_phone"] = _phone(relay["alarm_phone"], "relay.alarm_phone")
     if "log_bodies" in relay:
-        if not isinstance(relay["log_bodies"], bool):
-            raise ConfigError("relay.log_bodies: must be true or false")
-        options["log_bodies"] = relay["log_bodies"]
+        options["log_bodies"] = _flag(relay["log_bodies"], "relay.log_bodies")
     default_wait = options.get("wait", Config.wait)
 
     raw_lines = data.get("lines")
@@ -197,10 +233,18 @@ def parse_config(data: dict) -> Config:
                 raise ConfigError(f"{cwhere}: must be a table like {{ name = ..., phone = ... }}")
             _refuse_unknown(rc, CONTACT_KEYS, cwhere)
             wait = parse_duration(rc["wait"], f"{cwhere}.wait") if "wait" in rc else default_wait
-            contacts.append(
-                Contact(_text(rc.get("name"), f"{cwhere}.name"), _phone(rc.get("phone"), f"{cwhere}.phone"), wait)
-            )
-        lines.append(Line(name, number, tuple(contacts)))
+            hours = _hours(rc["hours"], f"{cwhere}.hours") if "hours" in rc else None
+            name_ = _text(rc.get("name"), f"{cwhere}.name")
+            contacts.append(Contact(name_, _phone(rc.get("phone"), f"{cwhere}.phone"), wait, hours))
+        extras: dict = {}
+        if "timezone" in raw:
+            extras["timezone"] = _timezone(raw["timezone"], f"{where}.timezone")
+        if "reply_to_sender" in raw:
+            extras["reply_to_sender"] = _flag(raw["reply_to_sender"], f"{where}.reply_to_sender")
+        for key in ("received_text", "acknowledged_text", "unanswered_text"):
+            if key in raw:
+                extras[key] = _template(raw[key], f"{where}.{key}")
+        lines.append(Line(name, number, tuple(contacts), **extras))
 
     numbers = [line.number for line in lines]
     for i, line in enumerate(lines):
@@ -354,6 +398,7 @@ SWEEP_LAG = prometheus_client.Gauge("relay_sweep_lag_seconds", "How late the las
 # ---------------------------------------------------------------------------
 
 OPEN_STATUS = "open"
+TWO_WAY_WINDOW = 24 * 3600.0
 
 
 @dataclass(slots=True)
@@ -362,13 +407,14 @@ class Page:
 
     to: str
     body: str
-    kind: str  # "page" (a step of the chain), "followup", "notice", "alarm" or "cap_alarm"
+    kind: str  # "page" (a chain step), "followup", "notice", "alarm", "cap_alarm", or "customer_..." to the sender
     step: int | None = None
     state: str = "pending"  # pending -> sent -> delivered | failed | undelivered; or cancelled, held
     attempts: int = 0
     retry_at: float = 0.0
     sid: str | None = None
     error: str | None = None
+    media: list[str] = field(default_factory=list)  # MMS media URLs passed on
 
 
 @dataclass(slots=True)
@@ -393,6 +439,10 @@ class Conversation:
     status: str = OPEN_STATUS  # open | acknowledged | unanswered | held (over a cost cap)
     finished_at: float | None = None
     acknowledged_by: str | None = None
+    acknowledged_phone: str | None = None
+    timezone: str = "UTC"
+    two_way: bool = False
+    customer_texts: dict = field(default_factory=dict)  # "acknowledged"/"unanswered" -> template
 
     def to_dict(self) -> dict:
         # dataclasses.asdict deep-copies every value; this is ten times faster and the same JSON.
@@ -412,10 +462,15 @@ class Conversation:
     def is_open(self) -> bool:
         return self.status == OPEN_STATUS
 
-    @property
-    def is_settled(self) -> bool:
-        """Finished, with nothing left to send: ready for the archive."""
-        return not self.is_open and not any(p.state == "pending" for p in self.pages)
+    def is_live_two_way(self, now: float) -> bool:
+        """Acknowledged on a two-way line recently: the customer and the contact can still talk."""
+        return self.two_way and self.status == "acknowledged" and now - self.finished_at < TWO_WAY_WINDOW
+
+    def is_settled(self, now: float) -> bool:
+        """Finished, with nothing left to send or say: ready for the archive."""
+        if self.is_open or self.is_live_two_way(now):
+            return False
+        return not any(p.state == "pending" for p in self.pages)
 
     def sids(self) -> list[str]:
         return [m["sid"] for m in self.messages] + [r["sid"] for r in self.replies]
@@ -426,9 +481,9 @@ def _fields(obj) -> dict:
 
 
 @functools.cache
-def shared_contact(name: str, phone: str, wait: int) -> Contact:
+def shared_contact(name: str, phone: str, wait: int, hours: str | None = None) -> Contact:
     """One Contact object for all the conversations that froze the same chain."""
-    return Contact(name, phone, wait)
+    return Contact(name, phone, wait, hours)
 
 
 class StateLocked(Exception):
@@ -659,7 +714,8 @@ class Store:
         """
         if self.journal:
             self.journal.close()
-        settled = [c for c in self.conversations.values() if c.is_settled]
+        now = time.time()
+        settled = [c for c in self.conversations.values() if c.is_settled(now)]
         by_day: dict[str, list[bytes]] = {}
         for conv in settled:
             day = time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at))
@@ -781,8 +837,10 @@ class TwilioGateway:
         # Built now, not at the first page: the twilio package imports its API modules lazily (~0.1 s).
         self.messages = self.client.messages
 
-    def send(self, from_: str, to: str, body: str, status_callback: str | None) -> str:
+    def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str:
         options = {"status_callback": status_callback} if status_callback else {}
+        if media:
+            options["media_url"] = list(media)
         try:
             return self.messages.create(to=to, from_=from_, body=body, **options).sid
         except TwilioException as e:
@@ -793,6 +851,14 @@ class TwilioGateway:
         except requests.RequestException as e:
             raise SendError(f"network: {type(e).__name__}", permanent=False) from None
 
+    def find_number(self, number: str):
+        """The account's record of an incoming number (its sid, sms_url...), or None."""
+        found = self.client.incoming_phone_numbers.list(phone_number=number, limit=1)
+        return found[0] if found else None
+
+    def point_sms_webhook(self, number_sid: str, url: str):
+        return self.client.incoming_phone_numbers(number_sid).update(sms_url=url, sms_method="POST")
+
 
 class DryRunGateway:
     """Sends nothing: logs each text and appends it to <state>/outbox.jsonl."""
@@ -802,11 +868,11 @@ class DryRunGateway:
         self.count = 0
         self.lock = threading.Lock()
 
-    def send(self, from_: str, to: str, body: str, status_callback: str | None) -> str:
+    def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str:
         with self.lock:
             self.count += 1
             sid = "SMdryrun" + hashlib.sha1(f"{time.time()}{self.count}".encode()).hexdigest()[:26]
-        record = {"ts": time.time(), "sid": sid, "from": from_, "to": to, "body": body}
+        record = {"ts": time.time(), "sid": sid, "from": from_, "to": to, "body": body, "media": list(media)}
         append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
         log("info", "dry_run_sms", sid=sid, to=to, from_number=from_, body=body)
         return sid
@@ -840,13 +906,25 @@ def fit_sms(text: str, limit: int = MAX_SMS_CHARS) -> str:
     return text + "…"
 
 
+MAX_MEDIA = 10  # Twilio's limit per message
+
+
+def photos(count: int) -> str:
+    return f" [{count} photo{'s' if count > 1 else ''}]" if count else ""
+
+
 def relay_text(conv: Conversation) -> str:
     bodies = " / ".join(m["body"] for m in conv.messages)
-    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender}: {bodies}\nReply #{conv.code} to take it.")
+    media = photos(sum(len(m.get("media", ())) for m in conv.messages))
+    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender}{media}: {bodies}\nReply #{conv.code} to take it.")
 
 
-def followup_text(conv: Conversation, body: str) -> str:
-    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender} (more): {body}")
+def followup_text(conv: Conversation, body: str, media: list[str]) -> str:
+    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender} (more){photos(len(media))}: {body}")
+
+
+def all_media(conv: Conversation) -> list[str]:
+    return [url for m in conv.messages for url in m.get("media", ())][:MAX_MEDIA]
 
 
 def alarm_text(conv: Conversation) -> str:
@@ -859,14 +937,38 @@ def contact_at(conv: Conversation, step: int) -> Contact:
     return conv.chain[step % len(conv.chain)]
 
 
+def on_duty(contact: Contact, timezone: str, now: float) -> bool:
+    if contact.hours is None:
+        return True
+    local = datetime.datetime.fromtimestamp(now, zoneinfo.ZoneInfo(timezone))
+    minute = local.hour * 60 + local.minute
+    start_h, start_m, end_h, end_m = map(int, HOURS.fullmatch(contact.hours).groups())
+    start, end = start_h * 60 + start_m, end_h * 60 + end_m
+    if start == end:
+        return True
+    return start <= minute < end if start < end else minute >= start or minute < end
+
+
 def _begin_step(conv: Conversation, step: int, now: float) -> None:
+    """Page the first contact from `step` on who is on duty; if nobody is, the last one anyway."""
+    last = len(conv.chain) * conv.rounds - 1
+    step = next((s for s in range(step, last + 1) if on_duty(contact_at(conv, s), conv.timezone, now)), last)
     contact = contact_at(conv, step)
     conv.step, conv.step_started, conv.deadline = step, now, now + contact.wait
-    conv.pages.append(Page(to=contact.phone, body=relay_text(conv), kind="page", step=step, retry_at=now))
+    page = Page(to=contact.phone, body=relay_text(conv), kind="page", step=step, retry_at=now, media=all_media(conv))
+    conv.pages.append(page)
+
+
+def tell_customer(conv: Conversation, event: str, now: float, contact: str = "") -> None:
+    """The line's optional text to the customer for this event, at most once per conversation."""
+    template, kind = conv.customer_texts.get(event), f"customer_{event}"
+    if template and not any(p.kind == kind for p in conv.pages):
+        body = fit_sms(template.format(line=conv.line, contact=contact))
+        conv.pages.append(Page(to=conv.sender, body=body, kind=kind, retry_at=now))
 
 
 def start_conversation(
-    line: Line, config: Config, sid: str, sender: str, body: str, code: str, now: float
+    line: Line, config: Config, sid: str, sender: str, body: str, code: str, now: float, media: list[str] = ()
 ) -> Conversation:
     conv = Conversation(
         id=sid,
@@ -881,10 +983,21 @@ def start_conversation(
         step=0,
         step_started=now,
         deadline=now,
-        messages=[{"sid": sid, "body": body, "at": now}],
+        messages=[message(sid, body, now, media)],
+        timezone=line.timezone,
+        two_way=line.reply_to_sender,
+        customer_texts={
+            event: text
+            for event, text in (("acknowledged", line.acknowledged_text), ("unanswered", line.unanswered_text))
+            if text
+        },
     )
     _begin_step(conv, 0, now)
     return conv
+
+
+def message(sid: str, body: str, now: float, media: list[str] = ()) -> dict:
+    return {"sid": sid, "body": body, "at": now, **({"media": list(media)} if media else {})}
 
 
 def escalate(conv: Conversation, now: float) -> str:
@@ -895,6 +1008,7 @@ def escalate(conv: Conversation, now: float) -> str:
     conv.status, conv.finished_at = "unanswered", now
     if conv.alarm_phone:
         conv.pages.append(Page(to=conv.alarm_phone, body=alarm_text(conv), kind="alarm", retry_at=now))
+    tell_customer(conv, "unanswered", now)
     return "unanswered"
 
 
@@ -908,6 +1022,7 @@ def expire(conv: Conversation, now: float) -> str | None:
 def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -> None:
     """Stop the escalation; everyone else who got the page is told who took it."""
     conv.status, conv.finished_at, conv.acknowledged_by = "acknowledged", now, contact.name
+    conv.acknowledged_phone = contact.phone
     conv.replies.append(reply)
     told = [phone for phone in reached_phones(conv, delivered_only=True) if phone != contact.phone]
     for page in conv.pages:
@@ -915,6 +1030,7 @@ def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -
             page.state = "cancelled"
     notice = f"{conv.line} #{conv.code} from {conv.sender} was taken by {contact.name}."
     conv.pages.extend(Page(to=phone, body=notice, kind="notice", retry_at=now) for phone in told)
+    tell_customer(conv, "acknowledged", now, contact.name)
 
 
 def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str]:
@@ -923,11 +1039,40 @@ def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str
     return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page" and p.state in states))
 
 
-def join(conv: Conversation, sid: str, body: str, now: float, relayed: bool = True) -> None:
-    """A further text from the customer: relay it to everyone already paged (unless held by a cap)."""
-    conv.messages.append({"sid": sid, "body": body, "at": now})
-    for phone in reached_phones(conv) if relayed else ():
-        conv.pages.append(Page(to=phone, body=followup_text(conv, body), kind="followup", retry_at=now))
+def join(conv: Conversation, sid: str, body: str, now: float, relayed: bool = True, media: list[str] = ()) -> None:
+    """A further text from the customer: relay it to everyone already paged (unless held by a cap).
+
+    On a two-way line after an acknowledgement it goes to the contact who took it.
+    """
+    conv.messages.append(message(sid, body, now, media))
+    phones = reached_phones(conv) if conv.is_open else [conv.acknowledged_phone]
+    text = followup_text(conv, body, list(media))
+    for phone in phones if relayed else ():
+        conv.pages.append(Page(to=phone, body=text, kind="followup", retry_at=now, media=list(media)[:MAX_MEDIA]))
+
+
+ACK_WORDS = {"ok", "okay", "k", "kk", "yes", "y", "yep", "got it", "on it", "mine", "thanks", "thank you", "ack"}
+ACK_WORDS |= {"will do", "roger", "sure", "done", "👍", "👌", "✅"}
+
+
+def without_code(body: str) -> str:
+    return CODE_IN_TEXT.sub("", body).strip()
+
+
+def is_bare_ack(body: str) -> bool:
+    """A reply that only acknowledges (`#7`, `ok`, `7 👍`), with nothing for the customer to read."""
+    text = without_code(body)
+    if (m := BARE_CODE.match(text)) and m.group(0).strip(".!").isdigit():
+        text = text[m.end() :]
+    return text.strip(" .!,;:-").lower() in ACK_WORDS | {""}
+
+
+def reply_to_customer(conv: Conversation, body: str, now: float) -> bool:
+    """On a two-way line, pass a contact's real answer on to the customer, without the code."""
+    if not conv.two_way or is_bare_ack(body):
+        return False
+    conv.pages.append(Page(to=conv.sender, body=fit_sms(without_code(body)), kind="customer_reply", retry_at=now))
+    return True
 
 
 HOUR = 3600.0
@@ -1029,15 +1174,20 @@ def named_code(body: str, open_codes: set[str]) -> str | None:
 
 
 def choose_acknowledged(
-    open_convs: list[Conversation], phone: str, body: str
+    open_convs: list[Conversation], phone: str, body: str, talking: list[Conversation] = ()
 ) -> tuple[Conversation | None, str | None]:
-    """Which open conversation a contact's reply acknowledges, and the code it named if any."""
-    by_code = {c.code: c for c in open_convs}
+    """Which conversation a contact's reply is about, and the code it named if any.
+
+    A named code picks among the open ones and those still `talking` (two-way, acknowledged);
+    no code picks the newest open one paged to that contact, else the newest it is talking in.
+    """
+    by_code = {c.code: c for c in [*talking, *open_convs]}
     code = named_code(body, set(by_code))
     if code is not None:
         return by_code.get(code), code
     paged = [c for c in open_convs if phone in reached_phones(c)]
-    return max(paged, key=lambda c: c.created, default=None), None
+    mine = [c for c in talking if c.acknowledged_phone == phone]
+    return max(paged or mine, key=lambda c: c.created, default=None), None
 
 
 def next_code(used: Container[str], last: int) -> tuple[str, int]:
@@ -1053,6 +1203,14 @@ def next_code(used: Container[str], last: int) -> tuple[str, int]:
 # ---------------------------------------------------------------------------
 # The relay service: the rules, the store and the gateway, under one lock
 # ---------------------------------------------------------------------------
+
+
+def media_urls(params: dict[str, str]) -> list[str]:
+    """The photos of an MMS (MediaUrl0...), as far as they look like Twilio's media links."""
+    count = params.get("NumMedia", "0").strip()
+    count = min(int(count), MAX_MEDIA) if count.isdigit() else 0
+    urls = (params.get(f"MediaUrl{i}", "").strip() for i in range(count))
+    return [url for url in urls if url.startswith("https://") and len(url) <= 2048]
 
 
 class BadRequest(Exception):
@@ -1078,6 +1236,7 @@ class Relay:
         self.codes: dict[str, int] = {}
         self.open_by_sender: dict[tuple[str, str], str] = {}
         self.open_codes: dict[str, dict[str, str]] = {}  # line -> code -> conversation id
+        self.talking: dict[tuple[str, str], str] = {}  # two-way conversations acknowledged, by customer
         self.senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="send")
         self.last_sweep = 0.0
         self.random = random.Random()
@@ -1114,6 +1273,8 @@ class Relay:
                 del self.open_by_sender[key]
             if codes.get(conv.code) == conv.id:
                 del codes[conv.code]
+            if conv.two_way and conv.status == "acknowledged":
+                self.talking[key] = conv.id
         when = self._wakeup(conv)
         if when is not None:
             heapq.heappush(self.timers, (when, conv.id))
@@ -1146,7 +1307,7 @@ class Relay:
             raise BadRequest(400, "missing_fields", f"missing {', '.join(missing)}")
         if len(sid) > 64 or len(sender) > 64 or len(to) > 64:
             raise BadRequest(400, "field_too_long", "MessageSid, From or To is too long")
-        body = params.get("Body", "")
+        body, media = params.get("Body", ""), media_urls(params)
         config = self.config
         line = config.line_for(to)
         if line is None:
@@ -1162,17 +1323,17 @@ class Relay:
                 INBOUND.labels("duplicate").inc()
                 log("info", "inbound_duplicate", message_sid=sid, line=line.name)
                 conv = self.store.conversations.get(self.store.seen.get(sid, ""))
-                previous = next((r["answer"] for r in conv.replies if r["sid"] == sid), None) if conv else None
+                said = [*conv.messages, *conv.replies] if conv else []
+                previous = next((m.get("answer") for m in said if m["sid"] == sid), None)
                 if previous:
                     answer.message(previous)
                 return str(answer)
             contact = line.contact(sender)
             if contact is not None:
                 conv, event, fields = self._reply(line, contact, sid, body, now, answer)
-            elif (cid := self.open_by_sender.get((line.name, sender))) is not None:
-                conv = self.store.conversations[cid]
+            elif (conv := self._live_conversation(line, sender, now)) is not None:
                 relayed = self.sender_window.take((line.name, sender), config.sender_hourly_cap, now)
-                join(conv, sid, body, now, relayed)
+                join(conv, sid, body, now, relayed, media)
                 event, fields = "inbound_joined" if relayed else "inbound_held", self._ids(conv)
                 if not relayed:
                     self._cap_reached("sender", conv, now)
@@ -1180,12 +1341,17 @@ class Relay:
                 code, self.codes[line.name] = next_code(
                     self.open_codes.get(line.name, {}), self.codes.get(line.name, 0)
                 )
-                conv = start_conversation(line, config, sid, sender, body, code, now)
-                event, fields = "inbound_accepted", self._ids(conv)
+                conv = start_conversation(line, config, sid, sender, body, code, now, media)
+                event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
                 if not self.sender_window.take((line.name, sender), config.sender_hourly_cap, now):
                     hold(conv, "sender cap", now)
                     self._cap_reached("sender", conv, now)
                     event = "inbound_held"
+                elif line.received_text:
+                    conv.messages[0]["answer"] = fit_sms(line.received_text.format(line=line.name, contact=""))
+                    answer.message(conv.messages[0]["answer"])
+                if conv.step:
+                    fields["skipped_off_duty"] = conv.step
             ticket = self._save(conv) if conv else None
         if ticket is not None:
             self.store.wait(ticket)
@@ -1200,15 +1366,43 @@ class Relay:
         fields = {"line": line.name, "to": None, "contact": contact.name}
         if is_keyword(body):
             return None, "reply_keyword", fields
-        conv, code = choose_acknowledged(self.open_conversations(line.name), contact.phone, body)
+        talking = [
+            c
+            for cid in self.talking.values()
+            if (c := self.store.conversations.get(cid)) and c.line == line.name and c.is_live_two_way(now)
+        ]
+        conv, code = choose_acknowledged(self.open_conversations(line.name), contact.phone, body, talking)
         if conv is None:
             answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
-        text = f"Thanks {contact.name}: {line.name} #{conv.code} from {conv.sender} is yours. Nobody else is paged."
-        acknowledge(conv, contact, {"sid": sid, "from": contact.phone, "body": body, "at": now, "answer": text}, now)
+        reply = {"sid": sid, "from": contact.phone, "body": body, "at": now}
+        if conv.is_open:
+            acknowledge(conv, contact, reply, now)
+            ACKS.inc()
+            event, text = (
+                "acknowledged",
+                f"Thanks {contact.name}: {line.name} #{conv.code} from {conv.sender} is yours.",
+            )
+        else:
+            conv.replies.append(reply)
+            event, text = "reply", f"{line.name} #{conv.code}:"
+        if reply_to_customer(conv, body, now):
+            text += " Your reply goes to the customer."
+        elif event == "acknowledged":
+            text += " Nobody else is paged."
+        else:
+            text += " nothing was sent to the customer (a bare acknowledgement)."
+        reply["answer"] = text
         answer.message(text)
-        ACKS.inc()
-        return conv, "acknowledged", self._ids(conv, contact=contact.name)
+        return conv, event, self._ids(conv, contact=contact.name)
+
+    def _live_conversation(self, line: Line, sender: str, now: float) -> Conversation | None:
+        """The conversation a customer's new text joins: open, or still talking on a two-way line."""
+        for index in (self.open_by_sender, self.talking):
+            conv = self.store.conversations.get(index.get((line.name, sender), ""))
+            if conv and (conv.is_open or conv.is_live_two_way(now)):
+                return conv
+        return None
 
     def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
         """A text was held by a cost cap: tell the operator once an hour, not once a text (lock held)."""
@@ -1279,7 +1473,7 @@ class Relay:
             conv = self.store.conversations[conv_id]
             page = conv.pages[index]
             page.attempts += 1
-            args = (conv.number, page.to, page.body, self.status_callback_url(conv, index))
+            args = (conv.number, page.to, page.body, self.status_callback_url(conv, index), page.media)
         try:
             sid = self.gateway.send(*args)
         except SendError as e:
@@ -1372,6 +1566,7 @@ class Relay:
         with self.lock:
             if self.store.needs_fold():
                 self.store.fold()
+                self.talking = {k: v for k, v in self.talking.items() if v in self.store.conversations}
             pruned = self.store.prune(self.clock(), self.config.retention)
         if pruned:
             log("info", "pruned", days=pruned)

@@ -85,9 +85,11 @@ def sign(url: str, params: dict, token: str = TOKEN) -> str:
 class RecordingGateway:
     def __init__(self):
         self.sent = []
+        self.media = []
 
-    def send(self, from_, to, body, status_callback):
+    def send(self, from_, to, body, status_callback, media=()):
         self.sent.append((from_, to, body))
+        self.media.append(list(media))
         return f"SM{len(self.sent):032d}"
 
 
