@@ -1739,8 +1739,16 @@ def describe(settings: Settings, config: Config) -> list[str]:
     """What the relay would do, in words (for `check` and the startup log)."""
     out = []
     for line in config.lines:
-        steps = " -> ".join(f"{c.name} {c.phone} (wait {c.wait}s)" for c in line.chain)
+        steps = " -> ".join(
+            f"{c.name} {c.phone} (wait {c.wait}s{f', on duty {c.hours} {line.timezone}' if c.hours else ''})"
+            for c in line.chain
+        )
         out.append(f"line {line.name} {line.number}: {steps}; repeat {config.repeat}")
+        if line.reply_to_sender:
+            out.append(f"line {line.name}: two-way; contacts' replies are texted on to the customer")
+        told = [e for e in ("received", "acknowledged", "unanswered") if getattr(line, f"{e}_text")]
+        if told:
+            out.append(f"line {line.name}: the customer is told when a text is {', '.join(told)}")
     out.append(f"alarm: {config.alarm_phone or 'none (unanswered texts are only logged)'}")
     public_url = settings.public_url_for(config)
     if public_url:
@@ -1821,8 +1829,67 @@ def cmd_check(args) -> int:
     settings.require_credentials()
     for text in describe(settings, config):
         print(text)
+    if args.live and not check_numbers(settings, config, apply=False):
+        return 1
     print("ok")
     return 0
+
+
+def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
+    """Look up each line's number on the Twilio account and its messaging webhook; with `apply`, fix it.
+
+    Prints one line per line, in words an operator can act on; True when all is well.
+    """
+    public_url = settings.public_url_for(config)
+    if not public_url:
+        print("RELAY_PUBLIC_URL is not set: set it to the address Twilio can reach, e.g. https://relay.example.com")
+        return False
+    want = f"{public_url}/api/sms/inbound"
+    gateway = TwilioGateway(settings)
+    all_well = True
+    for line in config.lines:
+        try:
+            record = gateway.find_number(line.number)
+            if record is None:
+                print(
+                    f"{line.name} {line.number}: not a number on Twilio account {settings.account_sid}; "
+                    "buy or port it there, or correct `number` in the config."
+                )
+                all_well = False
+                continue
+            current = f"{record.sms_method or 'POST'} {record.sms_url or '(nothing)'}"
+            if record.sms_url == want and (record.sms_method or "POST") == "POST":
+                print(f"{line.name} {line.number}: ok, texts go to POST {want}")
+            elif apply:
+                gateway.point_sms_webhook(record.sid, want)
+                print(f"{line.name} {line.number}: changed from {current} to POST {want}")
+            else:
+                print(
+                    f"{line.name} {line.number}: texts go to {current}, not to the relay; "
+                    "run `python relay.py setup --apply` to point them at it."
+                )
+                all_well = False
+        except TwilioException as e:
+            # A list request fails as TwilioException("Unable to fetch page", response): no .status of its own.
+            status = getattr(e, "status", None) or getattr(e.args[-1] if e.args else None, "status_code", None)
+            if status in ACCOUNT_STATUSES:
+                print(
+                    "Twilio refused the credentials: check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
+                    "(or TWILIO_API_KEY and TWILIO_API_SECRET)."
+                )
+            else:
+                print(f"{line.name} {line.number}: Twilio answered HTTP {status}: {e}")
+            return False
+        except requests.RequestException as e:
+            print(f"cannot reach Twilio at {settings.api_base_url}: {type(e).__name__}")
+            return False
+    return all_well
+
+
+def cmd_setup(args) -> int:
+    settings, config = prepare(dry_run=False)
+    settings.require_credentials()
+    return 0 if check_numbers(settings, config, apply=args.apply) else 1
 
 
 def cmd_status(args) -> int:
@@ -1866,11 +1933,15 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--url")
     check = commands.add_parser("check", help="validate config and environment")
     check.add_argument("--dry-run", action="store_true")
+    check.add_argument("--live", action="store_true", help="also ask Twilio about each line's number (changes nothing)")
+    setup = commands.add_parser("setup", help="point each line's number at this relay on Twilio")
+    setup.add_argument("--apply", action="store_true", help="change the webhook (without it, only show)")
     commands.add_parser("status", help="list open conversations")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
-    handler = {"serve": cmd_serve, "send": cmd_send, "check": cmd_check, "status": cmd_status}[args.command]
+    commands_by_name = {"serve": cmd_serve, "send": cmd_send, "check": cmd_check, "setup": cmd_setup}
+    handler = {**commands_by_name, "status": cmd_status}[args.command]
     try:
         return handler(args)
     except (ConfigError, StateLocked) as e:

@@ -118,6 +118,7 @@ def make_relay(state_dir, config: relay.Config | None = None) -> relay.Relay:
 # ---------------------------------------------------------------------------
 
 MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages\.json")
+NUMBERS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/IncomingPhoneNumbers(?:/(PN[0-9a-f]{32}))?\.json")
 
 
 class FakeTwilio:
@@ -128,6 +129,9 @@ class FakeTwilio:
 
     def __init__(self, port: int = 0):
         self.requests: list[dict] = []  # every Messages POST, faulted or not
+        self.numbers: dict[str, dict] = {}  # phone -> incoming number record, for `setup`
+        self.number_updates: list[dict] = []
+        self.reject_credentials = False
         self.faults: deque = deque()
         self.lock = threading.Lock()
         self.count = 0
@@ -141,7 +145,14 @@ class FakeTwilio:
                 pass
 
             def do_GET(self):
-                """/_received: what was delivered, for a benchmark in another process."""
+                """/_received: what was delivered, for a benchmark in another process; or a numbers list."""
+                target = urllib.parse.urlsplit(self.path)
+                if NUMBERS_PATH.fullmatch(target.path):
+                    if fake.reject_credentials:
+                        return self._answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
+                    wanted = dict(urllib.parse.parse_qsl(target.query)).get("PhoneNumber")
+                    found = [n for phone, n in fake.numbers.items() if wanted in (None, phone)]
+                    return self._answer(200, {"incoming_phone_numbers": found, "next_page_uri": None, "page": 0})
                 with fake.lock:
                     received = [
                         {"to": r["form"]["To"], "body": r["form"]["Body"], "at": r["at"]} for r in fake.requests
@@ -154,6 +165,13 @@ class FakeTwilio:
                 if len(raw) < length:
                     return  # the client died mid-request: Twilio would have received nothing
                 form = dict(urllib.parse.parse_qsl(raw.decode()))
+                if m := NUMBERS_PATH.fullmatch(self.path):
+                    number = next((n for n in fake.numbers.values() if n["sid"] == m[2]), None)
+                    if number is None:
+                        return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
+                    number.update(sms_url=form.get("SmsUrl"), sms_method=form.get("SmsMethod"))
+                    fake.number_updates.append(form)
+                    return self._answer(200, number)
                 if not MESSAGES_PATH.fullmatch(self.path):
                     return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
                 if not self.headers.get("Authorization"):
@@ -193,6 +211,11 @@ class FakeTwilio:
         self.server.handle_error = lambda request, address: None  # a client killed mid-request is expected here
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add_number(self, phone: str, sms_url: str | None = None) -> dict:
+        sid = f"PN{len(self.numbers) + 1:032x}"
+        self.numbers[phone] = {"sid": sid, "phone_number": phone, "sms_url": sms_url, "sms_method": "POST"}
+        return self.numbers[phone]
 
     def delivered(self, to: str | None = None) -> list[dict]:
         """The messages answered 201, optionally only those to one number."""

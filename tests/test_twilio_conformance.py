@@ -97,3 +97,16 @@ def test_prism_refuses_a_request_without_a_recipient(prism_url):
     with pytest.raises(relay_module.SendError) as refused:
         gateway.send("+16195550100", None, "hi", None)
     assert refused.value.permanent and "422" in refused.value.reason
+
+
+def test_setup_requests_are_accepted_by_twilios_api_description(prism_url):
+    """`setup` looks a number up (GET IncomingPhoneNumbers) and points its webhook (POST ...PN....json)."""
+    import relay as relay_module
+
+    settings = relay_module.Settings.from_env(
+        {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN, "TWILIO_API_BASE_URL": prism_url}
+    )
+    gateway = relay_module.TwilioGateway(settings)
+    gateway.find_number("+16195550100")
+    updated = gateway.point_sms_webhook("PN" + "b" * 32, "https://relay.example.com/api/sms/inbound")
+    assert updated.sid.startswith("PN")

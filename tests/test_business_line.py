@@ -1,0 +1,241 @@
+"""What a business line needs beyond paging: two-way replies, the customer kept informed, hours, photos."""
+
+import time
+
+import pytest
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
+from freezegun import freeze_time
+
+import relay
+
+SERGIO_C = relay.Contact("Sergio", SERGIO, 120)
+BACKUP_C = relay.Contact("Backup", BACKUP, 300)
+
+
+def line(**options) -> relay.Line:
+    chain = options.pop("chain", (SERGIO_C, BACKUP_C))
+    return relay.Line("QDN", LINE, chain, **options)
+
+
+def start(qdn: relay.Line, body="hi", media=()) -> relay.Conversation:
+    return relay.start_conversation(qdn, relay.Config(lines=(qdn,)), "SM1", CUSTOMER, body, "7", time.time(), media)
+
+
+def to_customer(conv: relay.Conversation) -> list[relay.Page]:
+    return [p for p in conv.pages if p.to == CUSTOMER]
+
+
+@pytest.fixture
+def clock():
+    with freeze_time("2026-11-27 20:00:00") as frozen:  # 12:00 in Los Angeles
+        yield frozen
+
+
+# -- two-way ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["#7", "ok", "#7 ok", "7", "Got it!", "#7 👍", "on it."])
+def test_bare_acknowledgements_are_recognised(body):
+    assert relay.is_bare_ack(body)
+
+
+@pytest.mark.parametrize("body", ["#7 on my way, 10 min", "10 min", "Yes we have kayaks at 9", "call me"])
+def test_replies_with_something_to_say_are_not_bare(body):
+    assert not relay.is_bare_ack(body)
+
+
+def test_two_way_reply_goes_to_the_customer_without_the_code(clock):
+    conv = start(line(reply_to_sender=True))
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    assert relay.reply_to_customer(conv, "#7 on my way, 10 min", time.time())
+    (page,) = to_customer(conv)
+    assert page.body == "on my way, 10 min" and page.kind == "customer_reply"
+
+
+def test_bare_acknowledgement_is_not_relayed_to_the_customer(clock):
+    conv = start(line(reply_to_sender=True))
+    assert not relay.reply_to_customer(conv, "#7", time.time())
+    assert to_customer(conv) == []
+
+
+def test_replies_are_not_relayed_on_a_one_way_line(clock):
+    conv = start(line())
+    assert not relay.reply_to_customer(conv, "#7 on my way", time.time())
+
+
+def test_customer_answer_after_acknowledgement_goes_to_the_contact_who_took_it(clock):
+    conv = start(line(reply_to_sender=True))
+    clock.tick(120)
+    relay.expire(conv, time.time())
+    relay.acknowledge(conv, BACKUP_C, {"sid": "SM2"}, time.time())
+    assert conv.is_live_two_way(time.time())
+    relay.join(conv, "SM3", "great, see you", time.time())
+    (followup,) = [p for p in conv.pages if p.kind == "followup"]
+    assert followup.to == BACKUP and "great, see you" in followup.body
+
+
+def test_two_way_conversation_stops_talking_after_a_day(clock):
+    conv = start(line(reply_to_sender=True))
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    clock.tick(relay.TWO_WAY_WINDOW)
+    assert not conv.is_live_two_way(time.time())
+
+
+def test_reply_without_code_reaches_the_conversation_the_contact_is_talking_in(clock):
+    conv = start(line(reply_to_sender=True))
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    assert relay.choose_acknowledged([], SERGIO, "see you at 9", talking=[conv]) == (conv, None)
+
+
+# -- the customer kept in the loop --------------------------------------------
+
+
+def test_customer_is_told_when_a_contact_takes_it(clock):
+    conv = start(line(acknowledged_text="{contact} from {line} has your message."))
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    (page,) = to_customer(conv)
+    assert page.body == "Sergio from QDN has your message." and page.kind == "customer_acknowledged"
+
+
+def test_customer_is_told_when_nobody_answers(clock):
+    conv = start(line(unanswered_text="Sorry, nobody at {line} could answer. Please call."))
+    clock.tick(120)
+    relay.expire(conv, time.time())
+    clock.tick(300)
+    relay.expire(conv, time.time())
+    assert [p.body for p in to_customer(conv)] == ["Sorry, nobody at QDN could answer. Please call."]
+
+
+def test_customer_is_told_each_thing_at_most_once(clock):
+    conv = start(line(acknowledged_text="taken"))
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.tell_customer(conv, "acknowledged", time.time(), "Backup")
+    assert len(to_customer(conv)) == 1
+
+
+def test_customer_hears_nothing_without_templates(clock):
+    conv = start(line())
+    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    assert to_customer(conv) == []
+
+
+# -- hours ----------------------------------------------------------------------
+
+
+def test_contact_off_duty_is_skipped_and_the_next_paged_at_once(clock):
+    night_only = relay.Contact("Sergio", SERGIO, 120, hours="22:00-06:00")
+    conv = start(line(chain=(night_only, BACKUP_C), timezone="America/Los_Angeles"))
+    assert [p.to for p in conv.pages] == [BACKUP]
+    assert conv.step == 1
+
+
+def test_contact_on_duty_is_paged(clock):
+    day = relay.Contact("Sergio", SERGIO, 120, hours="07:00-22:00")
+    conv = start(line(chain=(day, BACKUP_C), timezone="America/Los_Angeles"))
+    assert [p.to for p in conv.pages] == [SERGIO]
+
+
+def test_hours_that_wrap_midnight_count_the_small_hours():
+    night = relay.Contact("Night", SERGIO, 60, hours="22:00-06:00")
+    with freeze_time("2026-11-27 03:30:00"):
+        assert relay.on_duty(night, "UTC", time.time())
+    with freeze_time("2026-11-27 12:00:00"):
+        assert not relay.on_duty(night, "UTC", time.time())
+
+
+def test_when_nobody_is_on_duty_the_last_contact_is_paged_anyway(clock):
+    morning = relay.Contact("Sergio", SERGIO, 120, hours="06:00-07:00")
+    evening = relay.Contact("Backup", BACKUP, 300, hours="23:00-23:30")
+    conv = start(line(chain=(morning, evening), timezone="America/Los_Angeles"))
+    assert [p.to for p in conv.pages] == [BACKUP]
+
+
+# -- photos -------------------------------------------------------------------
+
+
+def test_photos_are_passed_on_with_the_page_and_counted():
+    urls = ["https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1", "https://x.example/ME2"]
+    conv = start(line(), body="look at this", media=urls)
+    assert conv.pages[0].media == urls
+    assert "[2 photos]" in conv.pages[0].body
+
+
+def test_media_urls_are_read_from_the_webhook_fields():
+    params = {"NumMedia": "2", "MediaUrl0": "https://a.example/1", "MediaUrl1": "javascript:alert(1)"}
+    assert relay.media_urls(params) == ["https://a.example/1"]
+    assert relay.media_urls({"NumMedia": "many"}) == []
+
+
+# -- config ---------------------------------------------------------------------
+
+
+def test_templates_may_only_name_line_and_contact():
+    with pytest.raises(relay.ConfigError, match=r"lines\[0\]\.received_text"):
+        relay.parse_config(
+            {
+                "lines": [
+                    {"name": "Q", "number": LINE, "chain": [{"name": "S", "phone": SERGIO}], "received_text": "{x}"}
+                ]
+            }
+        )
+
+
+def test_unknown_time_zone_is_refused():
+    with pytest.raises(relay.ConfigError, match="time zone"):
+        relay.parse_config(
+            {
+                "lines": [
+                    {"name": "Q", "number": LINE, "chain": [{"name": "S", "phone": SERGIO}], "timezone": "Mars/Base"}
+                ]
+            }
+        )
+
+
+def test_bad_hours_are_refused():
+    with pytest.raises(relay.ConfigError, match=r"chain\[0\]\.hours"):
+        relay.parse_config(
+            {"lines": [{"name": "Q", "number": LINE, "chain": [{"name": "S", "phone": SERGIO, "hours": "9-5"}]}]}
+        )
+
+
+# -- end to end -------------------------------------------------------------------
+
+BUSINESS = config_text().replace(
+    'name = "QDN"',
+    'name = "QDN"\nreply_to_sender = true\nreceived_text = "Thanks, {line} got your text."\n'
+    'acknowledged_text = "{contact} is on it."\nunanswered_text = "Nobody could answer; please call."',
+)
+
+
+def test_customer_gets_an_instant_received_answer(start_relay):
+    relay_process = start_relay(BUSINESS)
+    status, twiml = relay_process.inbound(CUSTOMER, "hello")
+    assert status == 200 and "<Message>Thanks, QDN got your text.</Message>" in twiml
+
+
+def test_a_true_two_way_line_end_to_end(start_relay, fake_twilio):
+    relay_process = start_relay(BUSINESS)
+    relay_process.inbound(CUSTOMER, "Do you have kayaks at 9?")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    _, twiml = relay_process.inbound(SERGIO, "#1 yes, two left. See you at 9")
+    assert "goes to the customer" in twiml
+    to_customer = wait_until(lambda: len(fake_twilio.delivered(CUSTOMER)) == 2 and fake_twilio.delivered(CUSTOMER))
+    bodies = [m["Body"] for m in to_customer]
+    assert "Sergio is on it." in bodies and "yes, two left. See you at 9" in bodies
+    assert all(m["From"] == LINE for m in to_customer)
+    assert all(SERGIO not in b and "#1" not in b for b in bodies)
+    relay_process.inbound(CUSTOMER, "great, thanks!")
+    followups = wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2 and fake_twilio.delivered(SERGIO))
+    assert "great, thanks!" in followups[1]["Body"]
+    relay_process.inbound(SERGIO, "#1")
+    time.sleep(0.5)
+    assert len(fake_twilio.delivered(CUSTOMER)) == 2  # a bare acknowledgement is not relayed
+
+
+def test_mms_photos_reach_the_contact(start_relay, fake_twilio):
+    relay_process = start_relay(config_text())
+    media = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"
+    params = {"MessageSid": "SMmms", "From": CUSTOMER, "To": LINE, "Body": "broken cleat", "NumMedia": "1"}
+    relay_process.post_form("/api/sms/inbound", {**params, "MediaUrl0": media})
+    page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
+    assert page["MediaUrl"] == media and "[1 photo]" in page["Body"]
