@@ -187,13 +187,48 @@ def _refuse_unknown(table: dict, known: set[str], where: str) -> None:
             raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
 
 
+def _table(value: object, known: set[str], where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must be a table like {{ name = ..., ... }}")
+    _refuse_unknown(value, known, where)
+    return value
+
+
+def _parse_contact(raw: object, where: str, default_wait: int) -> Contact:
+    raw = _table(raw, CONTACT_KEYS, where)
+    return Contact(
+        _text(raw.get("name"), f"{where}.name"),
+        _phone(raw.get("phone"), f"{where}.phone"),
+        parse_duration(raw["wait"], f"{where}.wait") if "wait" in raw else default_wait,
+        _hours(raw["hours"], f"{where}.hours") if "hours" in raw else None,
+    )
+
+
+def _parse_line(raw: object, where: str, default_wait: int) -> Line:
+    raw = _table(raw, LINE_KEYS, where)
+    chain = raw.get("chain")
+    if not isinstance(chain, list) or not chain:
+        raise ConfigError(f"{where}.chain: the chain is empty; name at least one contact")
+    options: dict = {}
+    if "timezone" in raw:
+        options["timezone"] = _timezone(raw["timezone"], f"{where}.timezone")
+    if "reply_to_sender" in raw:
+        options["reply_to_sender"] = _flag(raw["reply_to_sender"], f"{where}.reply_to_sender")
+    for key in ("received_text", "acknowledged_text", "unanswered_text"):
+        if key in raw:
+            options[key] = _template(raw[key], f"{where}.{key}")
+    return Line(
+        _text(raw.get("name"), f"{where}.name"),
+        _phone(raw.get("number"), f"{where}.number"),
+        tuple(_parse_contact(c, f"{where}.chain[{j}]", default_wait) for j, c in enumerate(chain)),
+        **options,
+    )
+
+
 def parse_config(data: dict) -> Config:
     """Build a Config from parsed TOML, refusing anything doubtful with the key and why."""
     _refuse_unknown(data, {"relay", "lines"}, "")
-    relay = data.get("relay", {})
-    if not isinstance(relay, dict):
-        raise ConfigError("relay: must be a table")
-    _refuse_unknown(relay, RELAY_KEYS, "relay")
+    relay = _table(data.get("relay", {}), RELAY_KEYS, "relay")
     options: dict = {}
     if "public_url" in relay:
         url = _text(relay["public_url"], "relay.public_url")
@@ -210,41 +245,12 @@ def parse_config(data: dict) -> Config:
         options["alarm_phone"] = _phone(relay["alarm_phone"], "relay.alarm_phone")
     if "log_bodies" in relay:
         options["log_bodies"] = _flag(relay["log_bodies"], "relay.log_bodies")
-    default_wait = options.get("wait", Config.wait)
 
     raw_lines = data.get("lines")
     if not isinstance(raw_lines, list) or not raw_lines:
         raise ConfigError("lines: at least one [[lines]] table is needed")
-    lines = []
-    for i, raw in enumerate(raw_lines):
-        where = f"lines[{i}]"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a table")
-        _refuse_unknown(raw, LINE_KEYS, where)
-        name = _text(raw.get("name"), f"{where}.name")
-        number = _phone(raw.get("number"), f"{where}.number")
-        chain = raw.get("chain")
-        if not isinstance(chain, list) or not chain:
-            raise ConfigError(f"{where}.chain: the chain is empty; name at least one contact")
-        contacts = []
-        for j, rc in enumerate(chain):
-            cwhere = f"{where}.chain[{j}]"
-            if not isinstance(rc, dict):
-                raise ConfigError(f"{cwhere}: must be a table like {{ name = ..., phone = ... }}")
-            _refuse_unknown(rc, CONTACT_KEYS, cwhere)
-            wait = parse_duration(rc["wait"], f"{cwhere}.wait") if "wait" in rc else default_wait
-            hours = _hours(rc["hours"], f"{cwhere}.hours") if "hours" in rc else None
-            name_ = _text(rc.get("name"), f"{cwhere}.name")
-            contacts.append(Contact(name_, _phone(rc.get("phone"), f"{cwhere}.phone"), wait, hours))
-        extras: dict = {}
-        if "timezone" in raw:
-            extras["timezone"] = _timezone(raw["timezone"], f"{where}.timezone")
-        if "reply_to_sender" in raw:
-            extras["reply_to_sender"] = _flag(raw["reply_to_sender"], f"{where}.reply_to_sender")
-        for key in ("received_text", "acknowledged_text", "unanswered_text"):
-            if key in raw:
-                extras[key] = _template(raw[key], f"{where}.{key}")
-        lines.append(Line(name, number, tuple(contacts), **extras))
+    default_wait = options.get("wait", Config.wait)
+    lines = [_parse_line(raw, f"lines[{i}]", default_wait) for i, raw in enumerate(raw_lines)]
 
     numbers = [line.number for line in lines]
     for i, line in enumerate(lines):
@@ -502,25 +508,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
     try:
-        os.write(fd, data)
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the directory: the file is the old one or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_synced(tmp, data, os.O_TRUNC)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
 def append_durably(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_synced(path, data, os.O_APPEND)
 
 
 def read_json_lines(path: Path) -> list[dict]:
@@ -584,7 +596,7 @@ class Journal:
                 self.cv.release()
                 try:
                     data = b"".join(batch)
-                    os.write(self.fd, data)
+                    write_all(self.fd, data)
                     os.fsync(self.fd)
                 except OSError as e:
                     failure: OSError | None = e
@@ -1631,33 +1643,37 @@ def make_app(relay: Relay) -> bottle.Bottle:
             return refuse(400, "not_utf8", "body is not UTF-8")
         return params
 
+    def twilio_webhook(handle):
+        """A route Twilio signs: verify the request, then `handle(params)` answers with TwiML."""
+
+        @functools.wraps(handle)
+        def route():
+            params = verified_form()
+            if isinstance(params, str):
+                return params
+            try:
+                twiml = handle(params)
+            except BadRequest as e:
+                return refuse(e.status, e.label, e.reason, message_sid=params.get("MessageSid"))
+            except StoreFailure as e:
+                return refuse(503, "state_unwritable", str(e), message_sid=params.get("MessageSid"))
+            bottle.response.content_type = "text/xml; charset=utf-8"
+            return twiml
+
+        return route
+
     @app.post("/api/sms/inbound")
-    def inbound():
-        params = verified_form()
-        if isinstance(params, str):
-            return params
-        try:
-            twiml = relay.receive(params)
-        except BadRequest as e:
-            return refuse(e.status, e.label, e.reason, message_sid=params.get("MessageSid"))
-        except StoreFailure as e:
-            return refuse(503, "state_unwritable", str(e), message_sid=params.get("MessageSid"))
-        bottle.response.content_type = "text/xml; charset=utf-8"
-        return twiml
+    @twilio_webhook
+    def inbound(params):
+        return relay.receive(params)
 
     @app.post("/api/sms/status")
-    def status_callback():
-        params = verified_form()
-        if isinstance(params, str):
-            return params
+    @twilio_webhook
+    def status_callback(params):
         conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
         if not conv_id or not index.isdigit():
-            return refuse(400, "bad_callback", "status callback without c and p")
-        try:
-            relay.delivery_status(conv_id, int(index), params)
-        except StoreFailure as e:
-            return refuse(503, "state_unwritable", str(e))
-        bottle.response.content_type = "text/xml; charset=utf-8"
+            raise BadRequest(400, "bad_callback", "status callback without c and p")
+        relay.delivery_status(conv_id, int(index), params)
         return str(MessagingResponse())
 
     @app.get("/healthz")
