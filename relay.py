@@ -626,6 +626,7 @@ class Store:
     SNAPSHOT = "conversations.jsonl"
     LOCK = "relay.lock"
     FOLD_BYTES = 4 * 1024 * 1024
+    FOLD_EVERY = 3600.0  # so a quiet line's finished conversations still reach the archive and retention
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -635,6 +636,7 @@ class Store:
         self.archive_days: dict[str, list[str]] = {}
         self.generation = 0
         self.journal: Journal | None = None
+        self.folded_at = time.monotonic()
         self.lock_fd: int | None = None
 
     # -- opening ----------------------------------------------------------
@@ -717,7 +719,9 @@ class Store:
         return None
 
     def needs_fold(self) -> bool:
-        return self.journal.size > self.FOLD_BYTES
+        if self.journal.size > self.FOLD_BYTES:
+            return True
+        return self.journal.size > 0 and time.monotonic() - self.folded_at > self.FOLD_EVERY
 
     def fold(self) -> None:
         """Move settled conversations to the archive and fold the journal into a snapshot.
@@ -726,6 +730,7 @@ class Store:
         """
         if self.journal:
             self.journal.close()
+        self.folded_at = time.monotonic()
         now = time.time()
         settled = [c for c in self.conversations.values() if c.is_settled(now)]
         by_day: dict[str, list[bytes]] = {}
@@ -1788,18 +1793,16 @@ def cmd_serve(args) -> int:
     relay = Relay(settings, config, store, gateway)
     for text in describe(settings, config):
         log("info", "startup", detail=text)
+    try:
+        server = waitress.create_server(
+            make_app(relay), host="0.0.0.0", port=settings.port, threads=8, max_request_body_size=MAX_BODY_BYTES
+        )
+    except OSError as e:
+        raise ConfigError(f"PORT: cannot listen on 0.0.0.0:{settings.port}: {e.strerror}") from None
     log("info", "listening", port=settings.port, open_conversations=len(relay.open_by_sender))
     stop = threading.Event()
     threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True).start()
-    waitress.serve(
-        make_app(relay),
-        host="0.0.0.0",
-        port=settings.port,
-        threads=8,
-        max_request_body_size=MAX_BODY_BYTES,
-        ident="relay",
-        _quiet=True,
-    )
+    server.run()
     return 0
 
 

@@ -1,6 +1,7 @@
 """The newcomer's walk-through in dry-run: no Twilio account, everything visible."""
 
 import json
+import socket
 
 from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RelayProcess, config_text, wait_until
 
@@ -65,3 +66,15 @@ def test_serve_without_credentials_exits_with_a_reason(tmp_path):
     relay = RelayProcess(tmp_path, None, config_text())
     result = relay.run("serve")
     assert result.returncode == 1 and "TWILIO_ACCOUNT_SID" in result.stderr
+
+
+def test_serve_on_a_port_in_use_exits_with_a_reason(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", relay.port))
+        taken.listen()
+        result = relay.run("serve", "--dry-run")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"relay: PORT: cannot listen on 0.0.0.0:{relay.port}: Address already in use"
+    ]

@@ -132,3 +132,19 @@ def test_restart_with_only_a_snapshot_does_not_rewrite_it(tmp_path):
     assert set(again.conversations) == {"SM1"}
     again.wait(again.save(conversation("SM2", time.time())))
     assert set(reopen(again).conversations) == {"SM1", "SM2"}
+
+
+def test_a_quiet_journal_is_still_folded_every_hour(tmp_path):
+    with freeze_time("2026-11-01 12:00:00") as clock:
+        store = opened(tmp_path)
+        store.wait(store.save(conversation("SM1", time.time())))
+        assert not store.needs_fold()
+        clock.tick(3601)
+        assert store.needs_fold()
+
+
+def test_an_empty_journal_needs_no_fold(tmp_path):
+    with freeze_time("2026-11-01 12:00:00") as clock:
+        store = opened(tmp_path)
+        clock.tick(7200)
+        assert not store.needs_fold()
