@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import re
+import signal
 import stat
 import sys
 import threading
@@ -1801,6 +1802,17 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"PORT: cannot listen on 0.0.0.0:{settings.port}: {e.strerror}") from None
     log("info", "listening", port=settings.port, open_conversations=len(relay.open_by_sender))
     stop = threading.Event()
+
+    def stop_gracefully(signum, frame):
+        log("info", "stopping", signal=signal.Signals(signum).name)
+        stop.set()
+        # Sends in flight finish and are stored as sent, so a restart does not send them twice;
+        # those not yet started stay pending on disk and go out after the restart.
+        relay.senders.shutdown(wait=True, cancel_futures=True)
+        raise SystemExit(0)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_gracefully)
     threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True).start()
     server.run()
     return 0
@@ -1911,12 +1923,29 @@ def cmd_setup(args) -> int:
     return 0 if check_numbers(settings, config, apply=args.apply) else 1
 
 
+def read_store_while_running(directory: Path, tries: int = 5) -> Store:
+    """Read the state a running relay may be folding meanwhile: read again if the snapshot changed."""
+    snapshot = directory / Store.SNAPSHOT
+
+    def version():
+        return (snapshot.stat().st_ino, snapshot.stat().st_mtime_ns) if snapshot.exists() else None
+
+    for _ in range(tries):
+        store, before = Store(directory), version()
+        try:
+            if directory.exists():
+                store.load()
+        except FileNotFoundError:  # a journal folded away as we read
+            continue
+        if version() == before:
+            break
+    return store
+
+
 def cmd_status(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ))
-    store = Store(settings.state_dir)
-    if settings.state_dir.exists():
-        store.load()
+    store = read_store_while_running(settings.state_dir)
     convs = sorted(
         (c for c in store.conversations.values() if c.status in (OPEN_STATUS, "held")), key=lambda c: c.created
     )

@@ -130,3 +130,16 @@ def test_invalid_config_edit_keeps_the_last_good_config(start_relay, fake_twilio
     assert "lines[0].chain[0].phone" in rejected[0]["reason"]
     relay.inbound(CUSTOMER, "hello")
     wait_until(lambda: fake_twilio.delivered(SERGIO))
+
+
+def test_sigterm_lets_a_send_in_flight_finish_so_a_restart_does_not_repeat_it(start_relay, fake_twilio):
+    fake_twilio.faults.append(("hang", 1.5))
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    relay.stop()
+    assert relay.proc.returncode == 0
+    assert relay.events("stopping")[0]["signal"] == "SIGTERM"
+    relay.start()
+    time.sleep(1)
+    assert fake_twilio.attempts(SERGIO) == 1
