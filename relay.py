@@ -422,6 +422,7 @@ class Page:
     sid: str | None = None
     error: str | None = None
     media: list[str] = field(default_factory=list)  # MMS media URLs passed on
+    sent_at: float | None = None  # when Twilio took it
 
 
 @dataclass(slots=True)
@@ -1135,9 +1136,9 @@ def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> floa
     return delay
 
 
-def record_sent(conv: Conversation, index: int, sid: str) -> None:
+def record_sent(conv: Conversation, index: int, sid: str, now: float) -> None:
     page = conv.pages[index]
-    page.state, page.sid, page.error = "sent", sid, None
+    page.state, page.sid, page.error, page.sent_at = "sent", sid, None, now
 
 
 def record_send_error(conv: Conversation, index: int, error: SendError, now: float, jitter: float) -> str:
@@ -1502,7 +1503,7 @@ class Relay:
             outcome = sid
         with self.lock:
             if isinstance(outcome, str):
-                record_sent(conv, index, outcome)
+                record_sent(conv, index, outcome, self.clock())
                 event, result = None, "sent"
             else:
                 event = record_send_error(conv, index, outcome, self.clock(), self.random.random())
@@ -1960,11 +1961,15 @@ def cmd_status(args) -> int:
                 f"{conv.line} #{conv.code} from {conv.sender} at {when(conv.created)}: HELD by a cost cap, not relayed"
             )
             continue
-        paged = ", ".join(f"{p.to} at {when(p.retry_at)} ({p.state})" for p in conv.pages if p.kind == "page")
+        paged = ", ".join(
+            f"{contact_at(conv, p.step).name} {p.to} {p.state}{f' at {when(p.sent_at)}' if p.sent_at else ''}"
+            for p in conv.pages
+            if p.kind == "page"
+        )
         nxt = contact_at(conv, conv.step + 1).name if conv.step + 1 < len(conv.chain) * conv.rounds else "unanswered"
         print(
             f"{conv.line} #{conv.code} from {conv.sender} since {when(conv.created)}; paged: {paged}; "
-            f"next: {nxt} at {when(conv.deadline)}"
+            f"step {conv.step + 1} since {when(conv.step_started)}; next: {nxt} at {when(conv.deadline)}"
         )
     return 0
 

@@ -309,7 +309,7 @@ def prefill(finished: int, open_: int):
         days: dict[str, list[str]] = {}
         for n in range(finished):
             conv = relay.start_conversation(line, config, f"SMold{n:029d}", f"+1555{n:07d}", "an old text", "1", now)
-            relay.record_sent(conv, 0, f"SMpage{n:028d}")
+            relay.record_sent(conv, 0, f"SMpage{n:028d}", time.time())
             relay.acknowledge(conv, line.chain[0], {"sid": f"SMack{n:029d}", "answer": "ok"}, now - n % 3 * 86400)
             day = time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at))
             days.setdefault(day, []).append(json.dumps({"sids": conv.sids(), "conversation": conv.to_dict()}))
@@ -319,7 +319,7 @@ def prefill(finished: int, open_: int):
         for n in range(open_):
             code = str(n % 9999 + 1)
             conv = relay.start_conversation(line, config, f"SMopen{n:028d}", f"+1556{n:07d}", "an open text", code, now)
-            relay.record_sent(conv, 0, f"SMpage{n:028d}")
+            relay.record_sent(conv, 0, f"SMpage{n:028d}", time.time())
             convs.append(conv.to_dict())
         lines = [json.dumps({"generation": 1}), *map(json.dumps, convs)]
         (state_dir / relay.Store.SNAPSHOT).write_text("\n".join(lines) + "\n")

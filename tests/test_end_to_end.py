@@ -132,3 +132,14 @@ def test_healthz_and_metrics_answer(start_relay, fake_twilio):
     assert status == 200
     assert 'relay_inbound_total{kind="accepted"} 1.0' in metrics
     assert wait_until(lambda: 'relay_sends_total{result="sent"} 1.0' in relay.get("/metrics")[1])
+
+
+def test_status_lists_who_was_paged_when_and_the_next_escalation(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: relay.events("relay_sent"))
+    out = relay.run("status").stdout
+    assert out.startswith("1 open conversation(s)")
+    assert f"QDN #1 from {CUSTOMER}" in out
+    assert f"paged: Sergio {SERGIO} sent at " in out
+    assert "next: Backup at " in out

@@ -67,7 +67,7 @@ def test_conversation_is_unanswered_after_the_last_contact(clock):
     assert relay.expire(conv, time.time()) == "unanswered"
     assert conv.status == "unanswered"
     for index in range(len(conv.pages)):
-        relay.record_sent(conv, index, f"SM{index}")
+        relay.record_sent(conv, index, f"SM{index}", time.time())
     assert relay.next_wakeup(conv) is None
 
 
@@ -111,10 +111,10 @@ def test_acknowledgement_cancels_a_page_still_waiting_to_be_sent(clock):
 
 def test_contacts_already_paged_are_told_who_took_it(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SM1")
+    relay.record_sent(conv, 0, "SM1", time.time())
     clock.tick(120)
     relay.expire(conv, time.time())
-    relay.record_sent(conv, 1, "SM2")
+    relay.record_sent(conv, 1, "SM2", time.time())
     relay.acknowledge(conv, BACKUP_C, {"sid": "SM3"}, time.time())
     notices = [p for p in conv.pages if p.kind == "notice"]
     assert [p.to for p in notices] == [SERGIO]
@@ -123,7 +123,7 @@ def test_contacts_already_paged_are_told_who_took_it(clock):
 
 def test_nobody_is_told_when_the_only_contact_paged_takes_it(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SM1")
+    relay.record_sent(conv, 0, "SM1", time.time())
     relay.acknowledge(conv, SERGIO_C, {"sid": "SM3"}, time.time())
     assert paged(conv, "notice") == []
 
@@ -243,7 +243,7 @@ def test_transient_errors_give_up_after_max_attempts_and_move_on(clock):
 
 def test_failed_delivery_report_for_the_contact_on_duty_escalates(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SMx")
+    relay.record_sent(conv, 0, "SMx", time.time())
     assert relay.record_status(conv, 0, "undelivered", "30003", time.time()) == "escalated"
     assert paged(conv) == [SERGIO, BACKUP]
 
@@ -258,7 +258,7 @@ def test_failed_delivery_report_for_an_earlier_step_changes_nothing(clock):
 
 def test_delivered_report_is_recorded(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SMx")
+    relay.record_sent(conv, 0, "SMx", time.time())
     relay.record_status(conv, 0, "delivered", None, time.time())
     assert conv.pages[0].state == "delivered"
 

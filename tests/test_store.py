@@ -43,7 +43,7 @@ def test_last_saved_state_of_a_conversation_wins(tmp_path):
     store = opened(tmp_path)
     conv = conversation("SM1", time.time())
     store.save(conv)
-    relay.record_sent(conv, 0, "SMsent")
+    relay.record_sent(conv, 0, "SMsent", time.time())
     store.wait(store.save(conv))
     assert reopen(store).conversations["SM1"].pages[0].state == "sent"
 
