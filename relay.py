@@ -1535,13 +1535,14 @@ class Relay:
         events, to_send, tickets, lag = [], [], [], 0.0
         with self.lock:
             while self.timers and self.timers[0][0] <= now:
-                when, conv_id = heapq.heappop(self.timers)
+                _, conv_id = heapq.heappop(self.timers)
                 conv = self.store.conversations.get(conv_id)
                 due = self._wakeup(conv) if conv else None
                 if due is None or due > now:
                     continue  # stale timer: the conversation moved on and has its own entry
+                deadline = conv.deadline
                 if event := expire(conv, now):
-                    lag = max(lag, now - when)
+                    lag = max(lag, now - deadline)
                     events.append((conv, event))
                     tickets.append(self.store.save(conv))
                 for index, page in enumerate(conv.pages):
