@@ -225,7 +225,7 @@ def bench_throughput(fake_url: str, seconds: float, connections: int) -> dict:
         out[name] = summarise(run_load(server.port, connections, seconds, per_worker, offset=base), seconds)
         server.stop()
         server = ready(start())  # a fresh one: no backlog of sends from the run before
-        fixed = run_load(server.port, 4, 5, 5 * FIXED_RATE, pace=4 / FIXED_RATE, offset=base + 1)
+        fixed = run_load(server.port, 4, 5, 5 * FIXED_RATE, pace=4 / FIXED_RATE, offset=base + 5_000_000)
         out[f"{name}_fixed_rate"] = summarise(fixed, 5)
         server.stop()
     out["throughput_ratio"] = round(out["relay"]["rps"] / out["bare"]["rps"], 3)
@@ -252,7 +252,7 @@ def bench_end_to_end(fake_url: str, rate: float = 50, seconds: float = 5) -> dic
     """Time from the 200 to the fake Twilio receiving the page to the primary, at a steady rate."""
     server = start_relay(fake_url, config_text(primary_wait="1h", backup_wait="1h", extra_relay=NO_CAPS))
     server.wait_ready("/healthz")
-    offset = 20_000_000
+    offset = 90_000_000  # numbers no other part uses: pages are matched to texts by them
     results = run_load(server.port, 2, seconds, int(rate * seconds), pace=2 / rate, offset=offset)
     time.sleep(1)
     server.stop()

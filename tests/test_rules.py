@@ -155,6 +155,16 @@ def test_reply_without_code_does_not_acknowledge_what_the_contact_never_got(cloc
     assert relay.choose_acknowledged([conv], BACKUP, "got it")[0] is None
 
 
+def test_bare_number_that_is_no_open_code_acknowledges_nothing(clock):
+    conv = new_conversation(code="1")
+    assert relay.choose_acknowledged([conv], SERGIO, "12") == (None, "12")
+
+
+def test_bare_word_that_is_no_code_acknowledges_the_newest(clock):
+    conv = new_conversation(code="1")
+    assert relay.choose_acknowledged([conv], SERGIO, "ok") == (conv, None)
+
+
 def test_reply_naming_an_unknown_code_acknowledges_nothing(clock):
     conv = new_conversation(code="1")
     assert relay.choose_acknowledged([conv], SERGIO, "#42 done") == (None, "42")
