@@ -380,6 +380,7 @@ def tame_library_logging() -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
+prometheus_client.disable_created_metrics()  # the *_created series only add noise here
 METRICS = prometheus_client.CollectorRegistry()
 INBOUND = prometheus_client.Counter("relay_inbound_total", "Inbound texts accepted", ["kind"], registry=METRICS)
 REJECTED = prometheus_client.Counter("relay_rejected_total", "Requests refused", ["reason"], registry=METRICS)
@@ -1464,7 +1465,8 @@ class Relay:
             ticket = self._save(conv)
             to = conv.pages[index].to
         self.store.wait(ticket)
-        log("info", "status_callback", **self._ids(conv, to=to, status=status, error_code=params.get("ErrorCode")))
+        ids = self._ids(conv, to=to, twilio_sid=params.get("MessageSid"))
+        log("info", "status_callback", **ids, status=status, error_code=params.get("ErrorCode"))
         if event:
             self._after_change(conv, event, reason=f"delivery {status}")
 
