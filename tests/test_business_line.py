@@ -239,3 +239,28 @@ def test_mms_photos_reach_the_contact(start_relay, fake_twilio):
     relay_process.post_form("/api/sms/inbound", {**params, "MediaUrl0": media})
     page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
     assert page["MediaUrl"] == media and "[1 photo]" in page["Body"]
+
+
+def test_contact_off_duty_is_skipped_end_to_end(start_relay, fake_twilio):
+    later = time.gmtime(time.time() + 2 * 3600)
+    much_later = time.gmtime(time.time() + 3 * 3600)
+    off_now = f"{later.tm_hour:02d}:00-{much_later.tm_hour:02d}:00"
+    config = config_text(primary_wait="1h").replace(
+        f'phone = "{SERGIO}", wait = "1h"', f'phone = "{SERGIO}", wait = "1h", hours = "{off_now}"'
+    )
+    relay_process = start_relay(config)
+    relay_process.inbound(CUSTOMER, "anyone?")
+    wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=5)
+    assert fake_twilio.delivered(SERGIO) == []
+    assert relay_process.events("inbound_accepted")[0]["skipped_off_duty"] == 1
+
+
+def test_customer_is_told_when_nobody_answers_end_to_end(start_relay, fake_twilio):
+    config = config_text(primary_wait="1s", backup_wait="1s").replace(
+        'name = "QDN"', 'name = "QDN"\nunanswered_text = "Nobody at {line} could answer; please call."'
+    )
+    relay_process = start_relay(config)
+    relay_process.inbound(CUSTOMER, "hello?")
+    told = wait_until(lambda: fake_twilio.delivered(CUSTOMER), timeout=10)
+    assert [m["Body"] for m in told] == ["Nobody at QDN could answer; please call."]
+    assert told[0]["From"] == LINE
