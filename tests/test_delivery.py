@@ -143,3 +143,13 @@ def test_sigterm_lets_a_send_in_flight_finish_so_a_restart_does_not_repeat_it(st
     relay.start()
     time.sleep(1)
     assert fake_twilio.attempts(SERGIO) == 1
+
+
+def test_open_conversations_keep_the_chain_they_started_with(start_relay, fake_twilio):
+    relay = start_relay(config_text(primary_wait="2s"))
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    (relay.workdir / "config.toml").write_text(config_text(primary_wait="2s").replace(BACKUP, "+16195550122"))
+    wait_until(lambda: relay.events("config_reloaded"), timeout=5)
+    wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=5)
+    assert fake_twilio.delivered("+16195550122") == []
