@@ -660,8 +660,8 @@ class Store:
             if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
                 os.chmod(path, 0o600)
 
-    def load(self) -> None:
-        """Read snapshot, journals and archive; safe without the lock (for `status`)."""
+    def load(self, archive: bool = True) -> None:
+        """Read snapshot, journals and (unless told not to) the archive; safe without the lock."""
         snapshot_path = self.dir / self.SNAPSHOT
         first_journal = 0
         if snapshot_path.exists():  # a header line, then one open conversation a line
@@ -675,7 +675,7 @@ class Store:
             if gen >= first_journal:
                 for data in read_json_lines(path):
                     self._remember(Conversation.from_json(data))
-        for path in sorted(self.dir.glob("archive-*.jsonl")):
+        for path in sorted(self.dir.glob("archive-*.jsonl")) if archive else ():
             day = path.name[len("archive-") : -len(".jsonl")]
             sids = [hash(sid) for sid in archived_sids(path)]
             self.archive_days[day] = sids
@@ -1940,7 +1940,7 @@ def read_store_while_running(directory: Path, tries: int = 5) -> Store:
         store, before = Store(directory), version()
         try:
             if directory.exists():
-                store.load()
+                store.load(archive=False)
         except FileNotFoundError:  # a journal folded away as we read
             continue
         if version() == before:
