@@ -1895,7 +1895,8 @@ def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
                 all_well = False
                 continue
             current = f"{record.sms_method or 'POST'} {record.sms_url or '(nothing)'}"
-            if record.sms_url == want and (record.sms_method or "POST") == "POST":
+            # A fragment (Twilio's connection overrides, e.g. #rc=3) is the operator's own setting: keep it.
+            if (record.sms_url or "").split("#")[0] == want and (record.sms_method or "POST") == "POST":
                 print(f"{line.name} {line.number}: ok, texts go to POST {want}")
             elif apply:
                 gateway.point_sms_webhook(record.sid, want)

@@ -47,3 +47,11 @@ def test_setup_needs_a_public_url(tmp_path, fake_twilio):
     result = relay.run("setup", "--apply")
     assert result.returncode == 1 and "RELAY_PUBLIC_URL is not set" in result.stdout
     assert fake_twilio.number_updates == []
+
+
+def test_connection_overrides_on_the_webhook_are_left_alone(tmp_path, fake_twilio):
+    relay = relay_for(tmp_path, fake_twilio)
+    fake_twilio.add_number(LINE, sms_url=relay.url + "/api/sms/inbound#rc=3&rp=all")
+    result = relay.run("setup", "--apply")
+    assert result.returncode == 0 and "ok, texts go to" in result.stdout
+    assert fake_twilio.number_updates == []
