@@ -907,7 +907,9 @@ class DryRunGateway:
 RETRY_BASE = 1.0
 RETRY_CAP = 60.0
 RETRY_AFTER_CAP = 300.0
-MAX_ATTEMPTS = 8
+# About three hours of tries at the 60 s cap: a Twilio outage delays pages (the escalation timers run on
+# meanwhile) but does not drop them. Past that the page counts as failed and the chain moves on.
+MAX_ATTEMPTS = 200
 CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,4})\b")
 BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,4})[.!]?")
 # Carrier and Twilio keywords (opt-out, help, opt-in): never an acknowledgement.

@@ -244,6 +244,14 @@ def test_retry_after_is_honoured():
     assert relay.retry_delay(1, 7.0, jitter=0.0) == 7.0
 
 
+def test_a_long_outage_keeps_retrying_the_page(clock):
+    conv = new_conversation()
+    conv.pages[0].attempts = 50
+    error = relay.SendError("twilio 503", permanent=False)
+    assert relay.record_send_error(conv, 0, error, time.time(), jitter=0.0) == "retry"
+    assert conv.pages[0].retry_at == time.time() + relay.RETRY_CAP / 2
+
+
 def test_transient_errors_give_up_after_max_attempts_and_move_on(clock):
     conv = new_conversation()
     conv.pages[0].attempts = relay.MAX_ATTEMPTS
