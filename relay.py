@@ -737,17 +737,19 @@ class Store:
             self.journal.close()
         self.folded_at = time.monotonic()
         now = time.time()
-        settled = [c for c in self.conversations.values() if c.is_settled(now)]
+        settled = [
+            (conv, time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at)), conv.sids())
+            for conv in self.conversations.values()
+            if conv.is_settled(now)
+        ]
         by_day: dict[str, list[bytes]] = {}
-        for conv in settled:
-            day = time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at))
-            line = json.dumps({"sids": conv.sids(), "conversation": conv.to_dict()}, ensure_ascii=False)
+        for conv, day, sids in settled:
+            line = json.dumps({"sids": sids, "conversation": conv.to_dict()}, ensure_ascii=False)
             by_day.setdefault(day, []).append((line + "\n").encode())
         for day, lines in by_day.items():
             append_durably(self.dir / f"archive-{day}.jsonl", b"".join(lines))
-        for conv in settled:
-            sids = conv.sids()
-            day = time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at))
+        # Only once the archive is on disk do the conversations leave the snapshot.
+        for conv, day, sids in settled:
             self.archive_days.setdefault(day, []).extend(map(hash, sids))
             self.archived.update(map(hash, sids))
             for sid in sids:
