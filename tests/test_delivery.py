@@ -86,11 +86,17 @@ def test_backup_is_paged_on_the_original_deadline_after_a_kill(start_relay, fake
     assert fake_twilio.attempts(SERGIO) == 1
 
 
-def test_page_in_flight_at_a_kill_is_sent_again_after_restart(start_relay, fake_twilio):
-    fake_twilio.faults.append(("hang", 3))
+def relay_with_page_in_flight(start_relay, fake_twilio, hang: float):
+    """A relay whose page to the primary has reached the fake Twilio, which answers `hang` s later."""
+    fake_twilio.faults.append(("hang", hang))
     relay = start_relay(config_text())
     relay.inbound(CUSTOMER, "hello")
     wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    return relay
+
+
+def test_page_in_flight_at_a_kill_is_sent_again_after_restart(start_relay, fake_twilio):
+    relay = relay_with_page_in_flight(start_relay, fake_twilio, hang=3)
     relay.kill()
     relay.start()
     wait_until(lambda: fake_twilio.delivered(SERGIO), timeout=10)
@@ -133,10 +139,7 @@ def test_invalid_config_edit_keeps_the_last_good_config(start_relay, fake_twilio
 
 
 def test_sigterm_lets_a_send_in_flight_finish_so_a_restart_does_not_repeat_it(start_relay, fake_twilio):
-    fake_twilio.faults.append(("hang", 1.5))
-    relay = start_relay(config_text())
-    relay.inbound(CUSTOMER, "hello")
-    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    relay = relay_with_page_in_flight(start_relay, fake_twilio, hang=1.5)
     relay.stop()
     assert relay.proc.returncode == 0
     assert relay.events("stopping")[0]["signal"] == "SIGTERM"
