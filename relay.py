@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import fcntl
 import functools
 import hashlib
@@ -31,7 +32,9 @@ import logging
 import os
 import random
 import re
+import resource
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -43,7 +46,6 @@ import urllib.request
 import zoneinfo
 from collections import deque
 from collections.abc import Container
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,10 @@ import bottle
 import dotenv
 import prometheus_client
 import requests
+import requests.adapters
+import urllib3
 import waitress
+import waitress.channel
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator, get_signature_algorithm
@@ -67,6 +72,7 @@ DRY_RUN_TOKEN = "dry-run"
 MAX_BODY_BYTES = 64 * 1024
 MAX_SMS_CHARS = 1600
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
 DURATION = re.compile(r"([0-9]+)\s*([smhd]?)")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -354,15 +360,40 @@ def load_dotenv_file(path: Path = Path(".env")) -> None:
 _log_lock = threading.Lock()
 
 
+MAX_LOG_LINE = 2048  # bytes: whatever a client sends, it cannot make the log grow faster than this a request
+LOG_FIELD_CHARS = (300, 60)  # a long field is cut to the first; if the line is still too long, to the second
+
+
+def _cut(value: object, chars: int) -> object:
+    if isinstance(value, str) and len(value) > chars:
+        return value[:chars] + "…"
+    if isinstance(value, list | tuple | dict) and len(text := json.dumps(value, ensure_ascii=False)) > chars:
+        return text[:chars] + "…"
+    return value
+
+
 def log(level: str, event: str, **fields: object) -> None:
-    """One JSON object per line on stdout."""
+    """One JSON object per line on stdout, never over MAX_LOG_LINE bytes."""
     now = datetime.datetime.now(datetime.UTC)
-    record = {"ts": now.isoformat(timespec="milliseconds"), "level": level, "event": event}
-    record.update((k, v) for k, v in fields.items() if v is not None)
-    line = json.dumps(record, ensure_ascii=False) + "\n"
+    head = {"ts": now.isoformat(timespec="milliseconds"), "level": level, "event": _cut(event, 60)}
+    present = {k: v for k, v in fields.items() if v is not None}
+    for chars in LOG_FIELD_CHARS:
+        record = head | {_cut(k, 40): _cut(v, chars) for k, v in present.items()}
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        if len(line.encode()) <= MAX_LOG_LINE:
+            break
+    else:
+        line = json.dumps(head | {"truncated": len(present)}, ensure_ascii=False) + "\n"
     with _log_lock:
         sys.stdout.write(line)
         sys.stdout.flush()
+
+
+def loggable_url(url: str) -> str:
+    """A URL without user, password, query or fragment: what may be logged of it."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class JsonLogHandler(logging.Handler):
@@ -424,6 +455,7 @@ class Page:
     error: str | None = None
     media: list[str] = field(default_factory=list)  # MMS media URLs passed on
     sent_at: float | None = None  # when Twilio took it
+    counted: bool = False  # counted against the outbound cap (once, whatever the retries)
 
 
 @dataclass(slots=True)
@@ -477,9 +509,9 @@ class Conversation:
 
     def is_settled(self, now: float) -> bool:
         """Finished, with nothing left to send or say: ready for the archive."""
-        if self.is_open or self.is_live_two_way(now):
+        if self.status in (OPEN_STATUS, HELD_STATUS) or self.is_live_two_way(now):
             return False
-        return not any(p.state == "pending" for p in self.pages)
+        return not any(p.state in ("pending", "held") for p in self.pages)
 
     def sids(self) -> list[str]:
         return [m["sid"] for m in self.messages] + [r["sid"] for r in self.replies]
@@ -518,19 +550,36 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    """Write and fsync; a write that fails is undone, so no half line is left for the next one to follow."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
     try:
-        write_all(fd, data)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            _truncate_quietly(fd, size)
+            raise
     finally:
         os.close(fd)
+
+
+def _truncate_quietly(fd: int, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass  # what is past `size` is a torn line, and reading skips it
 
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Temp file, fsync, rename, fsync the directory: the file is the old one or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    _write_synced(tmp, data, os.O_TRUNC)
-    os.replace(tmp, path)
+    try:
+        _write_synced(tmp, data, os.O_TRUNC)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -538,18 +587,26 @@ def append_durably(path: Path, data: bytes) -> None:
     _write_synced(path, data, os.O_APPEND)
 
 
-def read_json_lines(path: Path) -> list[dict]:
-    """The complete lines of a JSON-lines file; a torn last line (a crash mid-append) is skipped."""
-    records = []
+def read_json_lines(path: Path) -> tuple[list[dict], int]:
+    """The complete lines of a JSON-lines file, and how many complete lines could not be read.
+
+    A torn last line (a crash mid-append) is no damage: it was never acknowledged.
+    """
+    records, damaged = [], 0
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
                 break
             try:
-                records.append(json.loads(raw))
+                record = json.loads(raw)
             except ValueError:
-                log("error", "state_line_unreadable", file=path.name)
-    return records
+                damaged += 1
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                damaged += 1
+    return records, damaged
 
 
 def archived_sids(path: Path):
@@ -588,7 +645,10 @@ class Journal:
             return self.enqueued
 
     def wait(self, ticket: int) -> None:
-        """Return once the line with this ticket is on disk; the first waiter writes for all."""
+        """Return once the line with this ticket is on disk; the first waiter writes for all.
+
+        After a failed write the journal takes nothing more: the store is reopened from disk.
+        """
         with self.cv:
             while self.durable < ticket and not self.failure:
                 if self.flushing:
@@ -603,6 +663,7 @@ class Journal:
                     os.fsync(self.fd)
                 except OSError as e:
                     failure: OSError | None = e
+                    _truncate_quietly(self.fd, self.size)
                 else:
                     failure = None
                 finally:
@@ -614,13 +675,19 @@ class Journal:
                     self.size += len(data)
                 self.cv.notify_all()
             if self.failure:
-                raise StoreFailure(f"cannot write {self.path}: {self.failure.strerror}")
+                raise StoreFailure(f"cannot write {self.path.name}: {self.failure.strerror}")
 
-    def close(self) -> None:
-        with self.cv:
-            last = self.enqueued
-        self.wait(last)
-        os.close(self.fd)
+    def close(self, flush: bool = True) -> None:
+        """Flush (unless told not to) and close; the descriptor is never used again, even if reused."""
+        try:
+            if flush:
+                self.wait(self.enqueued)
+        finally:
+            with self.cv:
+                if self.fd >= 0:
+                    os.close(self.fd)
+                    self.fd = -1
+                    self.failure = self.failure or OSError(errno.EBADF, "journal closed")
 
 
 class Store:
@@ -633,16 +700,24 @@ class Store:
 
     def __init__(self, directory: Path):
         self.dir = directory
+        self.lock_fd: int | None = None
+        self.journal: Journal | None = None
+        self.failed: str | None = None  # why the state could not be written, until it is reopened
+        self._forget()
+
+    def _forget(self) -> None:
         self.conversations: dict[str, Conversation] = {}  # all not yet archived
         self.seen: dict[str, str] = {}  # message sid -> conversation id, for those above
+        # Texts that belong to no conversation (a contact's reply that matched nothing, a keyword):
+        # remembered with their answer, so a retry of one changes nothing and gets the same answer.
+        self.strays: dict[str, dict] = {}
         # Archived conversations' message sids, kept as hash() values: a fifth of the memory of the
         # strings, and a chance of about 1e-14 per new text of being taken for a duplicate.
         self.archived: set[int] = set()
         self.archive_days: dict[str, list[int]] = {}
         self.generation = 0
-        self.journal: Journal | None = None
         self.folded_at = time.monotonic()
-        self.lock_fd: int | None = None
+        self.damaged: list[tuple[str, int]] = []  # (file moved aside, records it could not read)
 
     # -- opening ----------------------------------------------------------
 
@@ -659,35 +734,78 @@ class Store:
         for path in self.dir.iterdir():
             if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
                 os.chmod(path, 0o600)
+            if path.name.endswith(".tmp"):  # a write cut short by a kill: never renamed into place
+                path.unlink()
 
-    def load(self, archive: bool = True) -> None:
-        """Read snapshot, journals and (unless told not to) the archive; safe without the lock."""
+    def load(self, archive: bool = True, quarantine: bool = False) -> None:
+        """Read snapshot, journals and (unless told not to) the archive; safe without the lock.
+
+        With `quarantine` (the lock held), a file with unreadable records is moved aside, kept,
+        and listed in `damaged`; everything readable in it is kept.
+        """
         snapshot_path = self.dir / self.SNAPSHOT
         first_journal = 0
-        if snapshot_path.exists():  # a header line, then one open conversation a line
-            with open(snapshot_path, "rb") as f:
-                first_journal = json.loads(f.readline())["generation"]
-                for raw in f:
-                    self._remember(Conversation.from_json(json.loads(raw)))
+        if snapshot_path.exists():  # a header line, then one record a line
+            records, damaged = read_json_lines(snapshot_path)
+            if records and "generation" in records[0]:
+                first_journal = records.pop(0)["generation"]
+            else:
+                damaged += 1
+            self._read_records(snapshot_path, records, damaged, quarantine)
         self.generation = first_journal
         for gen, path in self._journals():
             self.generation = max(self.generation, gen)
             if gen >= first_journal:
-                for data in read_json_lines(path):
-                    self._remember(Conversation.from_json(data))
+                self._read_records(path, *read_json_lines(path), quarantine)
         for path in sorted(self.dir.glob("archive-*.jsonl")) if archive else ():
             day = path.name[len("archive-") : -len(".jsonl")]
             sids = [hash(sid) for sid in archived_sids(path)]
             self.archive_days[day] = sids
             self.archived.update(sids)
 
+    def _read_records(self, path: Path, records: list[dict], damaged: int, quarantine: bool) -> None:
+        for data in records:
+            try:
+                if "stray" in data:
+                    self.strays[data["stray"]["sid"]] = data["stray"]
+                else:
+                    self._remember(Conversation.from_json(data))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                damaged += 1
+        if damaged:
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d%H%M%S')}")
+            log("error", "state_file_damaged", file=path.name, unreadable_records=damaged, moved_to=aside.name)
+            if quarantine:
+                os.replace(path, aside)
+                self.damaged.append((aside.name, damaged))
+
     def open(self) -> None:
+        """Take the lock, read everything, and get ready to write (or raise OSError saying why not)."""
         self.acquire()
-        self.load()
-        if self._journals():
+        self._start()
+
+    def _start(self) -> None:
+        self.load(quarantine=True)
+        # A probe first: a full disk is said plainly here, not found at the first text.
+        write_atomically(self.dir / ".probe", b"x" * 4096)
+        (self.dir / ".probe").unlink()
+        if self._journals() or self.damaged:
             self.fold()
         else:  # only a snapshot: nothing to fold, so start its journal without rewriting it
             self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
+        self.failed = None
+
+    def reopen(self) -> None:
+        """After a failed write: forget what is in memory and start again from what is on disk."""
+        if self.journal:
+            self.journal.close(flush=False)
+            self.journal = None
+        self._forget()
+        try:
+            self._start()
+        except OSError as e:
+            self.failed = f"cannot write {self.dir}: {e.strerror}"
+            raise StoreFailure(self.failed) from None
 
     def _journals(self) -> list[tuple[int, Path]]:
         found = []
@@ -704,10 +822,20 @@ class Store:
 
     # -- writing ----------------------------------------------------------
 
+    def _append(self, record: str) -> tuple[Journal, int]:
+        if self.failure:
+            raise StoreFailure(self.failure)
+        return self.journal, self.journal.append((record + "\n").encode())
+
     def save(self, conv: Conversation) -> tuple[Journal, int]:
         """Queue the conversation's new state; call wait(ticket) before acting on it outside."""
         self._remember(conv)
-        return self.journal, self.journal.append((conv.to_json() + "\n").encode())
+        return self._append(conv.to_json())
+
+    def save_stray(self, sid: str, answer: str | None, now: float) -> tuple[Journal, int]:
+        """Remember a text that joined no conversation, with the answer it got."""
+        self.strays[sid] = stray = {"sid": sid, "answer": answer, "at": now}
+        return self._append(json.dumps({"stray": stray}, ensure_ascii=False))
 
     @staticmethod
     def wait(ticket: tuple[Journal, int]) -> None:
@@ -715,11 +843,23 @@ class Store:
         journal.wait(number)
 
     def knows(self, sid: str) -> bool:
-        return sid in self.seen or hash(sid) in self.archived
+        return sid in self.seen or sid in self.strays or hash(sid) in self.archived
+
+    def answer_given(self, sid: str) -> str | None:
+        """The TwiML text a stored text was answered with, if any."""
+        if sid in self.strays:
+            return self.strays[sid]["answer"]
+        conv = self.conversations.get(self.seen.get(sid, ""))
+        said = [*conv.messages, *conv.replies] if conv else []
+        return next((m.get("answer") for m in said if m["sid"] == sid), None)
 
     @property
     def failure(self) -> str | None:
-        if self.journal and self.journal.failure:
+        if self.failed:
+            return self.failed
+        if self.journal is None:
+            return "state not open"
+        if self.journal.failure:
             return f"cannot write {self.journal.path.name}: {self.journal.failure.strerror}"
         return None
 
@@ -731,10 +871,19 @@ class Store:
     def fold(self) -> None:
         """Move settled conversations to the archive and fold the journal into a snapshot.
 
-        The caller holds the relay's lock, so nothing is appended meanwhile.
+        The caller holds the relay's lock, so nothing is appended meanwhile. A fold that fails
+        leaves the store failed (and the files as they were, or the new snapshot complete).
         """
+        try:
+            self._fold()
+        except (OSError, StoreFailure) as e:
+            self.failed = f"cannot fold {self.dir}: {getattr(e, 'strerror', None) or e}"
+            raise StoreFailure(self.failed) from None
+
+    def _fold(self) -> None:
         if self.journal:
             self.journal.close()
+            self.journal = None
         self.folded_at = time.monotonic()
         now = time.time()
         settled = [
@@ -755,14 +904,15 @@ class Store:
             for sid in sids:
                 self.seen.pop(sid, None)
             del self.conversations[conv.id]
-        self.generation += 1
-        self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
-        lines = [json.dumps({"generation": self.generation})]
+        lines = [json.dumps({"generation": self.generation + 1})]
         lines.extend(c.to_json() for c in self.conversations.values())
+        lines.extend(json.dumps({"stray": stray}, ensure_ascii=False) for stray in self.strays.values())
         write_atomically(self.dir / self.SNAPSHOT, ("\n".join(lines) + "\n").encode())
+        self.generation += 1
         for gen, path in self._journals():
             if gen < self.generation:
                 path.unlink()
+        self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
 
     def prune(self, now: float, retention: int) -> int:
         """Delete archive days wholly older than the retention; returns how many."""
@@ -773,18 +923,18 @@ class Store:
                 (self.dir / f"archive-{day}.jsonl").unlink(missing_ok=True)
                 self.archived.difference_update(self.archive_days.pop(day))
                 pruned += 1
+        # Strays leave memory now and the snapshot at the next fold.
+        self.strays = {sid: s for sid, s in self.strays.items() if s["at"] > now - retention}
         return pruned
 
     def writable(self) -> str | None:
-        """None when the directory takes a write, else the reason."""
+        """None when the state can be written, else the reason. Writes nothing."""
         if self.failure:
             return self.failure
-        probe = self.dir / ".probe.tmp"
-        try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError as e:
-            return f"state directory not writable: {e.strerror}"
+        if not os.access(self.dir, os.W_OK):
+            return f"state directory {self.dir} is not writable"
+        if os.statvfs(self.dir).f_bavail == 0:
+            return f"state directory {self.dir} is full"
         return None
 
 
@@ -792,7 +942,8 @@ class Store:
 # Twilio gateway
 # ---------------------------------------------------------------------------
 
-REST_TIMEOUT = 10.0
+REST_READ_TIMEOUT = 10.0  # per read, and for the connect
+REST_DEADLINE = 12.0  # for the whole call, however slowly the answer trickles in
 # Errors that say this recipient can never get this text: move on to the next contact.
 PERMANENT_CODES = {21211, 21408, 21610, 21612, 21614, 21635, 21608, 21606, 21660, 30003, 30005, 30006, 30007}
 # Errors about our own account: no recipient does better, so keep retrying and shout.
@@ -832,22 +983,97 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, when.replace(tzinfo=datetime.UTC).timestamp() - time.time())
 
 
-class BaseUrlHttpClient(TwilioHttpClient):
-    """Sends the twilio package's requests to TWILIO_API_BASE_URL and remembers Retry-After."""
+class RestCall:
+    """One REST call in progress on this thread: its connection, so a watchdog can cut it, and its status."""
 
-    def __init__(self, base_url: str, timeout: float = REST_TIMEOUT):
-        super().__init__(timeout=timeout)
+    current = threading.local()
+
+    def __init__(self):
+        self.connection = None
+        self.status: int | None = None
+        self.retry_after: float | None = None
+        self.cut = False
+
+    def cut_off(self) -> None:
+        self.cut = True
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read returns at once
+            except OSError:
+                pass
+
+
+class _WatchedConnection:
+    """Tells the call on this thread which connection it uses, and the status as soon as it is read."""
+
+    def request(self, *args, **kwargs):
+        call = getattr(RestCall.current, "call", None)
+        if call is not None:
+            call.connection = self
+        return super().request(*args, **kwargs)
+
+    def getresponse(self, *args, **kwargs):
+        response = super().getresponse(*args, **kwargs)
+        call = getattr(RestCall.current, "call", None)
+        if call is not None:
+            call.status = response.status
+        return response
+
+
+class _WatchedHTTPConnection(_WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _WatchedHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+
+
+class _WatchedHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class WatchedAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+
+class BaseUrlHttpClient(TwilioHttpClient):
+    """Sends the twilio package's requests to TWILIO_API_BASE_URL, each under a total deadline.
+
+    The twilio client's own timeout is per read: an answer trickled a byte at a time would hold a
+    call for ever. A watchdog cuts the connection at REST_DEADLINE instead.
+    """
+
+    def __init__(self, base_url: str):
+        super().__init__(timeout=REST_READ_TIMEOUT)
         self.base = urllib.parse.urlsplit(base_url)
-        self.last = threading.local()
+        for prefix in ("http://", "https://"):
+            self.session.mount(prefix, WatchedAdapter(pool_maxsize=32))
 
     def request(self, method, url, *args, **kwargs):
         parts = urllib.parse.urlsplit(url)
         url = urllib.parse.urlunsplit(
             (self.base.scheme, self.base.netloc, self.base.path.rstrip("/") + parts.path, parts.query, "")
         )
-        self.last.retry_after = None
-        response = super().request(method, url, *args, **kwargs)
-        self.last.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        call = RestCall.current.call = RestCall()
+        watchdog = threading.Timer(REST_DEADLINE, call.cut_off)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            response = super().request(method, url, *args, **kwargs)
+        except requests.RequestException as e:
+            if call.cut:
+                raise requests.Timeout(f"no full answer within {REST_DEADLINE:.0f}s") from e
+            raise
+        finally:
+            watchdog.cancel()
+        call.retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return response
 
 
@@ -861,19 +1087,30 @@ class TwilioGateway:
         # Built now, not at the first page: the twilio package imports its API modules lazily (~0.1 s).
         self.messages = self.client.messages
 
-    def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str:
+    def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str | None:
+        """Twilio's sid for the text, or None when Twilio took it (2xx) but its answer was odd."""
         options = {"status_callback": status_callback} if status_callback else {}
         if media:
             options["media_url"] = list(media)
         try:
-            return self.messages.create(to=to, from_=from_, body=body, **options).sid
+            sid = self.messages.create(to=to, from_=from_, body=body, **options).sid
         except TwilioException as e:
             status, code = getattr(e, "status", None), getattr(e, "code", None)
             reason = f"twilio {status} {code or ''}".strip()
-            retry_after = getattr(self.http.last, "retry_after", None)
+            retry_after = RestCall.current.call.retry_after
             raise SendError(reason, classify_twilio_error(status, code), code, retry_after) from None
-        except requests.RequestException as e:
-            raise SendError(f"network: {type(e).__name__}", permanent=False) from None
+        except Exception as e:
+            # A 2xx means Twilio has the text, whatever followed: sending it again would page twice.
+            if 200 <= (RestCall.current.call.status or 0) < 300:
+                log("warning", "send_odd_answer", to=to, status=RestCall.current.call.status, error=type(e).__name__)
+                return None
+            if isinstance(e, requests.RequestException):
+                raise SendError(f"network: {type(e).__name__}", permanent=False) from None
+            raise
+        if not isinstance(sid, str) or not sid:
+            log("warning", "send_odd_answer", to=to, status=RestCall.current.call.status, error="no sid")
+            return None
+        return sid
 
     def find_number(self, number: str):
         """The account's record of an incoming number (its sid, sms_url...), or None."""
@@ -912,8 +1149,9 @@ RETRY_AFTER_CAP = 300.0
 # About three hours of tries at the 60 s cap: a Twilio outage delays pages (the escalation timers run on
 # meanwhile) but does not drop them. Past that the page counts as failed and the chain moves on.
 MAX_ATTEMPTS = 200
-CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,4})\b")
-BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,4})[.!]?")
+MAX_CODE = 999_999  # six digits: codes never run out while fewer conversations than this are open
+CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,6})\b")
+BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,6})[.!]?")
 # Carrier and Twilio keywords (opt-out, help, opt-in): never an acknowledgement.
 KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
 KEYWORDS |= {"HELP", "INFO", "START", "UNSTOP"}
@@ -1052,11 +1290,15 @@ def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -
     conv.replies.append(reply)
     told = [phone for phone in reached_phones(conv, delivered_only=True) if phone != contact.phone]
     for page in conv.pages:
-        if page.kind == "page" and page.state == "pending":
+        # Pages not yet with Twilio, and follow-ups still held by a cap, have nobody left to tell.
+        if (page.kind, page.state) in (("page", "pending"), ("page", "held"), ("followup", "held")):
             page.state = "cancelled"
-    notice = f"{conv.line} #{conv.code} from {conv.sender} was taken by {contact.name}."
-    conv.pages.extend(Page(to=phone, body=notice, kind="notice", retry_at=now) for phone in told)
+    conv.pages.extend(Page(to=phone, body=taken_text(conv), kind="notice", retry_at=now) for phone in told)
     tell_customer(conv, "acknowledged", now, contact.name)
+
+
+def taken_text(conv: Conversation) -> str:
+    return f"{conv.line} #{conv.code} from {conv.sender} was taken by {conv.acknowledged_by}."
 
 
 def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str]:
@@ -1065,16 +1307,22 @@ def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str
     return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page" and p.state in states))
 
 
-def join(conv: Conversation, sid: str, body: str, now: float, relayed: bool = True, media: list[str] = ()) -> None:
-    """A further text from the customer: relay it to everyone already paged (unless held by a cap).
+def join(conv: Conversation, sid: str, body: str, now: float, held: str | None = None, media: list[str] = ()) -> None:
+    """A further text from the customer: relay it to everyone already paged, or hold it for a cap.
 
-    On a two-way line after an acknowledgement it goes to the contact who took it.
+    On a two-way line after an acknowledgement it goes to the contact who took it. A conversation
+    whose chain waits for a cap gains the text, and its first page will carry it.
     """
     conv.messages.append(message(sid, body, now, media))
+    if conv.status == HELD_STATUS:
+        return
     phones = reached_phones(conv) if conv.is_open else [conv.acknowledged_phone]
     text = followup_text(conv, body, list(media))
-    for phone in phones if relayed else ():
-        conv.pages.append(Page(to=phone, body=text, kind="followup", retry_at=now, media=list(media)[:MAX_MEDIA]))
+    for phone in phones:
+        page = Page(to=phone, body=text, kind="followup", retry_at=now, media=list(media)[:MAX_MEDIA])
+        if held:
+            hold_page(page, held)
+        conv.pages.append(page)
 
 
 ACK_WORDS = {"ok", "okay", "k", "kk", "yes", "y", "yep", "got it", "on it", "mine", "thanks", "thank you", "ack"}
@@ -1120,18 +1368,62 @@ class HourlyWindow:
         times.append(now)
         return True
 
+    def forget_idle(self, now: float) -> None:
+        """Drop the keys with nothing in the past hour, so memory follows what is recent."""
+        self.times = {k: t for k, t in self.times.items() if t and t[-1] > now - HOUR}
+
+
+HELD_STATUS = "held"
+NEVER_HELD = {"alarm", "cap_alarm", "bundle"}  # the operator must hear of trouble even over a cap
+# Follow-ups and texts to customers may use this share of the outbound cap; the rest is kept for
+# the chains' own pages, so a flood of follow-ups cannot keep a new customer's first page waiting.
+FOLLOWUP_SHARE = 0.75
+BUNDLE_EVERY = 600.0
+
 
 def hold_page(page: Page, reason: str) -> None:
     page.state, page.error = "held", reason
 
 
 def hold(conv: Conversation, reason: str, now: float) -> None:
-    """Over a cost cap: the text stays stored and visible, and nothing is sent for it."""
+    """Over the sender cap: the conversation is stored and listed, and its chain waits for the cap."""
     for page in conv.pages:
-        if page.state == "pending":
+        if page.state == "pending" and page.kind not in NEVER_HELD:
             hold_page(page, reason)
     if conv.is_open:
-        conv.status, conv.finished_at = "held", now
+        conv.status = HELD_STATUS
+
+
+def release(conv: Conversation, index: int, now: float) -> None:
+    """The cap allows a held page now. A held conversation's chain starts here, with every text so far."""
+    page = conv.pages[index]
+    page.state, page.error, page.retry_at = "pending", None, now
+    if conv.status == HELD_STATUS:
+        conv.status = OPEN_STATUS
+        conv.step_started, conv.deadline = now, now + contact_at(conv, conv.step).wait
+        if page.kind == "page":
+            page.body, page.media = relay_text(conv), all_media(conv)
+
+
+def held_pages(conv: Conversation) -> list[int]:
+    return [i for i, p in enumerate(conv.pages) if p.state == "held"]
+
+
+def bundle_text(line: str, held: list[Conversation]) -> str:
+    """The held conversations of a line, as many as one SMS takes, counting the rest."""
+    text = f"{line}: {len(held)} text(s) held by a cost cap; they go out as the cap allows:"
+    for shown, conv in enumerate(held):
+        entry = f"\n#{conv.code} {conv.sender} {first_words(conv.messages[0]['body'])}"
+        rest = f"\n... and {len(held) - shown} more"
+        # Room is kept to count the rest: any later count is no longer than this one.
+        if utf16_len(text + entry) + len(rest) > MAX_SMS_CHARS:
+            return text + rest
+        text += entry
+    return text
+
+
+def first_words(body: str, words: int = 5, chars: int = 40) -> str:
+    return " ".join(body.split()[:words])[:chars]
 
 
 def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> float:
@@ -1143,9 +1435,13 @@ def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> floa
     return delay
 
 
-def record_sent(conv: Conversation, index: int, sid: str, now: float) -> None:
+def record_sent(conv: Conversation, index: int, sid: str | None, now: float) -> None:
+    """Twilio took the page. One taken meanwhile by somebody else gets its contact the "taken by" text."""
     page = conv.pages[index]
+    overtaken = page.state == "cancelled" and page.kind == "page" and page.to != conv.acknowledged_phone
     page.state, page.sid, page.error, page.sent_at = "sent", sid, None, now
+    if overtaken and conv.status == "acknowledged":
+        conv.pages.append(Page(to=page.to, body=taken_text(conv), kind="notice", retry_at=now))
 
 
 def record_send_error(conv: Conversation, index: int, error: SendError, now: float, jitter: float) -> str:
@@ -1217,13 +1513,13 @@ def choose_acknowledged(
 
 
 def next_code(used: Container[str], last: int) -> tuple[str, int]:
-    """The next number after `last` (1-9999, wrapping) that no open conversation of the line holds."""
+    """The next number after `last` (1-999999, wrapping) that no open conversation of the line holds."""
     n = last
-    for _ in range(9999):
-        n = n % 9999 + 1
+    for _ in range(MAX_CODE):
+        n = n % MAX_CODE + 1
         if str(n) not in used:
             return str(n), n
-    raise RuntimeError("all 9999 reply codes are in use on this line")
+    raise RuntimeError(f"all {MAX_CODE} reply codes are in use on this line")
 
 
 # ---------------------------------------------------------------------------
@@ -1247,6 +1543,49 @@ class BadRequest(Exception):
         self.status, self.label, self.reason = status, label, reason
 
 
+def steady_clock():
+    """Wall time as it was at start, moved on by the monotonic clock.
+
+    A step of the wall clock (an NTP jump, an operator's `date -s`) then moves no timer of a
+    running relay; stored times stay close to wall time, and a restart takes up the wall clock.
+    """
+    wall, mono = time.time(), time.monotonic()
+    return lambda: wall + (time.monotonic() - mono)
+
+
+class SendThreads:
+    """A thread per send in flight: one recipient's stalled send never holds up another's page."""
+
+    def __init__(self):
+        self.active: set[threading.Thread] = set()
+        self.lock = threading.Lock()
+
+    def submit(self, fn, *args) -> None:
+        thread = threading.Thread(target=self._run, args=(fn, args), name="send", daemon=True)
+        with self.lock:
+            self.active.add(thread)
+        thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # the page stays pending on disk and is tried again after a restart
+            log("error", "send_crashed", error=repr(e))
+        finally:
+            with self.lock:
+                self.active.discard(threading.current_thread())
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> int:
+        """Wait for the sends in flight (up to `timeout`); returns how many were still going."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            threads = list(self.active)
+        for thread in threads if wait else ():
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            return len(self.active)
+
+
 class Relay:
     def __init__(self, settings: Settings, config: Config, store: Store, gateway, clock=None):
         self.settings = settings
@@ -1254,26 +1593,24 @@ class Relay:
         self.config_mtime = self._config_mtime()
         self.store = store
         self.gateway = gateway
-        self.clock = clock or (lambda: time.time())  # looked up per call, so tests can move time
+        self.clock = clock or steady_clock()
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
-        self.timers: list[tuple[float, str]] = []
-        self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages being sent now
+        self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages queued or being sent now
+        # Pages queued per recipient, each drained in order by a thread of its own: a recipient whose
+        # sends stall holds up nobody else, and one contact's texts arrive in the order they were made.
+        self.outbox: dict[str, deque[tuple[str, int]]] = {}
+        self.stopping = False
         self.codes: dict[str, int] = {}
-        self.open_by_sender: dict[tuple[str, str], str] = {}
-        self.open_codes: dict[str, dict[str, str]] = {}  # line -> code -> conversation id
-        self.talking: dict[tuple[str, str], str] = {}  # two-way conversations acknowledged, by customer
-        self.senders = ThreadPoolExecutor(max_workers=8, thread_name_prefix="send")
+        self.senders = SendThreads()
         self.last_sweep = 0.0
         self.random = random.Random()
         self.sender_window = HourlyWindow()
         self.outbound_window = HourlyWindow()
         self.cap_told: dict[str, float] = {}
+        self.bundled_at: dict[str, float] = {}  # line -> when its contact on duty last got a bundle
         with self.lock:
-            for conv in store.conversations.values():
-                self._index(conv)
-                if conv.code.isdigit():
-                    self.codes[conv.line] = max(self.codes.get(conv.line, 0), int(conv.code))
+            self._index_all()
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -1287,11 +1624,23 @@ class Relay:
         except OSError:
             return None
 
+    def _index_all(self) -> None:
+        """Build look-ups and timers afresh from the store (lock held)."""
+        self.timers: list[tuple[float, str]] = []
+        self.open_by_sender: dict[tuple[str, str], str] = {}  # open or held, by customer
+        self.open_codes: dict[str, dict[str, str]] = {}  # line -> code -> conversation id (open or held)
+        self.talking: dict[tuple[str, str], str] = {}  # two-way conversations acknowledged, by customer
+        self.holding: set[str] = set()  # conversations with pages held by a cap
+        for conv in self.store.conversations.values():
+            self._index(conv)
+            if conv.code.isdigit():
+                self.codes[conv.line] = max(self.codes.get(conv.line, 0), int(conv.code))
+
     def _index(self, conv: Conversation) -> None:
         """Keep look-ups and timers in step with the conversation's state (lock held)."""
         key = (conv.line, conv.sender)
         codes = self.open_codes.setdefault(conv.line, {})
-        if conv.is_open:
+        if conv.status in (OPEN_STATUS, HELD_STATUS):
             self.open_by_sender[key] = conv.id
             codes[conv.code] = conv.id
         else:
@@ -1301,6 +1650,10 @@ class Relay:
                 del codes[conv.code]
             if conv.two_way and conv.status == "acknowledged":
                 self.talking[key] = conv.id
+        if held_pages(conv):
+            self.holding.add(conv.id)
+        else:
+            self.holding.discard(conv.id)
         when = self._wakeup(conv)
         if when is not None:
             heapq.heappush(self.timers, (when, conv.id))
@@ -1331,8 +1684,10 @@ class Relay:
         missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
         if missing:
             raise BadRequest(400, "missing_fields", f"missing {', '.join(missing)}")
-        if len(sid) > 64 or len(sender) > 64 or len(to) > 64:
-            raise BadRequest(400, "field_too_long", "MessageSid, From or To is too long")
+        if not MESSAGE_SID.fullmatch(sid):
+            raise BadRequest(400, "bad_message_sid", "MessageSid is not SM or MM and 32 hex digits")
+        if len(sender) > 64 or len(to) > 64:
+            raise BadRequest(400, "field_too_long", "From or To is too long")
         body, media = params.get("Body", ""), media_urls(params)
         config = self.config
         line = config.line_for(to)
@@ -1348,21 +1703,27 @@ class Relay:
             if self.store.knows(sid):
                 INBOUND.labels("duplicate").inc()
                 log("info", "inbound_duplicate", message_sid=sid, line=line.name)
-                conv = self.store.conversations.get(self.store.seen.get(sid, ""))
-                said = [*conv.messages, *conv.replies] if conv else []
-                previous = next((m.get("answer") for m in said if m["sid"] == sid), None)
-                if previous:
+                if previous := self.store.answer_given(sid):
                     answer.message(previous)
                 return str(answer)
             contact = line.contact(sender)
             if contact is not None:
                 conv, event, fields = self._reply(line, contact, sid, body, now, answer)
             elif (conv := self._live_conversation(line, sender, now)) is not None:
-                relayed = self.sender_window.take((line.name, sender), config.sender_hourly_cap, now)
-                join(conv, sid, body, now, relayed, media)
-                event, fields = "inbound_joined" if relayed else "inbound_held", self._ids(conv)
-                if not relayed:
+                event, fields = "inbound_joined", self._ids(conv)
+                # A customer talking with a contact on a two-way line is never cut off by the sender cap.
+                if conv.status == HELD_STATUS:
+                    held = "sender cap"
+                elif conv.is_live_two_way(now) or self.sender_window.take(
+                    (line.name, sender), config.sender_hourly_cap, now
+                ):
+                    held = None
+                else:
+                    held = "sender cap"
                     self._cap_reached("sender", conv, now)
+                join(conv, sid, body, now, held, media)
+                if held:
+                    event = "inbound_held"
             else:
                 code, self.codes[line.name] = next_code(
                     self.open_codes.get(line.name, {}), self.codes.get(line.name, 0)
@@ -1378,11 +1739,14 @@ class Relay:
                     answer.message(conv.messages[0]["answer"])
                 if conv.step:
                     fields["skipped_off_duty"] = conv.step
-            ticket = self._save(conv) if conv else None
-        if ticket is not None:
-            self.store.wait(ticket)
-            with self.lock:
-                self.wake.notify()
+            if conv is not None:
+                ticket = self._save(conv)
+            else:  # remembered all the same, so a retry of it is known and answered alike
+                said = answer.verbs[0].value if answer.verbs else None
+                ticket = self.store.save_stray(sid, said, now)
+        self.store.wait(ticket)
+        with self.lock:
+            self.wake.notify()
         INBOUND.labels(event.removeprefix("inbound_")).inc()
         log("info", event, message_sid=sid, **fields, body=self._body(body))
         return str(answer)
@@ -1402,7 +1766,7 @@ class Relay:
             answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
         reply = {"sid": sid, "from": contact.phone, "body": body, "at": now}
-        if conv.is_open:
+        if conv.status in (OPEN_STATUS, HELD_STATUS):
             acknowledge(conv, contact, reply, now)
             ACKS.inc()
             event, text = (
@@ -1423,10 +1787,10 @@ class Relay:
         return conv, event, self._ids(conv, contact=contact.name)
 
     def _live_conversation(self, line: Line, sender: str, now: float) -> Conversation | None:
-        """The conversation a customer's new text joins: open, or still talking on a two-way line."""
+        """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
         for index in (self.open_by_sender, self.talking):
             conv = self.store.conversations.get(index.get((line.name, sender), ""))
-            if conv and (conv.is_open or conv.is_live_two_way(now)):
+            if conv and (conv.status in (OPEN_STATUS, HELD_STATUS) or conv.is_live_two_way(now)):
                 return conv
         return None
 
@@ -1441,7 +1805,7 @@ class Relay:
         if self.config.alarm_phone:
             text = (
                 f"relay: the {cap} cap of {limit} texts an hour was reached on {conv.line} (latest from "
-                f"{conv.sender}). Texts over it are stored, not relayed; see `relay.py status`."
+                f"{conv.sender}). Texts over it are held and go out as the cap allows; see `relay.py status`."
             )
             conv.pages.append(Page(to=self.config.alarm_phone, body=text, kind="cap_alarm", retry_at=now))
 
@@ -1494,51 +1858,73 @@ class Relay:
         query = urllib.parse.urlencode({"c": conv.id, "p": index})
         return f"{self.public_url}/api/sms/status?{query}"
 
+    def _done_sending(self, conv_id: str, index: int) -> None:
+        """(lock held)"""
+        sending = self.in_flight.get(conv_id, set())
+        sending.discard(index)
+        if not sending:
+            self.in_flight.pop(conv_id, None)
+
+    def _send_queued(self, to: str) -> None:
+        """Runs on the recipient's own thread: its queued pages, one at a time, until none is left."""
+        while True:
+            with self.lock:
+                queue = self.outbox.get(to)
+                if not queue or self.stopping:  # when stopping, what is left stays pending on disk
+                    for conv_id, index in queue or ():
+                        self._done_sending(conv_id, index)
+                    self.outbox.pop(to, None)
+                    return
+                conv_id, index = queue.popleft()
+            self._send(conv_id, index)
+
     def _send(self, conv_id: str, index: int) -> None:
-        """Runs on a sender thread: one attempt at one page, its outcome stored before anything else."""
+        """One attempt at one page, its outcome stored before anything else."""
         with self.lock:
-            conv = self.store.conversations[conv_id]
-            page = conv.pages[index]
+            conv = self.store.conversations.get(conv_id)
+            page = conv.pages[index] if conv and index < len(conv.pages) else None
+            if page is None or page.state != "pending":
+                # Taken (or reloaded) since the sweep chose it: a page not yet with Twilio stays unsent.
+                self._done_sending(conv_id, index)
+                return
             page.attempts += 1
             args = (conv.number, page.to, page.body, self.status_callback_url(conv, index), page.media)
         try:
-            sid = self.gateway.send(*args)
+            outcome: SendError | str | None = self.gateway.send(*args)
         except SendError as e:
-            outcome: SendError | str = e
+            outcome = e
         except Exception as e:  # a bug or an unexpected library error must not lose the page
             outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
-        else:
-            outcome = sid
         with self.lock:
-            if isinstance(outcome, str):
-                record_sent(conv, index, outcome, self.clock())
-                event, result = None, "sent"
-            else:
+            self._done_sending(conv_id, index)
+            conv = self.store.conversations.get(conv_id)
+            if conv is None or index >= len(conv.pages):  # the store was reloaded and has no such page
+                return
+            if isinstance(outcome, SendError):
                 event = record_send_error(conv, index, outcome, self.clock(), self.random.random())
                 result = "retry" if event == "retry" else "failed"
-            sending = self.in_flight[conv_id]
-            sending.discard(index)
-            if not sending:
-                del self.in_flight[conv_id]
+            else:
+                record_sent(conv, index, outcome, self.clock())
+                event, result = None, "sent"
             ticket = self._save(conv)
+            page = conv.pages[index]
         self.store.wait(ticket)
         SENDS.labels(result).inc()
         ids = self._ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
         if result == "sent":
             log("info", "relay_sent", twilio_sid=outcome, **ids)
         else:
-            error = outcome
             level = "warning" if result == "retry" else "error"
-            log(level, "send_failed", result=result, reason=error.reason, error_code=error.code, **ids)
+            log(level, "send_failed", result=result, reason=outcome.reason, error_code=outcome.code, **ids)
             if event != "retry":
-                self._after_change(conv, event, reason=error.reason)
+                self._after_change(conv, event, reason=outcome.reason)
         with self.lock:
             self.wake.notify()
 
     # -- the sweep -----------------------------------------------------------
 
     def sweep(self) -> float | None:
-        """Fire what is due; returns when next to look. Sends go to the sender threads."""
+        """Fire what is due; returns when next to look. Sends are queued on their recipient's thread."""
         started, now = time.thread_time(), self.clock()
         events, to_send, tickets, lag = [], [], [], 0.0
         with self.lock:
@@ -1549,39 +1935,95 @@ class Relay:
                 if due is None or due > now:
                     continue  # stale timer: the conversation moved on and has its own entry
                 deadline = conv.deadline
+                changed = False
                 if event := expire(conv, now):
                     lag = max(lag, now - deadline)
                     events.append((conv, event))
-                    tickets.append(self.store.save(conv))
+                    changed = True
                 for index, page in enumerate(conv.pages):
-                    sending = self.in_flight.get(conv_id, ())
-                    if page.state != "pending" or page.retry_at > now or index in sending:
+                    if page.state != "pending" or page.retry_at > now or index in self.in_flight.get(conv_id, ()):
                         continue
-                    if page.attempts == 0 and page.kind != "cap_alarm" and not self._outbound_allowed(now):
-                        hold_page(page, "outbound cap")
-                        self._cap_reached("outbound", conv, now)
-                        tickets.append(self.store.save(conv))
-                        continue
+                    if not page.counted and page.kind not in NEVER_HELD:
+                        if not self._outbound_take(page, now):
+                            hold_page(page, "outbound cap")
+                            self._cap_reached("outbound", conv, now)
+                            changed = True
+                            continue
+                        page.counted = True
                     self.in_flight.setdefault(conv_id, set()).add(index)
-                    to_send.append((conv_id, index))
+                    to_send.append((conv_id, index, page.to))
+                if changed:
+                    tickets.append(self.store.save(conv))
                 self._index(conv)
             self.last_sweep = now
             SWEEP_LAG.set(lag)
             next_at = self.timers[0][0] if self.timers else None
-        for ticket in tickets:
-            self.store.wait(ticket)
+        try:
+            for ticket in tickets:
+                self.store.wait(ticket)
+        except StoreFailure:
+            with self.lock:  # nothing is sent that is not stored; the healed store pages again
+                for conv_id, index, _ in to_send:
+                    self._done_sending(conv_id, index)
+            raise
         for conv, event in events:
             self._after_change(conv, event, reason="wait ran out")
-        for conv_id, index in to_send:
-            self.senders.submit(self._send, conv_id, index)
+        with self.lock:
+            idle = []
+            for conv_id, index, to in to_send:
+                if to not in self.outbox:
+                    self.outbox[to] = deque()
+                    idle.append(to)
+                self.outbox[to].append((conv_id, index))
+        for to in idle:
+            self.senders.submit(self._send_queued, to)
         SWEEP_SECONDS.set(time.thread_time() - started)
         return next_at
 
-    def _outbound_allowed(self, now: float) -> bool:
-        return self.outbound_window.take("all", self.config.outbound_hourly_cap, now)
+    def _outbound_take(self, page: Page, now: float) -> bool:
+        cap = self.config.outbound_hourly_cap
+        limit = cap if page.kind in ("page", "notice") else max(1, int(cap * FOLLOWUP_SHARE))
+        return self.outbound_window.take("all", limit, now)
+
+    # -- cost caps: held texts go out as the caps allow ------------------------
+
+    def release_held(self, now: float) -> None:
+        """Release what the caps allow now, oldest first, and bundle the rest for the contact on duty."""
+        tickets = []
+        with self.lock:
+            convs = sorted((self.store.conversations[cid] for cid in self.holding), key=lambda c: c.created)
+            for conv in convs:
+                changed = False
+                for index in held_pages(conv):
+                    page = conv.pages[index]
+                    if page.error == "sender cap":
+                        allowed = self.sender_window.take((conv.line, conv.sender), self.config.sender_hourly_cap, now)
+                    else:
+                        allowed = page.counted = self._outbound_take(page, now)
+                    if allowed:
+                        release(conv, index, now)
+                        changed = True
+                if changed:
+                    tickets.append(self._save(conv))
+            still = [self.store.conversations[cid] for cid in self.holding]
+            for line in self.config.lines:
+                held = [c for c in still if c.line == line.name]
+                if held and now - self.bundled_at.get(line.name, -BUNDLE_EVERY) >= BUNDLE_EVERY:
+                    self.bundled_at[line.name] = now
+                    newest = max(held, key=lambda c: c.created)
+                    duty = next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1])
+                    body = bundle_text(line.name, sorted(held, key=lambda c: c.created))
+                    newest.pages.append(Page(to=duty.phone, body=body, kind="bundle", retry_at=now))
+                    tickets.append(self._save(newest))
+                    log("warning", "held_bundle", line=line.name, to=duty.phone, held=len(held))
+        for ticket in tickets:
+            self.store.wait(ticket)
+        if tickets:
+            with self.lock:
+                self.wake.notify()
 
     def housekeeping(self) -> None:
-        """Cheap checks done about once a second: config edits, journal folding, retention."""
+        """Cheap checks done about once a second: config edits, held texts, folding, retention, healing."""
         mtime = self._config_mtime()
         if mtime != self.config_mtime:
             self.config_mtime = mtime
@@ -1591,13 +2033,54 @@ class Relay:
                 log("error", "config_rejected", reason=str(e))
             else:
                 log("info", "config_reloaded", lines=[line.name for line in self.config.lines])
+        if self.store.failure:
+            self.heal()
+            return
+        now = self.clock()
+        self.release_held(now)
         with self.lock:
             if self.store.needs_fold():
                 self.store.fold()
                 self.talking = {k: v for k, v in self.talking.items() if v in self.store.conversations}
-            pruned = self.store.prune(self.clock(), self.config.retention)
+            pruned = self.store.prune(now, self.config.retention)
+            self.sender_window.forget_idle(now)
+            self.outbound_window.forget_idle(now)
         if pruned:
             log("info", "pruned", days=pruned)
+
+    def heal(self) -> None:
+        """After a failed write: once the disk takes writes again, carry on from what is on disk."""
+        with self.lock:
+            reason = self.store.failure
+            try:
+                self.store.reopen()
+            except StoreFailure as e:
+                log("error", "state_unwritable", reason=str(e))
+                return
+            self._index_all()
+            self.wake.notify()
+        log("warning", "state_writable_again", after=reason, open_conversations=len(self.open_by_sender))
+        self.tell_about_damage()
+
+    def tell_about_damage(self) -> None:
+        """Each damaged state file moved aside is reported to the alarm phone (once, from memory)."""
+        for name, count in self.store.damaged:
+            text = (
+                f"relay: state file {name} was damaged ({count} unreadable record(s)); it was moved aside "
+                "and the relay runs on with everything readable."
+            )
+            if self.config.alarm_phone:
+                self.senders.submit(self._tell_alarm_phone, text)
+        self.store.damaged = []
+
+    def _tell_alarm_phone(self, text: str) -> None:
+        for attempt in range(1, 6):
+            try:
+                self.gateway.send(self.config.lines[0].number, self.config.alarm_phone, text, None)
+                return
+            except SendError as e:
+                log("warning", "alarm_send_failed", reason=e.reason, attempt=attempt)
+                time.sleep(retry_delay(attempt, e.retry_after, self.random.random()))
 
 
 # ---------------------------------------------------------------------------
@@ -1650,7 +2133,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
         url = base + request.path + (f"?{request.query_string}" if request.query_string else "")
         algorithm = get_signature_algorithm(request.environ.get("HTTP_X_TWILIO_WEBHOOKS_SIGNATURE_SETTINGS"))
         if not RequestValidator(relay.settings.signing_token).validate(url, params, signature, algorithm):
-            return refuse(403, "bad_signature", "bad signature", checked_url=url)
+            return refuse(403, "bad_signature", "bad signature", checked_url=loggable_url(url))
         if not is_form:
             return refuse(415, "content_type", f"content type must be {FORM_TYPE}")
         try:
@@ -1695,7 +2178,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
     @app.get("/healthz")
     def healthz():
         now = relay.clock()
-        problem = relay.store.writable()
+        problem = relay.store.writable()  # writes nothing: any number of checks at once leave no trace
         if problem is None and now - relay.last_sweep > SWEEP_STALL:
             problem = f"sweep loop last ran {now - relay.last_sweep:.1f}s ago"
         bottle.response.content_type = "application/json"
@@ -1784,6 +2267,7 @@ def describe(settings: Settings, config: Config) -> list[str]:
     out.append(f"alarm: {config.alarm_phone or 'none (unanswered texts are only logged)'}")
     public_url = settings.public_url_for(config)
     if public_url:
+        public_url = loggable_url(public_url)
         out.append(f"webhook: {public_url}/api/sms/inbound; delivery reports: {public_url}/api/sms/status")
     else:
         out.append(
@@ -1794,36 +2278,91 @@ def describe(settings: Settings, config: Config) -> list[str]:
     return out
 
 
+IDLE_CONNECTION_SECONDS = 25  # closed by waitress's cleanup within IDLE + CLEANUP seconds: under 30
+CLEANUP_EVERY = 2
+DRAIN_SECONDS = 8.0  # SIGTERM: answer what was read and finish sends, then exit, well within 10 s
+
+
+def open_files_allowed() -> int:
+    """Raise the soft limit on open files to the hard one (up to 16384): idle sockets must not starve us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def create_server(app, port: int):
+    """waitress set for a public port: many connections at once, idle ones closed, poll() not select()."""
+    connections = max(100, min(10_000, open_files_allowed() - 256))
+    return waitress.create_server(
+        app,
+        host="0.0.0.0",
+        port=port,
+        threads=8,
+        max_request_body_size=MAX_BODY_BYTES,
+        max_request_header_size=32 * 1024,
+        connection_limit=connections,
+        channel_timeout=IDLE_CONNECTION_SECONDS,
+        cleanup_interval=CLEANUP_EVERY,
+        asyncore_use_poll=True,
+        backlog=1024,
+    )
+
+
+def requests_in_progress(server) -> int:
+    """Requests waitress has read and not yet answered in full."""
+    return sum(
+        1
+        for channel in list(server._map.values())
+        if isinstance(channel, waitress.channel.HTTPChannel) and (channel.requests or channel.total_outbufs_len)
+    )
+
+
+def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:
+    """After SIGTERM: answer what was read, let sends in flight finish (the rest stay pending), exit 0."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    sweeper.join(timeout=2)
+    while requests_in_progress(server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    unfinished = relay.senders.shutdown(wait=True, timeout=max(0.0, deadline - time.monotonic()))
+    log("info", "stopped", requests_unanswered=requests_in_progress(server), sends_handed_back=unfinished)
+    os._exit(0)
+
+
 def cmd_serve(args) -> int:
     tame_library_logging()
     settings, config = prepare(args.dry_run)
     settings.require_credentials()
     store = Store(settings.state_dir)
-    store.open()
+    try:
+        store.open()
+    except OSError as e:
+        raise ConfigError(f"{settings.state_dir}: cannot write the state directory: {e.strerror}") from None
     gateway = DryRunGateway(settings.state_dir) if settings.dry_run else TwilioGateway(settings)
     relay = Relay(settings, config, store, gateway)
     for text in describe(settings, config):
         log("info", "startup", detail=text)
     try:
-        server = waitress.create_server(
-            make_app(relay), host="0.0.0.0", port=settings.port, threads=8, max_request_body_size=MAX_BODY_BYTES
-        )
+        server = create_server(make_app(relay), settings.port)
     except OSError as e:
         raise ConfigError(f"PORT: cannot listen on 0.0.0.0:{settings.port}: {e.strerror}") from None
     log("info", "listening", port=settings.port, open_conversations=len(relay.open_by_sender))
+    relay.tell_about_damage()
     stop = threading.Event()
+    sweeper = threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True)
 
     def stop_gracefully(signum, frame):
+        if stop.is_set():
+            return
         log("info", "stopping", signal=signal.Signals(signum).name)
         stop.set()
-        # Sends in flight finish and are stored as sent, so a restart does not send them twice;
-        # those not yet started stay pending on disk and go out after the restart.
-        relay.senders.shutdown(wait=True, cancel_futures=True)
-        raise SystemExit(0)
+        server.close()  # no new connections; those open keep being served until answered
+        threading.Thread(target=drain_and_exit, args=(server, relay, sweeper), name="drain").start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_gracefully)
-    threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True).start()
+    sweeper.start()
     server.run()
     return 0
 
@@ -1958,7 +2497,8 @@ def cmd_status(args) -> int:
     settings = Settings.from_env(dict(os.environ))
     store = read_store_while_running(settings.state_dir)
     convs = sorted(
-        (c for c in store.conversations.values() if c.status in (OPEN_STATUS, "held")), key=lambda c: c.created
+        (c for c in store.conversations.values() if c.status in (OPEN_STATUS, HELD_STATUS) or held_pages(c)),
+        key=lambda c: c.created,
     )
 
     def when(ts: float) -> str:
@@ -1966,9 +2506,11 @@ def cmd_status(args) -> int:
 
     print(f"{sum(c.is_open for c in convs)} open conversation(s)")
     for conv in convs:
+        held = len(held_pages(conv))
         if not conv.is_open:
             print(
-                f"{conv.line} #{conv.code} from {conv.sender} at {when(conv.created)}: HELD by a cost cap, not relayed"
+                f"{conv.line} #{conv.code} from {conv.sender} at {when(conv.created)}: {held} text(s) HELD by a "
+                f"cost cap ({conv.status}); they go out as the cap allows"
             )
             continue
         paged = ", ".join(
@@ -1980,6 +2522,7 @@ def cmd_status(args) -> int:
         print(
             f"{conv.line} #{conv.code} from {conv.sender} since {when(conv.created)}; paged: {paged}; "
             f"step {conv.step + 1} since {when(conv.step_started)}; next: {nxt} at {when(conv.deadline)}"
+            + (f"; {held} text(s) HELD by a cost cap" if held else "")
         )
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import freezegun
 import pytest
 from twilio.request_validator import RequestValidator
 
@@ -25,6 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import relay  # noqa: E402
+
+# freezegun would otherwise freeze pytest's own timer, and `--durations` would report years.
+freezegun.configure(extend_ignore_list=["_pytest.timing"])
 
 LINE = "+16195550100"
 SERGIO = "+16195550111"
@@ -54,6 +59,11 @@ chain = [
   {{ name = "Backup", phone = "{BACKUP}", wait = "{backup_wait}" }},
 ]
 """
+
+
+def msid(tag: object) -> str:
+    """A MessageSid in Twilio's form (SM and 32 hex digits), the same for the same tag."""
+    return "SM" + hashlib.md5(str(tag).encode()).hexdigest()
 
 
 def free_port() -> int:
@@ -313,7 +323,7 @@ class RelayProcess:
 
     def inbound(self, sender: str, body: str, sid: str | None = None, to: str = LINE, **kw) -> tuple[int, str]:
         self.sent += 1
-        params = {"MessageSid": sid or f"SMtest{self.sent:028d}", "From": sender, "To": to, "Body": body}
+        params = {"MessageSid": sid or msid(f"{self.port}-{self.sent}"), "From": sender, "To": to, "Body": body}
         return self.post_form("/api/sms/inbound", params, **kw)
 
     def logs(self) -> list[dict]:

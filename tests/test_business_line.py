@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
+from conftest import msid, BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
 from freezegun import freeze_time
 
 import relay
@@ -18,7 +18,7 @@ def line(**options) -> relay.Line:
 
 
 def start(qdn: relay.Line, body="hi", media=()) -> relay.Conversation:
-    return relay.start_conversation(qdn, relay.Config(lines=(qdn,)), "SM1", CUSTOMER, body, "7", time.time(), media)
+    return relay.start_conversation(qdn, relay.Config(lines=(qdn,)), msid("1"), CUSTOMER, body, "7", time.time(), media)
 
 
 def to_customer(conv: relay.Conversation) -> list[relay.Page]:
@@ -46,7 +46,7 @@ def test_replies_with_something_to_say_are_not_bare(body):
 
 def test_two_way_reply_goes_to_the_customer_without_the_code(clock):
     conv = start(line(reply_to_sender=True))
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     assert relay.reply_to_customer(conv, "#7 on my way, 10 min", time.time())
     (page,) = to_customer(conv)
     assert page.body == "on my way, 10 min" and page.kind == "customer_reply"
@@ -67,23 +67,23 @@ def test_customer_answer_after_acknowledgement_goes_to_the_contact_who_took_it(c
     conv = start(line(reply_to_sender=True))
     clock.tick(120)
     relay.expire(conv, time.time())
-    relay.acknowledge(conv, BACKUP_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, BACKUP_C, {"sid": msid("2")}, time.time())
     assert conv.is_live_two_way(time.time())
-    relay.join(conv, "SM3", "great, see you", time.time())
+    relay.join(conv, msid("3"), "great, see you", time.time())
     (followup,) = [p for p in conv.pages if p.kind == "followup"]
     assert followup.to == BACKUP and "great, see you" in followup.body
 
 
 def test_two_way_conversation_stops_talking_after_a_day(clock):
     conv = start(line(reply_to_sender=True))
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     clock.tick(relay.TWO_WAY_WINDOW)
     assert not conv.is_live_two_way(time.time())
 
 
 def test_reply_without_code_reaches_the_conversation_the_contact_is_talking_in(clock):
     conv = start(line(reply_to_sender=True))
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     assert relay.choose_acknowledged([], SERGIO, "see you at 9", talking=[conv]) == (conv, None)
 
 
@@ -92,7 +92,7 @@ def test_reply_without_code_reaches_the_conversation_the_contact_is_talking_in(c
 
 def test_customer_is_told_when_a_contact_takes_it(clock):
     conv = start(line(acknowledged_text="{contact} from {line} has your message."))
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     (page,) = to_customer(conv)
     assert page.body == "Sergio from QDN has your message." and page.kind == "customer_acknowledged"
 
@@ -108,14 +108,14 @@ def test_customer_is_told_when_nobody_answers(clock):
 
 def test_customer_is_told_each_thing_at_most_once(clock):
     conv = start(line(acknowledged_text="taken"))
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     relay.tell_customer(conv, "acknowledged", time.time(), "Backup")
     assert len(to_customer(conv)) == 1
 
 
 def test_customer_hears_nothing_without_templates(clock):
     conv = start(line())
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     assert to_customer(conv) == []
 
 
@@ -235,7 +235,7 @@ def test_a_true_two_way_line_end_to_end(start_relay, fake_twilio):
 def test_mms_photos_reach_the_contact(start_relay, fake_twilio):
     relay_process = start_relay(config_text())
     media = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"
-    params = {"MessageSid": "SMmms", "From": CUSTOMER, "To": LINE, "Body": "broken cleat", "NumMedia": "1"}
+    params = {"MessageSid": msid("mms"), "From": CUSTOMER, "To": LINE, "Body": "broken cleat", "NumMedia": "1"}
     relay_process.post_form("/api/sms/inbound", {**params, "MediaUrl0": media})
     page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
     assert page["MediaUrl"] == media and "[1 photo]" in page["Body"]

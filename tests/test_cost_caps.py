@@ -1,12 +1,13 @@
-"""Cost guards: floods and toll fraud are stored, not relayed, and the operator is told once."""
+"""Cost guards: texts over a cap are held and go out as the cap allows; nothing is dropped."""
 
 import pytest
-from conftest import ALARM, LINE, SERGIO, RunAtOnce, make_relay
+from conftest import ALARM, CUSTOMER, LINE, SERGIO, RunAtOnce, make_relay, msid
 from freezegun import freeze_time
 
 import relay
 
 QDN = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
+FLOODER = "+15550000009"
 
 
 @pytest.fixture
@@ -15,17 +16,25 @@ def clock():
         yield frozen
 
 
-def capped_relay(tmp_path, sender_cap=100, outbound_cap=100, alarm=ALARM) -> relay.Relay:
+def capped_relay(tmp_path, sender_cap=100, outbound_cap=100, alarm=ALARM, line=QDN) -> relay.Relay:
     config = relay.Config(
-        lines=(QDN,), sender_hourly_cap=sender_cap, outbound_hourly_cap=outbound_cap, alarm_phone=alarm
+        lines=(line,), sender_hourly_cap=sender_cap, outbound_hourly_cap=outbound_cap, alarm_phone=alarm
     )
     service = make_relay(tmp_path / "state", config)
     service.senders = RunAtOnce()
     return service
 
 
-def text(service: relay.Relay, sender: str, n: int) -> None:
-    service.receive({"MessageSid": f"SM{sender[-4:]}{n:04d}", "From": sender, "To": LINE, "Body": f"text {n}"})
+def text(service: relay.Relay, sender: str, n: int, body: str | None = None) -> str:
+    sid = msid(f"{sender}-{n}")
+    service.receive({"MessageSid": sid, "From": sender, "To": LINE, "Body": body or f"text {n}"})
+    service.sweep()
+    return sid
+
+
+def an_hour_later(service: relay.Relay, clock) -> None:
+    clock.tick(3601)
+    service.housekeeping()
     service.sweep()
 
 
@@ -37,80 +46,196 @@ def cap_alarms(service: relay.Relay) -> list[str]:
     return [body for body in sent_to(service, ALARM) if "cap of" in body]
 
 
-def acknowledge_all(service: relay.Relay) -> None:
-    service.receive({"MessageSid": "SMack", "From": SERGIO, "To": LINE, "Body": "ok"})
+def acknowledge(service: relay.Relay, body: str = "ok") -> None:
+    service.receive({"MessageSid": msid(f"ack {body}"), "From": SERGIO, "To": LINE, "Body": body})
+    service.sweep()
 
 
-def test_new_texts_over_the_sender_cap_are_stored_but_not_relayed(tmp_path, clock):
+def test_a_text_over_the_sender_cap_is_held_not_sent(tmp_path, clock):
     service = capped_relay(tmp_path, sender_cap=1)
-    text(service, "+15550000009", 0)
-    acknowledge_all(service)
-    text(service, "+15550000009", 1)
-    held = service.store.conversations["SM00090001"]
-    assert held.status == "held" and held.messages[0]["body"] == "text 1"
-    assert held.pages[0].state == "held"
-    assert len(sent_to(service, SERGIO)) == 1
+    text(service, FLOODER, 0)
+    acknowledge(service)
+    held = service.store.conversations[text(service, FLOODER, 1)]
+    assert held.status == "held" and held.pages[0].state == "held" and held.pages[0].error == "sender cap"
+    assert sent_to(service, SERGIO) == [service.gateway.sent[0][2]]
+
+
+def test_a_held_text_is_paged_as_soon_as_the_sender_cap_allows(tmp_path, clock):
+    service = capped_relay(tmp_path, sender_cap=1)
+    text(service, FLOODER, 0)
+    acknowledge(service)
+    held = service.store.conversations[text(service, FLOODER, 1)]
+    an_hour_later(service, clock)
+    assert held.status == "open" and held.pages[0].state == "sent"
+    assert "text 1" in sent_to(service, SERGIO)[-1]
+
+
+def test_a_released_chain_waits_its_full_step_from_the_release(tmp_path, clock):
+    service = capped_relay(tmp_path, sender_cap=1)
+    text(service, FLOODER, 0)
+    acknowledge(service)
+    held = service.store.conversations[text(service, FLOODER, 1)]
+    an_hour_later(service, clock)
+    assert held.step_started == relay.time.time() and held.deadline == relay.time.time() + 60
+
+
+def test_held_texts_of_one_customer_go_out_joined_in_one_page(tmp_path, clock):
+    service = capped_relay(tmp_path, sender_cap=1)
+    text(service, FLOODER, 0)
+    acknowledge(service)
+    text(service, FLOODER, 1, "first held")
+    text(service, FLOODER, 2, "second held")
+    before = len(sent_to(service, SERGIO))
+    an_hour_later(service, clock)
+    pages = sent_to(service, SERGIO)[before:]
+    assert len(pages) == 1 and "first held" in pages[0] and "second held" in pages[0]
+
+
+def test_a_held_text_acknowledged_meanwhile_is_never_sent(tmp_path, clock):
+    service = capped_relay(tmp_path, sender_cap=1)
+    text(service, FLOODER, 0)
+    acknowledge(service)
+    held = service.store.conversations[text(service, FLOODER, 1)]
+    acknowledge(service, f"#{held.code}")
+    before = len(sent_to(service, SERGIO))
+    an_hour_later(service, clock)
+    assert held.status == "acknowledged" and held.pages[0].state == "cancelled"
+    assert len(sent_to(service, SERGIO)) == before
+
+
+def test_follow_ups_over_the_sender_cap_are_held_then_relayed(tmp_path, clock):
+    service = capped_relay(tmp_path, sender_cap=2)
+    for n in range(4):
+        text(service, FLOODER, n)
+    assert len(sent_to(service, SERGIO)) == 2
+    an_hour_later(service, clock)
+    relayed = sent_to(service, SERGIO)
+    assert len(relayed) == 4 and "text 2" in relayed[2] and "text 3" in relayed[3]
 
 
 def test_other_senders_are_relayed_while_one_is_over_its_cap(tmp_path, clock):
     service = capped_relay(tmp_path, sender_cap=1)
-    text(service, "+15550000009", 0)
-    text(service, "+15550000009", 1)
-    text(service, "+15550000001", 2)
-    assert any("+15550000001" in body for body in sent_to(service, SERGIO))
+    text(service, FLOODER, 0)
+    text(service, FLOODER, 1)
+    text(service, CUSTOMER, 2)
+    assert any(CUSTOMER in body for body in sent_to(service, SERGIO))
 
 
-def test_follow_ups_over_the_sender_cap_join_without_being_relayed(tmp_path, clock):
-    service = capped_relay(tmp_path, sender_cap=2)
-    for n in range(4):
-        text(service, "+15550000009", n)
-    conv = service.store.conversations["SM00090000"]
-    assert [m["body"] for m in conv.messages] == ["text 0", "text 1", "text 2", "text 3"]
-    assert len(sent_to(service, SERGIO)) == 2
+def test_pages_over_the_outbound_cap_are_held_then_sent_oldest_first(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=2)
+    senders = ["+15550000001", "+15550000002", "+15550000003", "+15550000004"]
+    sids = []
+    for n, sender in enumerate(senders):
+        sids.append(text(service, sender, n))
+        clock.tick(1)
+    pages = [body for body in sent_to(service, SERGIO) if "held by a cost cap" not in body]
+    assert len(pages) == 2
+    held = service.store.conversations[sids[2]]
+    assert held.pages[0].state == "held" and held.pages[0].error == "outbound cap"
+    an_hour_later(service, clock)
+    pages = [body for body in sent_to(service, SERGIO) if "held by a cost cap" not in body]
+    assert [senders.index(next(s for s in senders if s in body)) for body in pages] == [0, 1, 2, 3]
+
+
+def test_a_flood_of_follow_ups_leaves_room_for_a_new_customers_first_page(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=8)
+    for n in range(12):
+        text(service, FLOODER, n)
+    followups = [body for body in sent_to(service, SERGIO) if "(more)" in body]
+    assert len(followups) == 8 * relay.FOLLOWUP_SHARE - 1  # the share, less the flood's own first page
+    text(service, CUSTOMER, 99, "my engine is on fire")
+    assert any("my engine is on fire" in body for body in sent_to(service, SERGIO))
+
+
+def test_the_cap_alarm_goes_out_even_when_the_outbound_cap_is_spent(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=1)
+    text(service, "+15550000001", 0)
+    text(service, "+15550000002", 1)
+    assert len(cap_alarms(service)) == 1
+
+
+def test_the_contact_on_duty_gets_a_bundle_of_held_texts_at_most_every_ten_minutes(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=1)
+    text(service, "+15550000001", 0)
+    text(service, "+15550000002", 1, "mooring line snapped")
+    text(service, "+15550000003", 2, "fuel dock closed")
+    service.housekeeping()
+    service.sweep()
+    bundles = [body for body in sent_to(service, SERGIO) if "held by a cost cap" in body]
+    assert len(bundles) == 1
+    assert "#2 +15550000002 mooring line snapped" in bundles[0] and "#3 +15550000003 fuel dock" in bundles[0]
+    clock.tick(599)
+    service.housekeeping()
+    service.sweep()
+    assert len([body for body in sent_to(service, SERGIO) if "held by a cost cap" in body]) == 1
+    clock.tick(1)
+    service.housekeeping()
+    service.sweep()
+    assert len([body for body in sent_to(service, SERGIO) if "held by a cost cap" in body]) == 2
+
+
+def test_a_bundle_fits_one_sms_and_counts_what_it_could_not_name(clock):
+    convs = [
+        relay.start_conversation(QDN, relay.Config(lines=(QDN,)), msid(n), f"+1555000{n:04d}", "x" * 60, str(n), 0)
+        for n in range(100)
+    ]
+    body = relay.bundle_text("QDN", convs)
+    named = [row for row in body.split("\n") if row.startswith("#")]
+    assert relay.utf16_len(body) <= 1600 and 0 < len(named) < 100
+    assert body.endswith(f"... and {100 - len(named)} more")
 
 
 def test_operator_is_told_once_not_once_per_held_text(tmp_path, clock):
     service = capped_relay(tmp_path, sender_cap=1)
     for n in range(5):
-        text(service, "+15550000009", n)
+        text(service, FLOODER, n)
     alarms = cap_alarms(service)
     assert len(alarms) == 1 and "sender cap of 1" in alarms[0]
 
 
 def test_operator_is_told_again_after_an_hour(tmp_path, clock):
     service = capped_relay(tmp_path, sender_cap=1)
-    text(service, "+15550000009", 0)
-    text(service, "+15550000009", 1)
+    text(service, FLOODER, 0)
+    text(service, FLOODER, 1)
     clock.tick(3601)
-    text(service, "+15550000009", 2)
-    text(service, "+15550000009", 3)
+    text(service, FLOODER, 2)
+    text(service, FLOODER, 3)
     assert len(cap_alarms(service)) == 2
 
 
 def test_sender_cap_counts_only_the_past_hour(tmp_path, clock):
     service = capped_relay(tmp_path, sender_cap=1)
-    text(service, "+15550000009", 0)
+    text(service, FLOODER, 0)
     clock.tick(3601)
-    text(service, "+15550000009", 1)
+    text(service, FLOODER, 1)
     assert len(sent_to(service, SERGIO)) == 2
 
 
-def test_pages_over_the_outbound_cap_are_held(tmp_path, clock):
-    service = capped_relay(tmp_path, outbound_cap=2)
-    for n, sender in enumerate(["+15550000001", "+15550000002", "+15550000003", "+15550000004"]):
-        text(service, sender, n)
-    assert len(sent_to(service, SERGIO)) == 2
-    held = service.store.conversations["SM00030002"]
-    assert held.pages[0].state == "held" and held.pages[0].error == "outbound cap"
-    assert len(cap_alarms(service)) == 1
+def test_a_live_two_way_conversation_is_never_cut_off_by_the_sender_cap(tmp_path, clock):
+    two_way = relay.Line("QDN", LINE, QDN.chain, reply_to_sender=True)
+    service = capped_relay(tmp_path, sender_cap=2, line=two_way)
+    text(service, CUSTOMER, 0)
+    acknowledge(service, "On my way, which slip?")
+    for n in range(1, 6):
+        text(service, CUSTOMER, n, f"slip {n}")
+    assert sum("slip" in body for body in sent_to(service, SERGIO)) == 5
+
+
+def test_quiet_senders_are_forgotten_once_their_hour_has_passed(tmp_path, clock):
+    service = capped_relay(tmp_path)
+    for n in range(50):
+        text(service, f"+1555100{n:04d}", n)
+    assert len(service.sender_window.times) == 50
+    an_hour_later(service, clock)
+    assert service.sender_window.times == {}
 
 
 def test_held_texts_are_listed_by_status(tmp_path, clock, capsys, monkeypatch):
     service = capped_relay(tmp_path, sender_cap=1)
-    text(service, "+15550000009", 0)
-    acknowledge_all(service)
-    text(service, "+15550000009", 1)
+    text(service, FLOODER, 0)
+    acknowledge(service)
+    text(service, FLOODER, 1)
     monkeypatch.setenv("RELAY_STATE_DIR", str(service.store.dir))
     assert relay.main(["status"]) == 0
     out = capsys.readouterr().out
-    assert "0 open" in out and "#2 from +15550000009" in out and "HELD" in out
+    assert "0 open" in out and f"#2 from {FLOODER}" in out and "1 text(s) HELD" in out

@@ -3,7 +3,7 @@
 import time
 import urllib.parse
 
-from conftest import ALARM, BACKUP, CUSTOMER, LINE, SERGIO, config_text, sign, wait_until
+from conftest import msid, ALARM, BACKUP, CUSTOMER, LINE, SERGIO, config_text, sign, wait_until
 
 import relay as relay_module
 
@@ -45,7 +45,7 @@ def test_failed_delivery_report_pages_the_backup_at_once(start_relay, fake_twili
     relay.inbound(CUSTOMER, "hello")
     page = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]
     callback = page["StatusCallback"]
-    params = {"MessageSid": "SMx", "MessageStatus": "undelivered", "ErrorCode": "30003", "To": SERGIO}
+    params = {"MessageSid": msid("x"), "MessageStatus": "undelivered", "ErrorCode": "30003", "To": SERGIO}
     path = callback.removeprefix(relay.url)
     reported = time.time()
     assert relay.post_form(path, params, signature=sign(callback, params))[0] == 200
@@ -57,7 +57,7 @@ def test_forged_delivery_report_changes_nothing(start_relay, fake_twilio):
     relay = start_relay(config_text(primary_wait="1h"))
     relay.inbound(CUSTOMER, "hello")
     callback = wait_until(lambda: fake_twilio.delivered(SERGIO))[0]["StatusCallback"]
-    params = {"MessageSid": "SMx", "MessageStatus": "failed"}
+    params = {"MessageSid": msid("x"), "MessageStatus": "failed"}
     assert relay.post_form(callback.removeprefix(relay.url), params, signature="Zm9yZ2Vk")[0] == 403
     time.sleep(0.5)
     assert fake_twilio.delivered(BACKUP) == []
@@ -65,8 +65,8 @@ def test_forged_delivery_report_changes_nothing(start_relay, fake_twilio):
 
 def test_callback_for_an_unknown_conversation_is_ignored(start_relay, fake_twilio):
     relay = start_relay(config_text())
-    path = "/api/sms/status?" + urllib.parse.urlencode({"c": "SMnone", "p": 0})
-    params = {"MessageSid": "SMx", "MessageStatus": "failed"}
+    path = "/api/sms/status?" + urllib.parse.urlencode({"c": msid("none"), "p": 0})
+    params = {"MessageSid": msid("x"), "MessageStatus": "failed"}
     assert relay.post_form(path, params)[0] == 200
     assert wait_until(lambda: relay.events("status_unknown"))
 

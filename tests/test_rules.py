@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from conftest import ALARM, BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO
+from conftest import msid, ALARM, BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO
 from freezegun import freeze_time
 
 import relay
@@ -13,7 +13,7 @@ BACKUP_C = relay.Contact("Backup", BACKUP, 300)
 QDN = relay.Line("QDN", LINE, (SERGIO_C, BACKUP_C))
 
 
-def new_conversation(sid="SM1", sender=CUSTOMER, code="1", repeat=0, alarm=None, body="hi"):
+def new_conversation(sid=msid("1"), sender=CUSTOMER, code="1", repeat=0, alarm=None, body="hi"):
     config = relay.Config(lines=(QDN,), repeat=repeat, alarm_phone=alarm)
     return relay.start_conversation(QDN, config, sid, sender, body, code, time.time())
 
@@ -93,7 +93,7 @@ def test_alarm_phone_is_told_when_nobody_answers(clock):
 
 def test_nobody_is_paged_after_an_acknowledgement(clock):
     conv = new_conversation()
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     clock.tick(10_000)
     assert relay.expire(conv, time.time()) is None
     assert paged(conv) == [SERGIO]
@@ -104,18 +104,18 @@ def test_acknowledgement_cancels_a_page_still_waiting_to_be_sent(clock):
     conv = new_conversation()
     clock.tick(120)
     relay.expire(conv, time.time())
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM2"}, time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     assert [p.state for p in conv.pages] == ["cancelled", "cancelled"]
     assert conv.is_settled(time.time())
 
 
 def test_contacts_already_paged_are_told_who_took_it(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SM1", time.time())
+    relay.record_sent(conv, 0, msid("1"), time.time())
     clock.tick(120)
     relay.expire(conv, time.time())
-    relay.record_sent(conv, 1, "SM2", time.time())
-    relay.acknowledge(conv, BACKUP_C, {"sid": "SM3"}, time.time())
+    relay.record_sent(conv, 1, msid("2"), time.time())
+    relay.acknowledge(conv, BACKUP_C, {"sid": msid("3")}, time.time())
     notices = [p for p in conv.pages if p.kind == "notice"]
     assert [p.to for p in notices] == [SERGIO]
     assert "taken by Backup" in notices[0].body
@@ -123,30 +123,30 @@ def test_contacts_already_paged_are_told_who_took_it(clock):
 
 def test_nobody_is_told_when_the_only_contact_paged_takes_it(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SM1", time.time())
-    relay.acknowledge(conv, SERGIO_C, {"sid": "SM3"}, time.time())
+    relay.record_sent(conv, 0, msid("1"), time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("3")}, time.time())
     assert paged(conv, "notice") == []
 
 
 def test_reply_code_picks_the_conversation_when_several_are_open(clock):
-    first = new_conversation(sid="SM1", code="1")
+    first = new_conversation(sid=msid("1"), code="1")
     clock.tick(1)
-    second = new_conversation(sid="SM2", sender=OTHER_CUSTOMER, code="2")
+    second = new_conversation(sid=msid("2"), sender=OTHER_CUSTOMER, code="2")
     chosen, code = relay.choose_acknowledged([first, second], SERGIO, "#1 on it")
     assert chosen is first and code == "1"
 
 
 def test_bare_code_alone_acknowledges_that_conversation(clock):
-    first = new_conversation(sid="SM1", code="7")
+    first = new_conversation(sid=msid("1"), code="7")
     clock.tick(1)
-    second = new_conversation(sid="SM2", sender=OTHER_CUSTOMER, code="8")
+    second = new_conversation(sid=msid("2"), sender=OTHER_CUSTOMER, code="8")
     assert relay.choose_acknowledged([first, second], SERGIO, " 7 ")[0] is first
 
 
 def test_reply_without_code_acknowledges_the_newest_paged_to_that_contact(clock):
-    first = new_conversation(sid="SM1", code="1")
+    first = new_conversation(sid=msid("1"), code="1")
     clock.tick(1)
-    second = new_conversation(sid="SM2", sender=OTHER_CUSTOMER, code="2")
+    second = new_conversation(sid=msid("2"), sender=OTHER_CUSTOMER, code="2")
     assert relay.choose_acknowledged([first, second], SERGIO, "ok")[0] is second
 
 
@@ -183,7 +183,7 @@ def test_follow_up_is_relayed_to_every_contact_already_paged(clock):
     conv = new_conversation()
     clock.tick(120)
     relay.expire(conv, time.time())
-    relay.join(conv, "SM9", "also bring a life jacket", time.time())
+    relay.join(conv, msid("9"), "also bring a life jacket", time.time())
     followups = [p for p in conv.pages if p.kind == "followup"]
     assert [p.to for p in followups] == [SERGIO, BACKUP]
     assert "life jacket" in followups[0].body and "#1" in followups[0].body
@@ -192,7 +192,7 @@ def test_follow_up_is_relayed_to_every_contact_already_paged(clock):
 
 def test_escalation_page_carries_follow_ups_too(clock):
     conv = new_conversation(body="first")
-    relay.join(conv, "SM9", "second", time.time())
+    relay.join(conv, msid("9"), "second", time.time())
     clock.tick(120)
     relay.expire(conv, time.time())
     assert "first" in conv.pages[-1].body and "second" in conv.pages[-1].body
@@ -261,7 +261,7 @@ def test_transient_errors_give_up_after_max_attempts_and_move_on(clock):
 
 def test_failed_delivery_report_for_the_contact_on_duty_escalates(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SMx", time.time())
+    relay.record_sent(conv, 0, msid("x"), time.time())
     assert relay.record_status(conv, 0, "undelivered", "30003", time.time()) == "escalated"
     assert paged(conv) == [SERGIO, BACKUP]
 
@@ -276,7 +276,7 @@ def test_failed_delivery_report_for_an_earlier_step_changes_nothing(clock):
 
 def test_delivered_report_is_recorded(clock):
     conv = new_conversation()
-    relay.record_sent(conv, 0, "SMx", time.time())
+    relay.record_sent(conv, 0, msid("x"), time.time())
     relay.record_status(conv, 0, "delivered", None, time.time())
     assert conv.pages[0].state == "delivered"
 
@@ -284,7 +284,7 @@ def test_delivered_report_is_recorded(clock):
 @pytest.mark.parametrize(
     ("status", "code", "permanent"),
     [(400, 21211, True), (400, 21610, True), (400, 21614, True), (404, None, True), (429, 20429, False)]
-    + [(500, None, False), (503, None, False), (401, 20003, False), (None, None, False)],
+    + [(500, None, False), (503, None, False), (401, 20003, False), (403, 20003, False), (None, None, False)],
 )
 def test_twilio_errors_are_sorted_into_permanent_and_transient(status, code, permanent):
     assert relay.classify_twilio_error(status, code) is permanent
@@ -292,4 +292,16 @@ def test_twilio_errors_are_sorted_into_permanent_and_transient(status, code, per
 
 def test_reply_codes_skip_those_in_use_and_wrap():
     assert relay.next_code({"2"}, 1) == ("3", 3)
-    assert relay.next_code(set(), 9999) == ("1", 1)
+    assert relay.next_code({"2"}, 2) == ("3", 3)
+    assert relay.next_code(set(), 999_999) == ("1", 1)
+
+
+def test_reply_codes_do_not_run_out_at_four_digits():
+    in_use = {str(n) for n in range(1, 10_000)}
+    assert relay.next_code(in_use, 9_999) == ("10000", 10_000)
+    assert relay.next_code(in_use, 0) == ("10000", 10_000)
+
+
+def test_a_six_digit_code_in_a_reply_is_read_whole():
+    assert relay.named_code("#123456 on it", set()) == "123456"
+    assert relay.named_code("123456", set()) == "123456"

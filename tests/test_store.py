@@ -6,7 +6,7 @@ import stat
 import time
 
 import pytest
-from conftest import CUSTOMER, LINE, SERGIO
+from conftest import msid, CUSTOMER, LINE, SERGIO
 from freezegun import freeze_time
 
 import relay
@@ -33,28 +33,28 @@ def reopen(store: relay.Store) -> relay.Store:
 
 def test_saved_conversation_survives_a_restart(tmp_path):
     store = opened(tmp_path)
-    store.wait(store.save(conversation("SM1", time.time())))
+    store.wait(store.save(conversation(msid("1"), time.time())))
     again = reopen(store)
-    assert again.conversations["SM1"].messages[0]["body"] == "hello"
-    assert again.knows("SM1")
+    assert again.conversations[msid("1")].messages[0]["body"] == "hello"
+    assert again.knows(msid("1"))
 
 
 def test_last_saved_state_of_a_conversation_wins(tmp_path):
     store = opened(tmp_path)
-    conv = conversation("SM1", time.time())
+    conv = conversation(msid("1"), time.time())
     store.save(conv)
-    relay.record_sent(conv, 0, "SMsent", time.time())
+    relay.record_sent(conv, 0, msid("sent"), time.time())
     store.wait(store.save(conv))
-    assert reopen(store).conversations["SM1"].pages[0].state == "sent"
+    assert reopen(store).conversations[msid("1")].pages[0].state == "sent"
 
 
 def test_torn_last_journal_line_is_skipped(tmp_path):
     store = opened(tmp_path)
-    store.wait(store.save(conversation("SM1", time.time())))
+    store.wait(store.save(conversation(msid("1"), time.time())))
     with open(store.journal.path, "ab") as f:
-        f.write(b'{"id": "SM2", "line": "Q')
+        f.write(b'{"id": msid("2"), "line": "Q')
     again = reopen(store)
-    assert set(again.conversations) == {"SM1"}
+    assert set(again.conversations) == {msid("1")}
     for path in tmp_path.glob("*.jsonl"):
         for line in path.read_text().splitlines():
             json.loads(line)
@@ -73,7 +73,7 @@ def test_files_are_0600_and_the_directory_0700(tmp_path):
     (directory / "old.json").write_text("{}")
     os.chmod(directory / "old.json", 0o644)
     store = opened(directory)
-    store.wait(store.save(conversation("SM1", time.time())))
+    store.wait(store.save(conversation(msid("1"), time.time())))
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     for path in directory.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
@@ -81,39 +81,39 @@ def test_files_are_0600_and_the_directory_0700(tmp_path):
 
 def test_folding_moves_settled_conversations_to_the_archive(tmp_path):
     store = opened(tmp_path)
-    done = conversation("SM1", time.time())
-    relay.acknowledge(done, QDN.chain[0], {"sid": "SM1r"}, time.time())
-    still_open = conversation("SM2", time.time())
+    done = conversation(msid("1"), time.time())
+    relay.acknowledge(done, QDN.chain[0], {"sid": msid("1r")}, time.time())
+    still_open = conversation(msid("2"), time.time())
     store.save(done)
     store.wait(store.save(still_open))
     store.fold()
-    assert set(store.conversations) == {"SM2"}
-    assert store.knows("SM1") and store.knows("SM1r")
+    assert set(store.conversations) == {msid("2")}
+    assert store.knows(msid("1")) and store.knows(msid("1r"))
     again = reopen(store)
-    assert set(again.conversations) == {"SM2"}
-    assert again.knows("SM1") and again.knows("SM1r")
+    assert set(again.conversations) == {msid("2")}
+    assert again.knows(msid("1")) and again.knows(msid("1r"))
 
 
 def test_pruning_deletes_old_finished_conversations_and_keeps_open_ones(tmp_path):
     with freeze_time("2026-11-01 12:00:00") as clock:
         store = opened(tmp_path)
-        done = conversation("SM1", time.time())
-        relay.acknowledge(done, QDN.chain[0], {"sid": "SM1r"}, time.time())
+        done = conversation(msid("1"), time.time())
+        relay.acknowledge(done, QDN.chain[0], {"sid": msid("1r")}, time.time())
         store.save(done)
-        store.wait(store.save(conversation("SM2", time.time())))
+        store.wait(store.save(conversation(msid("2"), time.time())))
         store.fold()
         clock.tick(6 * 86400)
         assert store.prune(time.time(), CONFIG.retention) == 0
         clock.tick(3 * 86400)
         assert store.prune(time.time(), CONFIG.retention) == 1
-        assert not store.knows("SM1")
+        assert not store.knows(msid("1"))
         assert list(tmp_path.glob("archive-*")) == []
-        assert set(reopen(store).conversations) == {"SM2"}
+        assert set(reopen(store).conversations) == {msid("2")}
 
 
 def test_archive_sids_with_odd_characters_are_still_known_after_restart(tmp_path):
     store = opened(tmp_path)
-    done = conversation("SM1", time.time())
+    done = conversation(msid("1"), time.time())
     relay.acknowledge(done, QDN.chain[0], {"sid": 'SM]odd"sid'}, time.time())
     store.wait(store.save(done))
     store.fold()
@@ -122,22 +122,22 @@ def test_archive_sids_with_odd_characters_are_still_known_after_restart(tmp_path
 
 def test_restart_with_only_a_snapshot_does_not_rewrite_it(tmp_path):
     store = opened(tmp_path)
-    store.wait(store.save(conversation("SM1", time.time())))
+    store.wait(store.save(conversation(msid("1"), time.time())))
     store.fold()
     store.journal.close()
     store.journal.path.unlink()
     written = (tmp_path / "conversations.jsonl").stat().st_mtime_ns
     again = reopen(store)
     assert (tmp_path / "conversations.jsonl").stat().st_mtime_ns == written
-    assert set(again.conversations) == {"SM1"}
-    again.wait(again.save(conversation("SM2", time.time())))
-    assert set(reopen(again).conversations) == {"SM1", "SM2"}
+    assert set(again.conversations) == {msid("1")}
+    again.wait(again.save(conversation(msid("2"), time.time())))
+    assert set(reopen(again).conversations) == {msid("1"), msid("2")}
 
 
 def test_a_quiet_journal_is_still_folded_every_hour(tmp_path):
     with freeze_time("2026-11-01 12:00:00") as clock:
         store = opened(tmp_path)
-        store.wait(store.save(conversation("SM1", time.time())))
+        store.wait(store.save(conversation(msid("1"), time.time())))
         assert not store.needs_fold()
         clock.tick(3601)
         assert store.needs_fold()

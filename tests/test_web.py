@@ -8,7 +8,7 @@ import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, make_relay, sign
+from conftest import msid, CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, make_relay, sign
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -74,17 +74,17 @@ def test_healthz_is_503_when_the_state_directory_cannot_be_written(service):
 
 def test_inbound_is_refused_with_503_when_the_journal_cannot_be_written(service):
     service.store.journal.failure = OSError(28, "No space left on device")
-    params = {"MessageSid": "SM1", "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
     status, body = signed_post(relay.make_app(service), "/api/sms/inbound", params)
     assert status == 503 and "No space left" in body
 
 
 def test_accepted_text_is_on_disk_before_the_answer(service):
-    params = {"MessageSid": "SMdurable", "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    params = {"MessageSid": msid("durable"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
     assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 200
     reread = relay.Store(service.store.dir)
     reread.load()
-    assert "SMdurable" in reread.conversations
+    assert msid("durable") in reread.conversations
 
 
 def test_body_over_64_kib_gets_413(service):
@@ -94,7 +94,7 @@ def test_body_over_64_kib_gets_413(service):
 
 
 def test_signed_json_body_gets_415(service):
-    body = json.dumps({"MessageSid": "SM1", "From": CUSTOMER, "To": LINE}).encode()
+    body = json.dumps({"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE}).encode()
     headers = {"Content-Type": "application/json", "X-Twilio-Signature": sign(PUBLIC_URL + "/api/sms/inbound", {})}
     assert call(relay.make_app(service), "POST", "/api/sms/inbound", body, headers)[0] == 415
 
@@ -107,24 +107,26 @@ def test_signed_invalid_utf8_gets_400(service):
 
 
 def test_absurdly_long_from_gets_400(service):
-    params = {"MessageSid": "SM1", "From": "+1" * 5000, "To": LINE, "Body": "hi"}
+    params = {"MessageSid": msid("1"), "From": "+1" * 5000, "To": LINE, "Body": "hi"}
     assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 400
 
 
 def test_reply_naming_a_closed_code_says_who_took_it(service):
     app = relay.make_app(service)
-    signed_post(app, "/api/sms/inbound", {"MessageSid": "SM1", "From": CUSTOMER, "To": LINE, "Body": "hi"})
-    signed_post(app, "/api/sms/inbound", {"MessageSid": "SM2", "From": SERGIO, "To": LINE, "Body": "#1 ok"})
-    _, twiml = signed_post(app, "/api/sms/inbound", {"MessageSid": "SM3", "From": SERGIO, "To": LINE, "Body": "#1"})
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("2"), "From": SERGIO, "To": LINE, "Body": "#1 ok"})
+    _, twiml = signed_post(app, "/api/sms/inbound", {"MessageSid": msid("3"), "From": SERGIO, "To": LINE, "Body": "#1"})
     assert "#1 was already taken by Sergio" in twiml
 
 
 def test_stop_from_a_contact_acknowledges_nothing(service):
     app = relay.make_app(service)
-    signed_post(app, "/api/sms/inbound", {"MessageSid": "SM1", "From": CUSTOMER, "To": LINE, "Body": "hi"})
-    _, twiml = signed_post(app, "/api/sms/inbound", {"MessageSid": "SM2", "From": SERGIO, "To": LINE, "Body": "STOP"})
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    _, twiml = signed_post(
+        app, "/api/sms/inbound", {"MessageSid": msid("2"), "From": SERGIO, "To": LINE, "Body": "STOP"}
+    )
     assert "<Message>" not in twiml
-    assert service.store.conversations["SM1"].is_open
+    assert service.store.conversations[msid("1")].is_open
 
 
 # -- thousands of malformed requests ---------------------------------------
