@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from conftest import msid, BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, msid, wait_until
 from freezegun import freeze_time
 
 import relay

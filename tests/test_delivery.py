@@ -3,7 +3,7 @@
 import time
 import urllib.parse
 
-from conftest import msid, ALARM, BACKUP, CUSTOMER, LINE, SERGIO, config_text, sign, wait_until
+from conftest import ALARM, BACKUP, CUSTOMER, LINE, SERGIO, config_text, msid, sign, wait_until
 
 import relay as relay_module
 

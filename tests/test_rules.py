@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from conftest import msid, ALARM, BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO
+from conftest import ALARM, BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO, msid
 from freezegun import freeze_time
 
 import relay
@@ -13,7 +13,7 @@ BACKUP_C = relay.Contact("Backup", BACKUP, 300)
 QDN = relay.Line("QDN", LINE, (SERGIO_C, BACKUP_C))
 
 
-def new_conversation(sid=msid("1"), sender=CUSTOMER, code="1", repeat=0, alarm=None, body="hi"):
+def new_conversation(sid="SM" + "1" * 32, sender=CUSTOMER, code="1", repeat=0, alarm=None, body="hi"):
     config = relay.Config(lines=(QDN,), repeat=repeat, alarm_phone=alarm)
     return relay.start_conversation(QDN, config, sid, sender, body, code, time.time())
 

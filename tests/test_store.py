@@ -6,7 +6,7 @@ import stat
 import time
 
 import pytest
-from conftest import msid, CUSTOMER, LINE, SERGIO
+from conftest import CUSTOMER, LINE, SERGIO, msid
 from freezegun import freeze_time
 
 import relay

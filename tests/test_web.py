@@ -8,7 +8,7 @@ import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import msid, CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, make_relay, sign
+from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, make_relay, msid, sign
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
