@@ -36,7 +36,9 @@ import resource
 import signal
 import socket
 import stat
+import struct
 import sys
+import termios
 import threading
 import time
 import tomllib
@@ -2311,12 +2313,20 @@ def create_server(app, port: int):
 
 
 def requests_in_progress(server) -> int:
-    """Requests waitress has read and not yet answered in full."""
+    """Requests waitress has, or has waiting unread on its sockets, and has not yet answered in full."""
     return sum(
         1
         for channel in list(server._map.values())
-        if isinstance(channel, waitress.channel.HTTPChannel) and (channel.requests or channel.total_outbufs_len)
+        if isinstance(channel, waitress.channel.HTTPChannel)
+        and (channel.requests or channel.total_outbufs_len or unread_bytes(channel.socket))
     )
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:  # closed meanwhile
+        return 0
 
 
 def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:

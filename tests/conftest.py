@@ -135,6 +135,9 @@ class FakeTwilio:
     """Answers Messages.json like Twilio; `faults` is a queue of answers to give first.
 
     A fault is (status, twilio_error_code, headers) or ("hang", seconds) or ("drop",).
+    `stalls` maps a recipient to how every text to it goes wrong: "hang" (no answer until the
+    test ends), "trickle" (the status line a byte a second) or "odd" (201 with a body
+    that is not JSON). `latency` delays every answer.
     """
 
     def __init__(self, port: int = 0):
@@ -143,6 +146,9 @@ class FakeTwilio:
         self.number_updates: list[dict] = []
         self.reject_credentials = False
         self.faults: deque = deque()
+        self.stalls: dict[str, str] = {}
+        self.latency = 0.0
+        self.released = threading.Event()  # ends every stall, at close
         self.lock = threading.Lock()
         self.count = 0
         fake = self
@@ -192,6 +198,20 @@ class FakeTwilio:
                     sid = f"SM{fake.count:032x}"
                     record = {"form": form, "at": time.time(), "sid": sid, "fault": fault}
                     fake.requests.append(record)
+                stall = fake.stalls.get(form.get("To"))
+                if stall == "hang":
+                    fake.released.wait()
+                    return
+                if stall == "trickle":
+                    for byte in b"HTTP/1.1 201 Created\r\n":
+                        if fake.released.wait(1.0):
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                    return
+                if stall == "odd":
+                    return self._raw_answer(201, b"<html>queued, probably</html>", "text/html")
+                time.sleep(fake.latency)
                 if fault and fault[0] == "drop":
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -207,9 +227,11 @@ class FakeTwilio:
                 self._answer(201, body)
 
             def _answer(self, status, body, headers=None):
-                data = json.dumps(body).encode()
+                self._raw_answer(status, json.dumps(body).encode(), "application/json", headers)
+
+            def _raw_answer(self, status, data, content_type, headers=None):
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 for key, value in (headers or {}).items():
                     self.send_header(key, value)
@@ -237,6 +259,7 @@ class FakeTwilio:
             return sum(1 for r in self.requests if r["form"].get("To") == to)
 
     def close(self):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
