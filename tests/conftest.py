@@ -83,6 +83,18 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+BARRIER_SENDER = "+15550009999"
+
+
+def barrier(relay_process, fake, sender: str = BARRIER_SENDER) -> None:
+    """Send a text and wait for its page: whatever the relay was given before has been handled by then.
+
+    Pages to one recipient go out in order, so this shows that nothing else is on its way either.
+    """
+    relay_process.inbound(sender, "barrier")
+    wait_until(lambda: any(sender in m["Body"] for m in fake.delivered()))
+
+
 def sign(url: str, params: dict, token: str = TOKEN) -> str:
     return RequestValidator(token).compute_signature(url, params)
 

@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, msid, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RunAtOnce, barrier, config_text, make_relay, msid, wait_until
 from freezegun import freeze_time
 
 import relay
@@ -228,7 +228,7 @@ def test_a_true_two_way_line_end_to_end(start_relay, fake_twilio):
     followups = wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2 and fake_twilio.delivered(SERGIO))
     assert "great, thanks!" in followups[1]["Body"]
     relay_process.inbound(SERGIO, "#1")
-    time.sleep(0.5)
+    barrier(relay_process, fake_twilio)
     assert len(fake_twilio.delivered(CUSTOMER)) == 2  # a bare acknowledgement is not relayed
 
 
@@ -264,3 +264,26 @@ def test_customer_is_told_when_nobody_answers_end_to_end(start_relay, fake_twili
     told = wait_until(lambda: fake_twilio.delivered(CUSTOMER), timeout=10)
     assert [m["Body"] for m in told] == ["Nobody at QDN could answer; please call."]
     assert told[0]["From"] == LINE
+
+
+@pytest.mark.parametrize(
+    ("utc", "on"),
+    [("2026-11-27 05:00:00", True), ("2026-11-27 12:00:00", False)],  # 21:00 and 04:00 in Los Angeles
+)
+def test_contact_hours_are_read_in_the_line_time_zone_not_utc(utc, on):
+    day = relay.Contact("Sergio", SERGIO, 120, hours="07:00-22:00")
+    with freeze_time(utc):
+        assert relay.on_duty(day, "America/Los_Angeles", time.time()) is on
+
+
+def test_a_two_way_contact_s_later_replies_reach_the_customer_too(tmp_path):
+    two_way = line(reply_to_sender=True)
+    service = make_relay(tmp_path / "state", relay.Config(lines=(two_way,)))
+    service.senders = RunAtOnce()
+    service.receive({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
+    service.sweep()
+    for n, answer in enumerate(["#1 yes, two left", "bring a towel", "see you at the dock"]):
+        service.receive({"MessageSid": msid(f"s{n}"), "From": SERGIO, "To": LINE, "Body": answer})
+        service.sweep()
+    to_customer = [body for _, to, body in service.gateway.sent if to == CUSTOMER]
+    assert to_customer == ["yes, two left", "bring a towel", "see you at the dock"]

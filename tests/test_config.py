@@ -112,10 +112,11 @@ def test_env_public_url_wins_over_config():
     )
 
 
-def test_dotenv_readable_by_others_is_refused(tmp_path):
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644])
+def test_dotenv_readable_or_writable_by_group_or_others_is_refused(tmp_path, mode):
     path = tmp_path / ".env"
     path.write_text("TWILIO_AUTH_TOKEN=x\n")
-    os.chmod(path, 0o644)
+    os.chmod(path, mode)
     with pytest.raises(relay.ConfigError, match="chmod 600"):
         relay.load_dotenv_file(path)
 

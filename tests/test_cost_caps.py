@@ -239,3 +239,22 @@ def test_held_texts_are_listed_by_status(tmp_path, clock, capsys, monkeypatch):
     assert relay.main(["status"]) == 0
     out = capsys.readouterr().out
     assert "0 open" in out and f"#2 from {FLOODER}" in out and "1 text(s) HELD" in out
+
+
+def test_retries_are_not_counted_against_the_outbound_cap(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=2)
+    recorder, failures = service.gateway, [relay.SendError("twilio 503", permanent=False)] * 3
+
+    def flaky_send(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return recorder.send(*args, **kwargs)
+
+    service.gateway = type("Flaky", (), {"send": staticmethod(flaky_send)})()
+    service.gateway.sent = recorder.sent
+    text(service, "+15550000001", 0)
+    for _ in range(3):
+        clock.tick(5)
+        service.sweep()
+    text(service, "+15550000002", 1)
+    assert [to for _, to, _ in recorder.sent] == [SERGIO, SERGIO] and cap_alarms(service) == []

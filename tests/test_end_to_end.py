@@ -1,8 +1,6 @@
 """The relay as a real process over HTTP, with a fake Twilio REST API on 127.0.0.1."""
 
-import time
-
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO, barrier, config_text, wait_until
 
 
 def test_forged_signature_is_refused_and_sends_nothing(start_relay, fake_twilio):
@@ -10,9 +8,9 @@ def test_forged_signature_is_refused_and_sends_nothing(start_relay, fake_twilio)
     status, body = relay.inbound(CUSTOMER, "hello", signature="Zm9yZ2Vk")
     assert status == 403
     assert "signature" in body
-    time.sleep(0.3)
-    assert fake_twilio.requests == []
-    assert relay.run("status").stdout.startswith("0 open")
+    barrier(relay, fake_twilio)
+    assert len(fake_twilio.requests) == 1  # the barrier's page only
+    assert CUSTOMER not in relay.run("status").stdout
 
 
 def test_signature_made_with_another_token_is_refused(start_relay, fake_twilio):
@@ -25,8 +23,8 @@ def test_missing_signature_is_refused(start_relay, fake_twilio):
     relay = start_relay(config_text())
     status, _ = relay.inbound(CUSTOMER, "hello", signature="")
     assert status == 403
-    time.sleep(0.3)
-    assert fake_twilio.requests == []
+    barrier(relay, fake_twilio)
+    assert len(fake_twilio.requests) == 1  # the barrier's page only
 
 
 def test_refused_request_log_names_the_url_checked(start_relay):
@@ -68,9 +66,8 @@ def test_duplicate_message_sid_sends_once(start_relay, fake_twilio):
     relay = start_relay(config_text())
     assert relay.inbound(CUSTOMER, "hello", sid="SM" + "d" * 32)[0] == 200
     assert relay.inbound(CUSTOMER, "hello", sid="SM" + "d" * 32)[0] == 200
-    wait_until(lambda: fake_twilio.delivered(SERGIO))
-    time.sleep(0.5)
-    assert len(fake_twilio.requests) == 1
+    barrier(relay, fake_twilio)
+    assert len(fake_twilio.requests) == 2  # the page once, then the barrier's
     assert len(relay.events("inbound_duplicate")) == 1
 
 
@@ -80,8 +77,8 @@ def test_text_to_a_number_that_is_no_line_relays_nothing(start_relay, fake_twili
     assert status == 200
     assert "<Message>" not in twiml
     assert wait_until(lambda: relay.events("inbound_no_line"))
-    time.sleep(0.3)
-    assert fake_twilio.requests == []
+    barrier(relay, fake_twilio)
+    assert len(fake_twilio.requests) == 1  # the barrier's page only
 
 
 def test_backup_is_paged_when_primary_stays_silent(start_relay, fake_twilio):
@@ -96,12 +93,13 @@ def test_backup_is_paged_when_primary_stays_silent(start_relay, fake_twilio):
 def test_reply_from_primary_stops_the_escalation(start_relay, fake_twilio):
     relay = start_relay(config_text(primary_wait="2s"))
     relay.inbound(CUSTOMER, "need a ride")
-    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    relay.inbound(OTHER_CUSTOMER, "me too")  # not taken: its backup page shows the deadline has passed
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2)
     status, twiml = relay.inbound(SERGIO, "#1 on it")
     assert status == 200
     assert "<Message>" in twiml and "#1" in twiml
-    time.sleep(3)
-    assert fake_twilio.delivered(BACKUP) == []
+    backup = wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=5)
+    assert [OTHER_CUSTOMER in m["Body"] for m in backup] == [True]
     assert relay.events("acknowledged")[0]["contact"] == "Sergio"
 
 

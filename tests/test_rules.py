@@ -305,3 +305,52 @@ def test_reply_codes_do_not_run_out_at_four_digits():
 def test_a_six_digit_code_in_a_reply_is_read_whole():
     assert relay.named_code("#123456 on it", set()) == "123456"
     assert relay.named_code("123456", set()) == "123456"
+
+
+def test_wait_counts_from_when_the_step_began_even_when_the_send_succeeds_late(clock):
+    conv = new_conversation()
+    clock.tick(100)
+    relay.record_sent(conv, 0, msid("late"), time.time())
+    clock.tick(20)
+    assert relay.expire(conv, time.time()) == "escalated"
+
+
+def test_a_failed_delivery_report_after_an_acknowledgement_changes_nothing(clock):
+    conv = new_conversation()
+    relay.record_sent(conv, 0, msid("x"), time.time())
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("ack")}, time.time())
+    assert relay.record_status(conv, 0, "failed", "30003", time.time()) is None
+    assert conv.status == "acknowledged" and paged(conv) == [SERGIO]
+
+
+def test_retry_after_is_capped_at_five_minutes():
+    assert relay.retry_delay(1, 10_000, 0.0) == relay.RETRY_AFTER_CAP == 300
+
+
+def test_relay_text_fits_1600_utf16_units_counted_independently():
+    for body in ("🚤" * 2000, "é" * 3000, "x" * 5000, "🚤x" * 900, "🚤" * 790):
+        text = new_conversation(body=body).pages[0].body
+        assert len(text.encode("utf-16-le")) // 2 <= 1600
+        assert len(text.encode("utf-16-le")) // 2 >= 1500  # cut near the limit, not far below it
+
+
+def test_a_page_with_emoji_counts_two_units_for_each():
+    assert relay.utf16_len("🚤") == 2 and relay.utf16_len("é") == 1
+
+
+def test_a_page_taken_while_with_twilio_tells_its_contact_who_took_it(clock):
+    conv = new_conversation()
+    relay.record_sent(conv, 0, msid("p0"), time.time())
+    clock.tick(120)
+    relay.expire(conv, time.time())  # the backup's page is handed to Twilio...
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("ack")}, time.time())  # ...and Sergio answers meanwhile
+    relay.record_sent(conv, 1, msid("p1"), time.time())
+    notices = [p for p in conv.pages if p.kind == "notice"]
+    assert [(p.to, p.body) for p in notices] == [(BACKUP, f"QDN #1 from {CUSTOMER} was taken by Sergio.")]
+
+
+def test_a_page_not_yet_with_twilio_is_never_sent_after_an_acknowledgement(clock):
+    conv = new_conversation()
+    relay.acknowledge(conv, SERGIO_C, {"sid": msid("ack")}, time.time())
+    assert conv.pages[0].state == "cancelled"
+    assert relay.next_wakeup(conv) is None

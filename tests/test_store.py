@@ -52,7 +52,7 @@ def test_torn_last_journal_line_is_skipped(tmp_path):
     store = opened(tmp_path)
     store.wait(store.save(conversation(msid("1"), time.time())))
     with open(store.journal.path, "ab") as f:
-        f.write(b'{"id": msid("2"), "line": "Q')
+        f.write(b'{"id": "SM2", "line": "Q')
     again = reopen(store)
     assert set(again.conversations) == {msid("1")}
     for path in tmp_path.glob("*.jsonl"):
@@ -148,3 +148,80 @@ def test_an_empty_journal_needs_no_fold(tmp_path):
         store = opened(tmp_path)
         clock.tick(7200)
         assert not store.needs_fold()
+
+
+def test_a_finished_conversation_with_texts_still_to_send_is_not_archived(tmp_path):
+    store = opened(tmp_path)
+    config = relay.Config(lines=(QDN,), alarm_phone="+16195550199")
+    conv = relay.start_conversation(QDN, config, msid("1"), CUSTOMER, "hello", "1", time.time())
+    relay.record_sent(conv, 0, msid("p"), time.time())
+    assert relay.escalate(conv, time.time()) == "unanswered"  # the alarm text is still to send
+    store.wait(store.save(conv))
+    store.fold()
+    assert msid("1") in store.conversations and list(tmp_path.glob("archive-*")) == []
+
+
+def test_an_archive_day_is_kept_until_the_whole_day_is_older_than_the_retention(tmp_path):
+    with freeze_time("2026-11-01 23:00:00") as clock:
+        store = opened(tmp_path)
+        done = conversation(msid("1"), time.time())
+        relay.acknowledge(done, QDN.chain[0], {"sid": msid("1r")}, time.time())
+        store.wait(store.save(done))
+        store.fold()
+        clock.move_to("2026-11-08 23:59:00")  # the last text of that day is not yet 7 days old
+        assert store.prune(time.time(), CONFIG.retention) == 0 and store.knows(msid("1"))
+        clock.move_to("2026-11-09 00:01:00")
+        assert store.prune(time.time(), CONFIG.retention) == 1 and not store.knows(msid("1"))
+
+
+def test_a_text_that_joined_no_conversation_is_still_known_after_a_restart(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save_stray(msid("stray"), "QDN: nothing is waiting for you.", time.time()))
+    store.fold()
+    again = reopen(store)
+    assert again.knows(msid("stray")) and again.answer_given(msid("stray")) == "QDN: nothing is waiting for you."
+
+
+def test_a_damaged_snapshot_is_moved_aside_and_the_rest_is_read(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation(msid("1"), time.time())))
+    store.wait(store.save(conversation(msid("2"), time.time())))
+    store.fold()
+    snapshot = tmp_path / "conversations.jsonl"
+    lines = snapshot.read_bytes().splitlines(keepends=True)
+    snapshot.write_bytes(lines[0] + b"{not json\n" + b"".join(lines[2:]))
+    again = reopen(store)
+    assert set(again.conversations) == {msid("2")}
+    (aside,) = tmp_path.glob("conversations.jsonl.damaged-*")
+    assert b"{not json" in aside.read_bytes() and again.damaged == [(aside.name, 1)]
+    assert set(reopen(again).conversations) == {msid("2")}  # what could be read is written anew
+
+
+def test_a_failed_write_leaves_no_half_line_for_the_next_one_to_follow(tmp_path, monkeypatch):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation(msid("1"), time.time())))
+    real_write = relay.write_all
+
+    def write_half_then_fail(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(relay, "write_all", write_half_then_fail)
+    with pytest.raises(relay.StoreFailure):
+        store.wait(store.save(conversation(msid("2"), time.time())))
+    monkeypatch.setattr(relay, "write_all", real_write)
+    store.reopen()
+    store.wait(store.save(conversation(msid("3"), time.time())))
+    again = reopen(store)
+    assert set(again.conversations) == {msid("1"), msid("3")} and again.damaged == []
+
+
+def test_a_closed_journal_never_writes_to_its_old_descriptor(tmp_path):
+    store = opened(tmp_path)
+    journal = store.journal
+    journal.close()
+    other = os.open(tmp_path / "unrelated", os.O_WRONLY | os.O_CREAT)  # may reuse the number
+    with pytest.raises(relay.StoreFailure):
+        journal.wait(journal.append(b"{}\n"))
+    os.close(other)
+    assert (tmp_path / "unrelated").read_bytes() == b""

@@ -1,5 +1,6 @@
 """The WSGI app in-process: health, and hostile or broken input thrown at every route."""
 
+import dataclasses
 import io
 import json
 import shutil
@@ -129,6 +130,46 @@ def test_stop_from_a_contact_acknowledges_nothing(service):
     assert service.store.conversations[msid("1")].is_open
 
 
+def test_dry_run_still_checks_signatures_with_the_dry_run_token(tmp_path):
+    service = make_relay(tmp_path / "state")
+    service.settings = relay.Settings.from_env({"RELAY_STATE_DIR": str(tmp_path / "state")}, dry_run=True)
+    app = relay.make_app(service)
+    params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    assert signed_post(app, "/api/sms/inbound", params, token=TOKEN)[0] == 403
+    assert signed_post(app, "/api/sms/inbound", params, token="dry-run")[0] == 200
+
+
+def test_the_journal_is_written_and_synced_before_the_answer(service, monkeypatch):
+    order = []
+    real_fsync, real_write = relay.os.fsync, relay.write_all
+    journal_fd = service.store.journal.fd
+    monkeypatch.setattr(relay.os, "fsync", lambda fd: (order.append(("fsync", fd)), real_fsync(fd))[1])
+    monkeypatch.setattr(relay, "write_all", lambda fd, data: (order.append(("write", fd)), real_write(fd, data))[1])
+    params = {"MessageSid": msid("synced"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 200
+    order.append(("answered", None))
+    assert order == [("write", journal_fd), ("fsync", journal_fd), ("answered", None)]
+
+
+def test_message_bodies_stay_out_of_the_logs_unless_asked_for(tmp_path, capsys):
+    for log_bodies in (False, True):
+        config = relay.Config(lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),))
+        service = make_relay(tmp_path / f"state-{log_bodies}", dataclasses.replace(config, log_bodies=log_bodies))
+        service.receive({"MessageSid": msid(log_bodies), "From": CUSTOMER, "To": LINE, "Body": "my card is 4111"})
+        assert ("my card is 4111" in capsys.readouterr().out) is log_bodies
+
+
+def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
+    app = relay.make_app(service)
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("2"), "From": SERGIO, "To": LINE, "Body": "#1 ok"})
+    with service.lock:
+        service.store.fold()
+    assert msid("1") not in service.store.conversations
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    assert service.store.conversations == {} and service.open_by_sender == {}
+
+
 # -- thousands of malformed requests ---------------------------------------
 
 MALFORMED_EXAMPLES = 2500
@@ -190,4 +231,37 @@ def test_malformed_requests_get_a_clear_4xx_and_change_nothing(hostile_target, r
     if path.startswith("/api/") and status != 200:
         assert 400 <= status < 500
     assert service.store.conversations == {}
+    assert service.gateway.sent == []
+
+
+complete_forms = st.fixed_dictionaries(
+    {"MessageSid": st.sampled_from([msid(n) for n in range(5)]), "From": st.sampled_from([CUSTOMER, SERGIO])},
+    optional={"Body": st.text(max_size=40), "NumMedia": st.sampled_from(["0", "1"])},
+).map(lambda form: {**form, "To": LINE})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    form=complete_forms,
+    signature=st.sampled_from(["none", "garbage", "other-token", "other-url", "other-form"]),
+    garbage=st.text(max_size=40),
+)
+def test_a_complete_text_without_a_valid_signature_gets_403_and_changes_nothing(
+    hostile_target, form, signature, garbage
+):
+    service, app = hostile_target
+    headers = {"Content-Type": FORM}
+    if signature == "garbage":
+        headers["X-Twilio-Signature"] = garbage or "x"
+    elif signature == "other-token":
+        headers["X-Twilio-Signature"] = sign(PUBLIC_URL + "/api/sms/inbound", form, "not-the-token")
+    elif signature == "other-url":
+        headers["X-Twilio-Signature"] = sign("https://evil.example/api/sms/inbound", form)
+    elif signature == "other-form":
+        headers["X-Twilio-Signature"] = sign(
+            PUBLIC_URL + "/api/sms/inbound", {**form, "Body": form.get("Body", "") + "!"}
+        )
+    status, _ = call(app, "POST", "/api/sms/inbound", urllib.parse.urlencode(form).encode(), headers)
+    assert status == 403
+    assert service.store.conversations == {} and service.store.strays == {}
     assert service.gateway.sent == []
