@@ -117,6 +117,8 @@ class Config:
     log_bodies: bool = False
     sender_hourly_cap: int = 20
     outbound_hourly_cap: int = 200
+    catch_up: int = 60  # seconds between asking Twilio for texts the webhook missed; 0 = never
+    catch_up_window: int = 24 * 3600  # how far back the first pass looks, and the most any pass does
 
     def line_for(self, number: str) -> Line | None:
         return next((line for line in self.lines if line.number == number), None)
@@ -129,15 +131,15 @@ HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0
 TEMPLATE_FIELDS = {"line": "QDN", "contact": "Sergio"}
 
 
-def parse_duration(value: object, key: str) -> int:
-    """Seconds from an integer or a string such as "90s", "5m", "1h"."""
+def parse_duration(value: object, key: str, zero: bool = False) -> int:
+    """Seconds from an integer or a string such as "90s", "5m", "1h" (0 only where `zero` allows it)."""
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value
     elif isinstance(value, str) and (m := DURATION.fullmatch(value.strip())):
         seconds = int(m[1]) * DURATION_UNITS[m[2]]
     else:
         raise ConfigError(f'{key}: {value!r} is not a duration like 90, "90s", "5m" or "1h"')
-    if seconds <= 0:
+    if seconds < 0 or seconds == 0 and not zero:
         raise ConfigError(f"{key}: a duration must be more than 0 seconds")
     return seconds
 
@@ -244,9 +246,9 @@ def parse_config(data: dict) -> Config:
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise ConfigError("relay.public_url: must start with https:// (or http://)")
         options["public_url"] = url.rstrip("/")
-    for key in ("wait", "retention"):
+    for key in ("wait", "retention", "catch_up", "catch_up_window"):
         if key in relay:
-            options[key] = parse_duration(relay[key], f"relay.{key}")
+            options[key] = parse_duration(relay[key], f"relay.{key}", zero=key == "catch_up")
     for key, least in (("repeat", 0), ("sender_hourly_cap", 1), ("outbound_hourly_cap", 1)):
         if key in relay:
             options[key] = _count(relay[key], f"relay.{key}", least)
@@ -425,6 +427,9 @@ OPEN = prometheus_client.Gauge("relay_open_conversations", "Conversations waitin
 HELD = prometheus_client.Counter("relay_held_total", "Texts held by a cost cap", ["cap"], registry=METRICS)
 SWEEP_SECONDS = prometheus_client.Gauge("relay_sweep_seconds", "CPU time of the last sweep pass", registry=METRICS)
 SWEEP_LAG = prometheus_client.Gauge("relay_sweep_lag_seconds", "How late the last due deadline fired", registry=METRICS)
+CATCH_UP_FAILURES = prometheus_client.Counter(
+    "relay_catch_up_failures_total", "Catch-up list calls that failed", registry=METRICS
+)
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +491,7 @@ class Conversation:
     timezone: str = "UTC"
     two_way: bool = False
     customer_texts: dict = field(default_factory=dict)  # "acknowledged"/"unanswered" -> template
+    received_at: float | None = None  # when Twilio got the text, if the relay heard of it only later
 
     def to_dict(self) -> dict:
         # dataclasses.asdict deep-copies every value; this is ten times faster and the same JSON.
@@ -1114,6 +1120,30 @@ class TwilioGateway:
             return None
         return sid
 
+    def received(self, number: str, since: float):
+        """Texts Twilio received on `number` since `since`, newest first, as webhook parameters.
+
+        Only the pages reaching back to `since` are read. Each comes with Twilio's time for it.
+        """
+        after = datetime.datetime.fromtimestamp(since, datetime.UTC)
+        for message in self.messages.stream(to=number, date_sent_after=after, page_size=CATCH_UP_PAGE):
+            when = message.date_sent or message.date_created
+            if when is not None and when.timestamp() < since:
+                return  # newest first: the rest is older still
+            if message.direction != "inbound" or message.to != number:
+                continue
+            params = {"MessageSid": message.sid, "From": message.from_, "To": message.to, "Body": message.body or ""}
+            count = int(message.num_media or 0)
+            if count:
+                media = self.client.messages(message.sid).media.list(limit=MAX_MEDIA)
+                params["NumMedia"] = str(len(media))
+                for i, item in enumerate(media):
+                    params[f"MediaUrl{i}"] = (
+                        f"https://api.twilio.com/2010-04-01/Accounts/{message.account_sid}"
+                        f"/Messages/{message.sid}/Media/{item.sid}"
+                    )
+            yield params, (when.timestamp() if when is not None else None)
+
     def find_number(self, number: str):
         """The account's record of an incoming number (its sid, sms_url...), or None."""
         found = self.client.incoming_phone_numbers.list(phone_number=number, limit=1)
@@ -1182,7 +1212,17 @@ def photos(count: int) -> str:
 def relay_text(conv: Conversation) -> str:
     bodies = " / ".join(m["body"] for m in conv.messages)
     media = photos(sum(len(m.get("media", ())) for m in conv.messages))
-    return fit_sms(f"{conv.line} #{conv.code} from {conv.sender}{media}: {bodies}\nReply #{conv.code} to take it.")
+    late = f" (received {ago(conv.created - conv.received_at)})" if conv.received_at is not None else ""
+    return fit_sms(
+        f"{conv.line} #{conv.code} from {conv.sender}{late}{media}: {bodies}\nReply #{conv.code} to take it."
+    )
+
+
+def ago(seconds: float) -> str:
+    minutes = max(0, round(seconds / 60))
+    if minutes < 120:
+        return f"{minutes} min ago"
+    return f"{minutes // 60} h {minutes % 60} min ago"
 
 
 def followup_text(conv: Conversation, body: str, media: list[str]) -> str:
@@ -1234,7 +1274,15 @@ def tell_customer(conv: Conversation, event: str, now: float, contact: str = "")
 
 
 def start_conversation(
-    line: Line, config: Config, sid: str, sender: str, body: str, code: str, now: float, media: list[str] = ()
+    line: Line,
+    config: Config,
+    sid: str,
+    sender: str,
+    body: str,
+    code: str,
+    now: float,
+    media: list[str] = (),
+    received_at: float | None = None,
 ) -> Conversation:
     conv = Conversation(
         id=sid,
@@ -1257,6 +1305,7 @@ def start_conversation(
             for event, text in (("acknowledged", line.acknowledged_text), ("unanswered", line.unanswered_text))
             if text
         },
+        received_at=received_at,
     )
     _begin_step(conv, 0, now)
     return conv
@@ -1680,8 +1729,12 @@ class Relay:
 
     # -- inbound -------------------------------------------------------------
 
-    def receive(self, params: dict[str, str]) -> str:
-        """Handle a verified inbound text; returns the TwiML answer once the outcome is durable."""
+    def receive(self, params: dict[str, str], received_at: float | None = None) -> str:
+        """Handle a verified inbound text; returns the TwiML answer once the outcome is durable.
+
+        `received_at` is set for a text found by catch-up: when Twilio got it. Its page says how long
+        ago that was, and a contact's reply gets its answer by SMS, since no webhook waits for it.
+        """
         sid, sender, to = (params.get(k, "").strip() for k in ("MessageSid", "From", "To"))
         missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
         if missing:
@@ -1730,7 +1783,7 @@ class Relay:
                 code, self.codes[line.name] = next_code(
                     self.open_codes.get(line.name, {}), self.codes.get(line.name, 0)
                 )
-                conv = start_conversation(line, config, sid, sender, body, code, now, media)
+                conv = start_conversation(line, config, sid, sender, body, code, now, media, received_at)
                 event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
                 if not self.sender_window.take((line.name, sender), config.sender_hourly_cap, now):
                     hold(conv, "sender cap", now)
@@ -1741,16 +1794,33 @@ class Relay:
                     answer.message(conv.messages[0]["answer"])
                 if conv.step:
                     fields["skipped_off_duty"] = conv.step
+            said = answer.verbs[0].value if answer.verbs else None
+            confirm = said if received_at is not None and contact is not None else None
             if conv is not None:
+                if confirm:
+                    conv.pages.append(Page(to=sender, body=confirm, kind="confirmation", retry_at=now))
+                    confirm = None
                 ticket = self._save(conv)
             else:  # remembered all the same, so a retry of it is known and answered alike
-                said = answer.verbs[0].value if answer.verbs else None
                 ticket = self.store.save_stray(sid, said, now)
         self.store.wait(ticket)
         with self.lock:
             self.wake.notify()
-        INBOUND.labels(event.removeprefix("inbound_")).inc()
-        log("info", event, message_sid=sid, **fields, body=self._body(body))
+        if confirm:  # a caught-up reply that matched nothing: no conversation to carry the answer
+            self.senders.submit(self._send_direct, line.number, sender, confirm)
+        if received_at is not None:
+            INBOUND.labels("caught_up").inc()
+            log(
+                "info",
+                "inbound_caught_up",
+                message_sid=sid,
+                **fields,
+                handled_as=event,
+                late_s=round(now - received_at),
+            )
+        else:
+            INBOUND.labels(event.removeprefix("inbound_")).inc()
+            log("info", event, message_sid=sid, **fields, body=self._body(body))
         return str(answer)
 
     def _reply(self, line: Line, contact: Contact, sid: str, body: str, now: float, answer: MessagingResponse):
@@ -2072,17 +2142,22 @@ class Relay:
                 "and the relay runs on with everything readable."
             )
             if self.config.alarm_phone:
-                self.senders.submit(self._tell_alarm_phone, text)
+                self.senders.submit(self._send_direct, self.config.lines[0].number, self.config.alarm_phone, text)
         self.store.damaged = []
 
-    def _tell_alarm_phone(self, text: str) -> None:
+    def _send_direct(self, from_: str, to: str, text: str) -> None:
+        """A text about no conversation, sent with a few retries and not stored."""
         for attempt in range(1, 6):
             try:
-                self.gateway.send(self.config.lines[0].number, self.config.alarm_phone, text, None)
-                return
+                sid = self.gateway.send(from_, to, text, None)
             except SendError as e:
-                log("warning", "alarm_send_failed", reason=e.reason, attempt=attempt)
+                log("warning", "direct_send_failed", to=to, reason=e.reason, attempt=attempt)
+                if e.permanent:
+                    return
                 time.sleep(retry_delay(attempt, e.retry_after, self.random.random()))
+            else:
+                log("info", "direct_sent", to=to, twilio_sid=sid)
+                return
 
 
 # ---------------------------------------------------------------------------
@@ -2242,6 +2317,67 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Catch-up: texts Twilio received that the webhook never brought
+#
+# Twilio does not retry a failed SMS webhook, but it keeps every text. So each
+# line's received texts are listed now and then, and any MessageSid the relay
+# has not seen is handled exactly as the webhook would have. The MessageSid
+# dedup makes the webhook and the catch-up safe to race.
+# ---------------------------------------------------------------------------
+
+CATCH_UP_PAGE = 50
+CATCH_UP_OVERLAP = 300.0  # each pass reads back this far before the previous one began: clocks differ
+CATCH_UP_FILE = "catch_up.json"
+
+
+def catch_up_pass(relay: Relay, since: float) -> bool:
+    """One pass over every line; True when every list call went through."""
+    all_well = True
+    for line in relay.config.lines:
+        try:
+            for params, received_at in relay.gateway.received(line.number, since):
+                if relay.store.knows(params["MessageSid"]):
+                    continue  # the usual case: the webhook brought it
+                try:
+                    relay.receive(params, received_at=received_at or relay.clock())
+                except (BadRequest, StoreFailure) as e:  # tried again at the next pass
+                    log("warning", "catch_up_text_failed", message_sid=params["MessageSid"], reason=str(e))
+                    all_well = False
+        except (TwilioException, requests.RequestException) as e:
+            CATCH_UP_FAILURES.inc()
+            status = getattr(e, "status", None) or getattr(e.args[-1] if e.args else None, "status_code", None)
+            level = "error" if status in ACCOUNT_STATUSES else "warning"
+            log(level, "catch_up_failed", line=line.name, status=status, reason=type(e).__name__)
+            all_well = False
+    return all_well
+
+
+def run_catch_up(relay: Relay, stop: threading.Event) -> None:
+    """At start and then every `catch_up`: each pass reads back to a little before the previous began."""
+    since = relay.clock() - relay.config.catch_up_window
+    while not stop.is_set() and relay.config.catch_up:
+        began = relay.clock()
+        oldest = began - relay.config.catch_up_window  # nothing older is ever caught up
+        try:
+            done = catch_up_pass(relay, max(since, oldest))
+        except Exception as e:  # never let a surprise stop the catch-up for good
+            log("error", "catch_up_failed", reason=repr(e))
+            done = False
+        if done:
+            since = began - CATCH_UP_OVERLAP
+        record_catch_up(relay.settings.state_dir, began, done)
+        stop.wait(relay.config.catch_up)
+
+
+def record_catch_up(state_dir: Path, began: float, done: bool) -> None:
+    """For `status`: when the last pass ran and whether it went through."""
+    try:
+        write_atomically(state_dir / CATCH_UP_FILE, json.dumps({"last_pass": began, "ok": done}).encode())
+    except OSError as e:
+        log("warning", "catch_up_not_recorded", reason=e.strerror)
+
+
+# ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
 
@@ -2277,6 +2413,13 @@ def describe(settings: Settings, config: Config) -> list[str]:
             "arrived on, and no delivery reports are asked for"
         )
     out.append("mode: dry-run, nothing is sent" if settings.dry_run else f"REST: {settings.api_base_url}")
+    if settings.dry_run or not config.catch_up:
+        out.append("catch-up: off (texts the webhook misses are not looked for)")
+    else:
+        out.append(
+            f"catch-up: every {config.catch_up}s, Twilio is asked for texts the webhook missed "
+            f"(the first pass looks back {config.catch_up_window}s)"
+        )
     return out
 
 
@@ -2373,6 +2516,8 @@ def cmd_serve(args) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_gracefully)
     sweeper.start()
+    if not settings.dry_run and config.catch_up:
+        threading.Thread(target=run_catch_up, args=(relay, stop), name="catch-up", daemon=True).start()
     server.run()
     return 0
 
@@ -2439,6 +2584,8 @@ def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
     all_well = True
     for line in config.lines:
         try:
+            gateway.messages.list(to=line.number, limit=1)
+            print(f"{line.name} {line.number}: ok, the credentials may list received texts (for catch-up)")
             record = gateway.find_number(line.number)
             if record is None:
                 print(
@@ -2515,6 +2662,12 @@ def cmd_status(args) -> int:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
     print(f"{sum(c.is_open for c in convs)} open conversation(s)")
+    try:
+        last = json.loads((settings.state_dir / CATCH_UP_FILE).read_text())
+        outcome = "ok" if last["ok"] else "failed (tried again at the next pass)"
+        print(f"last catch-up: {when(last['last_pass'])}, {outcome}")
+    except (OSError, ValueError, KeyError):
+        print("last catch-up: never (not in dry-run, not yet, or catch_up = 0)")
     for conv in convs:
         held = len(held_pages(conv))
         if not conv.is_open:

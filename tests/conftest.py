@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
@@ -140,6 +141,7 @@ def make_relay(state_dir, config: relay.Config | None = None) -> relay.Relay:
 # ---------------------------------------------------------------------------
 
 MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages\.json")
+MEDIA_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages/((?:SM|MM)[0-9a-f]{32})/Media\.json")
 NUMBERS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/IncomingPhoneNumbers(?:/(PN[0-9a-f]{32}))?\.json")
 
 
@@ -161,6 +163,9 @@ class FakeTwilio:
         self.stalls: dict[str, str] = {}
         self.latency = 0.0
         self.released = threading.Event()  # ends every stall, at close
+        self.inbox: list[dict] = []  # texts Twilio received, for catch-up to list (add with `receive`)
+        self.list_requests: list[dict] = []  # the query of every Messages list call
+        self.list_faults: deque = deque()  # (status, code) answers to give list calls first
         self.lock = threading.Lock()
         self.count = 0
         fake = self
@@ -175,6 +180,10 @@ class FakeTwilio:
             def do_GET(self):
                 """/_received: what was delivered, for a benchmark in another process; or a numbers list."""
                 target = urllib.parse.urlsplit(self.path)
+                if MESSAGES_PATH.fullmatch(target.path):
+                    return self._list_messages(dict(urllib.parse.parse_qsl(target.query)))
+                if m := MEDIA_PATH.fullmatch(target.path):
+                    return self._list_media(m[2])
                 if NUMBERS_PATH.fullmatch(target.path):
                     if fake.reject_credentials:
                         return self._answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
@@ -238,6 +247,40 @@ class FakeTwilio:
                 body = {"sid": sid, "status": "queued", "to": form.get("To"), "from": form.get("From")}
                 self._answer(201, body)
 
+            def _list_messages(self, query):
+                fake.list_requests.append(query)
+                if not self.headers.get("Authorization"):
+                    return self._answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
+                with fake.lock:
+                    fault = fake.list_faults.popleft() if fake.list_faults else None
+                if fault:
+                    return self._answer(fault[0], {"code": fault[1], "message": "fault", "status": fault[0]})
+                since = query.get("DateSent>")
+                since = time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone if since else 0
+                found = sorted(
+                    (m for m in fake.inbox if m["to"] == query.get("To") and m["date_sent"] >= since),
+                    key=lambda m: -m["date_sent"],
+                )
+                size, page = int(query.get("PageSize", 50)), int(query.get("Page", 0))
+                rows = found[page * size : (page + 1) * size]
+                next_uri = None
+                if (page + 1) * size < len(found):
+                    rest = urllib.parse.urlencode({**query, "Page": page + 1, "PageToken": f"PA{page + 1}"})
+                    next_uri = f"{self.path.split('?')[0]}?{rest}"
+                body = {
+                    "messages": [fake.message_json(m) for m in rows],
+                    "next_page_uri": next_uri,
+                    "page": page,
+                    "page_size": size,
+                    "uri": self.path,
+                }
+                self._answer(200, body)
+
+            def _list_media(self, sid):
+                message = next((m for m in fake.inbox if m["sid"] == sid), None)
+                media = [{"sid": media_sid, "parent_sid": sid} for media_sid in (message or {}).get("media", [])]
+                self._answer(200, {"media_list": media, "next_page_uri": None, "page": 0, "page_size": 50})
+
             def _answer(self, status, body, headers=None):
                 self._raw_answer(status, json.dumps(body).encode(), "application/json", headers)
 
@@ -255,6 +298,37 @@ class FakeTwilio:
         self.server.handle_error = lambda request, address: None  # a client killed mid-request is expected here
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def receive(self, sender: str, to: str, body: str, ago: float = 0.0, media: int = 0, direction="inbound") -> str:
+        """A text Twilio got `ago` seconds back (whether or not any webhook was called); returns its sid."""
+        sid = msid(f"inbox {len(self.inbox)} {sender} {body}")
+        media_sids = [f"ME{hashlib.md5(f'{sid}{i}'.encode()).hexdigest()}" for i in range(media)]
+        self.inbox.append(
+            {"sid": sid, "from": sender, "to": to, "body": body, "date_sent": time.time() - ago}
+            | {"direction": direction, "media": media_sids}
+        )
+        return sid
+
+    @staticmethod
+    def message_json(m: dict) -> dict:
+        stamp = email.utils.formatdate(m["date_sent"], usegmt=True)
+        return {
+            "sid": m["sid"],
+            "account_sid": ACCOUNT,
+            "from": m["from"],
+            "to": m["to"],
+            "body": m["body"],
+            "direction": m["direction"],
+            "status": "received",
+            "num_media": str(len(m["media"])),
+            "num_segments": "1",
+            "date_sent": stamp,
+            "date_created": stamp,
+            "date_updated": stamp,
+            "api_version": "2010-04-01",
+            "uri": f"/2010-04-01/Accounts/{ACCOUNT}/Messages/{m['sid']}.json",
+            "subresource_uris": {"media": f"/2010-04-01/Accounts/{ACCOUNT}/Messages/{m['sid']}/Media.json"},
+        }
 
     def add_number(self, phone: str, sms_url: str | None = None) -> dict:
         sid = f"PN{len(self.numbers) + 1:032x}"

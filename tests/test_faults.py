@@ -295,7 +295,7 @@ def test_a_message_sid_not_in_twilios_form_gets_400(start_relay):
 
 
 def test_many_concurrent_health_checks_all_answer_200_and_write_nothing(start_relay):
-    relay = start_relay(config_text())
+    relay = start_relay(config_text(extra_relay="catch_up = 0"))  # its record of each pass is a write
     before = {p.name: p.stat().st_mtime_ns for p in relay.state_dir.iterdir()}
     results = []
     threads = [threading.Thread(target=lambda: results.append(relay.get("/healthz")[0])) for _ in range(64)]

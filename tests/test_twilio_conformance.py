@@ -67,7 +67,7 @@ def run_scenario(tmp_path, prism_url: str, env: dict) -> RelayProcess:
 
 def test_every_request_is_accepted_by_twilios_api_description(tmp_path, prism_url):
     relay = run_scenario(tmp_path, prism_url, {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN})
-    assert relay.events("send_failed") == []
+    assert relay.events("send_failed") == [] and relay.events("catch_up_failed") == []
     sent = relay.events("relay_sent")
     assert len(sent) == SCENARIO_SENDS
     assert {e["kind"] for e in sent} == {"page", "followup", "notice", "alarm"}
@@ -110,3 +110,15 @@ def test_setup_requests_are_accepted_by_twilios_api_description(prism_url):
     gateway.find_number("+16195550100")
     updated = gateway.point_sms_webhook("PN" + "b" * 32, "https://relay.example.com/api/sms/inbound")
     assert updated.sid.startswith("PN")
+
+
+def test_catch_up_list_calls_are_accepted_by_twilios_api_description(prism_url):
+    """Catch-up lists a line's received texts (GET Messages.json, To and DateSent>) and a text's Media."""
+    import relay as relay_module
+
+    settings = relay_module.Settings.from_env(
+        {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN, "TWILIO_API_BASE_URL": prism_url}
+    )
+    gateway = relay_module.TwilioGateway(settings)
+    list(gateway.received("+16195550100", time.time() - 3600))
+    gateway.client.messages("MM" + "a" * 32).media.list(limit=10)
