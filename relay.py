@@ -500,6 +500,38 @@ class Conversation:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
+    def written_mark(self) -> tuple[int, int, list[int]]:
+        """What a journal record has of the conversation: its texts, its replies, each page's state."""
+        return len(self.messages), len(self.replies), [page_mark(p) for p in self.pages]
+
+    def delta_json(self, mark: tuple[int, int, list[int]]) -> str:
+        """Only what changed since `mark`: a long conversation costs each write its news, not its length."""
+        messages, replies, pages = mark
+        changed = {str(i): _fields(p) for i, p in enumerate(self.pages) if i >= len(pages) or page_mark(p) != pages[i]}
+        record = {
+            "delta": self.id,
+            "set": {k: getattr(self, k) for k in self.__slots__ if k not in LISTED_FIELDS},
+            "messages": self.messages[messages:],
+            "replies": self.replies[replies:],
+            "pages": changed,
+        }
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+    def apply_delta(self, record: dict) -> None:
+        for key, value in record["set"].items():
+            if key in LISTED_FIELDS or key not in self.__slots__:
+                raise ValueError(f"not a field a delta sets: {key}")
+            setattr(self, key, value)
+        self.messages.extend(record["messages"])
+        self.replies.extend(record["replies"])
+        for index, page in sorted(record["pages"].items(), key=lambda item: int(item[0])):
+            if int(index) < len(self.pages):
+                self.pages[int(index)] = Page(**page)
+            elif int(index) == len(self.pages):
+                self.pages.append(Page(**page))
+            else:
+                raise ValueError(f"page {index} follows no page {len(self.pages)}")
+
     @classmethod
     def from_json(cls, data: dict) -> Conversation:
         data = dict(data)
@@ -527,6 +559,13 @@ class Conversation:
 
 def _fields(obj) -> dict:
     return {name: getattr(obj, name) for name in obj.__slots__}
+
+
+LISTED_FIELDS = {"chain", "messages", "replies", "pages", "customer_texts"}  # what a delta never sets whole
+
+
+def page_mark(page: Page) -> int:
+    return hash((page.state, page.attempts, page.retry_at, page.sid, page.error, page.sent_at, page.counted, page.body))
 
 
 @functools.cache
@@ -715,6 +754,7 @@ class Store:
 
     def _forget(self) -> None:
         self.conversations: dict[str, Conversation] = {}  # all not yet archived
+        self.written: dict[str, tuple] = {}  # conversation id -> what the journal has of it (see delta_json)
         self.seen: dict[str, str] = {}  # message sid -> conversation id, for those above
         # Texts that belong to no conversation (a contact's reply that matched nothing, a keyword):
         # remembered with their answer, so a retry of one changes nothing and gets the same answer.
@@ -776,6 +816,10 @@ class Store:
             try:
                 if "stray" in data:
                     self.strays[data["stray"]["sid"]] = data["stray"]
+                elif "delta" in data:
+                    conv = self.conversations[data["delta"]]
+                    conv.apply_delta(data)
+                    self._remember(conv)
                 else:
                     self._remember(Conversation.from_json(data))
             except (KeyError, TypeError, ValueError, AttributeError):
@@ -794,6 +838,7 @@ class Store:
 
     def _start(self) -> None:
         self.load(quarantine=True)
+        self.written = {cid: conv.written_mark() for cid, conv in self.conversations.items()}
         # A probe first: a full disk is said plainly here, not found at the first text.
         write_atomically(self.dir / ".probe", b"x" * 4096)
         (self.dir / ".probe").unlink()
@@ -838,7 +883,10 @@ class Store:
     def save(self, conv: Conversation) -> tuple[Journal, int]:
         """Queue the conversation's new state; call wait(ticket) before acting on it outside."""
         self._remember(conv)
-        return self._append(conv.to_json())
+        mark = self.written.get(conv.id)
+        ticket = self._append(conv.to_json() if mark is None else conv.delta_json(mark))
+        self.written[conv.id] = conv.written_mark()
+        return ticket
 
     def save_stray(self, sid: str, answer: str | None, now: float) -> tuple[Journal, int]:
         """Remember a text that joined no conversation, with the answer it got."""
@@ -912,10 +960,12 @@ class Store:
             for sid in sids:
                 self.seen.pop(sid, None)
             del self.conversations[conv.id]
+            self.written.pop(conv.id, None)
         lines = [json.dumps({"generation": self.generation + 1})]
         lines.extend(c.to_json() for c in self.conversations.values())
         lines.extend(json.dumps({"stray": stray}, ensure_ascii=False) for stray in self.strays.values())
         write_atomically(self.dir / self.SNAPSHOT, ("\n".join(lines) + "\n").encode())
+        self.written = {cid: conv.written_mark() for cid, conv in self.conversations.items()}
         self.generation += 1
         for gen, path in self._journals():
             if gen < self.generation:

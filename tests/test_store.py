@@ -225,3 +225,46 @@ def test_a_closed_journal_never_writes_to_its_old_descriptor(tmp_path):
         journal.wait(journal.append(b"{}\n"))
     os.close(other)
     assert (tmp_path / "unrelated").read_bytes() == b""
+
+
+def journal_bytes_for_a_conversation_of(texts: int, directory) -> int:
+    store = opened(directory)
+    conv = conversation(msid("long"), time.time())
+    relay.record_sent(conv, 0, msid("p"), time.time())
+    store.wait(store.save(conv))
+    for n in range(texts):
+        relay.join(conv, msid(f"more {n}"), f"and another thing, number {n}", time.time())
+        store.wait(store.save(conv))
+        relay.record_sent(conv, len(conv.pages) - 1, msid(f"sent {n}"), time.time())
+        store.wait(store.save(conv))
+    return store.journal.size
+
+
+def test_a_long_conversation_costs_journal_writes_in_proportion_to_its_texts(tmp_path):
+    hundred = journal_bytes_for_a_conversation_of(100, tmp_path / "a")
+    two_hundred = journal_bytes_for_a_conversation_of(200, tmp_path / "b")
+    assert two_hundred < 2.2 * hundred
+
+
+def test_a_conversation_written_as_changes_reads_back_whole(tmp_path):
+    store = opened(tmp_path)
+    conv = conversation(msid("1"), time.time())
+    store.wait(store.save(conv))
+    relay.join(conv, msid("2"), "second", time.time())
+    relay.record_sent(conv, 0, msid("p"), time.time())
+    store.wait(store.save(conv))
+    relay.acknowledge(conv, QDN.chain[0], {"sid": msid("3"), "answer": "yours"}, time.time())
+    store.wait(store.save(conv))
+    assert reopen(store).conversations[msid("1")].to_dict() == conv.to_dict()
+
+
+def test_a_change_whose_conversation_was_lost_counts_as_damage(tmp_path):
+    store = opened(tmp_path)
+    conv = conversation(msid("1"), time.time())
+    store.wait(store.save(conv))
+    relay.join(conv, msid("2"), "second", time.time())
+    store.wait(store.save(conv))
+    journal = store.journal.path
+    journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[1:]))  # the whole record lost
+    again = reopen(store)
+    assert again.conversations == {} and again.damaged[0][1] == 1
