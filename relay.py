@@ -27,6 +27,7 @@ import fcntl
 import functools
 import hashlib
 import heapq
+import html
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 from twilio.rest import Client
 from twilio.twiml.messaging_response import MessagingResponse
+from twilio.twiml.voice_response import VoiceResponse
 
 # ---------------------------------------------------------------------------
 # Settings and config
@@ -89,6 +91,7 @@ class Contact:
     phone: str
     wait: int
     hours: str | None = None  # "07:00-22:00" in the line's time zone; None is always
+    via: str = "sms"  # "sms", "call" or "sms+call": how a step pages this contact
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Config:
     log_bodies: bool = False
     sender_hourly_cap: int = 20
     outbound_hourly_cap: int = 200
+    call_hourly_cap: int = 30  # calls cost more than texts: their own cap
     catch_up: int = 60  # seconds between asking Twilio for texts the webhook missed; 0 = never
     catch_up_window: int = 24 * 3600  # how far back the first pass looks, and the most any pass does
 
@@ -129,6 +133,7 @@ LINE_KEYS = {f.name for f in dataclasses.fields(Line)}
 CONTACT_KEYS = {f.name for f in dataclasses.fields(Contact)}
 HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
 TEMPLATE_FIELDS = {"line": "QDN", "contact": "Sergio"}
+CHANNELS = {"sms": ("page",), "call": ("call",), "sms+call": ("page", "call")}  # via -> kinds of page
 
 
 def parse_duration(value: object, key: str, zero: bool = False) -> int:
@@ -212,7 +217,14 @@ def _parse_contact(raw: object, where: str, default_wait: int) -> Contact:
         _phone(raw.get("phone"), f"{where}.phone"),
         parse_duration(raw["wait"], f"{where}.wait") if "wait" in raw else default_wait,
         _hours(raw["hours"], f"{where}.hours") if "hours" in raw else None,
+        _via(raw["via"], f"{where}.via") if "via" in raw else "sms",
     )
+
+
+def _via(value: object, key: str) -> str:
+    if value not in CHANNELS:
+        raise ConfigError(f'{key}: {value!r} is not one of "sms", "call" or "sms+call"')
+    return value
 
 
 def _parse_line(raw: object, where: str, default_wait: int) -> Line:
@@ -249,7 +261,7 @@ def parse_config(data: dict) -> Config:
     for key in ("wait", "retention", "catch_up", "catch_up_window"):
         if key in relay:
             options[key] = parse_duration(relay[key], f"relay.{key}", zero=key == "catch_up")
-    for key, least in (("repeat", 0), ("sender_hourly_cap", 1), ("outbound_hourly_cap", 1)):
+    for key, least in (("repeat", 0), ("sender_hourly_cap", 1), ("outbound_hourly_cap", 1), ("call_hourly_cap", 1)):
         if key in relay:
             options[key] = _count(relay[key], f"relay.{key}", least)
     if "alarm_phone" in relay:
@@ -463,6 +475,7 @@ class Page:
     media: list[str] = field(default_factory=list)  # MMS media URLs passed on
     sent_at: float | None = None  # when Twilio took it
     counted: bool = False  # counted against the outbound cap (once, whatever the retries)
+    call_status: str | None = None  # a call's last progress report from Twilio (ringing, in-progress...)
 
 
 @dataclass(slots=True)
@@ -569,9 +582,9 @@ def page_mark(page: Page) -> int:
 
 
 @functools.cache
-def shared_contact(name: str, phone: str, wait: int, hours: str | None = None) -> Contact:
+def shared_contact(name: str, phone: str, wait: int, hours: str | None = None, via: str = "sms") -> Contact:
     """One Contact object for all the conversations that froze the same chain."""
-    return Contact(name, phone, wait, hours)
+    return Contact(name, phone, wait, hours, via)
 
 
 class StateLocked(Exception):
@@ -1144,14 +1157,39 @@ class TwilioGateway:
             self.client = Client(settings.account_sid, settings.auth_token, http_client=self.http)
         # Built now, not at the first page: the twilio package imports its API modules lazily (~0.1 s).
         self.messages = self.client.messages
+        self.calls = self.client.calls
 
     def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str | None:
         """Twilio's sid for the text, or None when Twilio took it (2xx) but its answer was odd."""
         options = {"status_callback": status_callback} if status_callback else {}
         if media:
             options["media_url"] = list(media)
+        return self._create(lambda: self.messages.create(to=to, from_=from_, body=body, **options), to)
+
+    def call(self, from_: str, to: str, twiml: str, status_callback: str | None) -> str | None:
+        """Place a call that speaks `twiml`; Twilio's sid for it, as `send` gives for a text.
+
+        Answering-machine detection runs beside the call (AsyncAmd), so a voicemail is reported to
+        the status callback within seconds, while a person hears the message at once.
+        """
+        options = {}
+        if status_callback:
+            options = {
+                "status_callback": status_callback,
+                "status_callback_event": ["initiated", "ringing", "answered", "completed"],
+                "machine_detection": "Enable",
+                "async_amd": "true",
+                "async_amd_status_callback": status_callback,
+            }
+        return self._create(lambda: self.calls.create(to=to, from_=from_, twiml=twiml, **options), to)
+
+    def end_call(self, sid: str, status: str) -> None:
+        """Hang up a call: "canceled" for one still ringing, "completed" for one in progress."""
+        self._create(lambda: self.calls(sid).update(status=status), sid)
+
+    def _create(self, request, to: str) -> str | None:
         try:
-            sid = self.messages.create(to=to, from_=from_, body=body, **options).sid
+            sid = request().sid
         except TwilioException as e:
             status, code = getattr(e, "status", None), getattr(e, "code", None)
             reason = f"twilio {status} {code or ''}".strip()
@@ -1219,6 +1257,19 @@ class DryRunGateway:
         append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
         log("info", "dry_run_sms", sid=sid, to=to, from_number=from_, body=body)
         return sid
+
+    def call(self, from_: str, to: str, twiml: str, status_callback: str | None) -> str:
+        with self.lock:
+            self.count += 1
+            sid = "CA" + hashlib.sha1(f"dry-run call {time.time()}{self.count}".encode()).hexdigest()[:32]
+        record = {"ts": time.time(), "sid": sid, "kind": "call", "from": from_, "to": to, "twiml": twiml}
+        record["status_callback"] = status_callback
+        append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+        log("info", "dry_run_call", sid=sid, to=to, from_number=from_, twiml=twiml)
+        return sid
+
+    def end_call(self, sid: str, status: str) -> None:
+        log("info", "dry_run_call_ended", sid=sid, status=status)
 
 
 # ---------------------------------------------------------------------------
@@ -1311,8 +1362,10 @@ def _begin_step(conv: Conversation, step: int, now: float) -> None:
     step = next((s for s in range(step, last + 1) if on_duty(contact_at(conv, s), conv.timezone, now)), last)
     contact = contact_at(conv, step)
     conv.step, conv.step_started, conv.deadline = step, now, now + contact.wait
-    page = Page(to=contact.phone, body=relay_text(conv), kind="page", step=step, retry_at=now, media=all_media(conv))
-    conv.pages.append(page)
+    for kind in CHANNELS[contact.via]:
+        media = all_media(conv) if kind == "page" else []
+        page = Page(to=contact.phone, body=relay_text(conv), kind=kind, step=step, retry_at=now, media=media)
+        conv.pages.append(page)
 
 
 def tell_customer(conv: Conversation, event: str, now: float, contact: str = "") -> None:
@@ -1384,6 +1437,10 @@ def expire(conv: Conversation, now: float) -> str | None:
     return None
 
 
+STEP_KINDS = ("page", "call")  # what a chain step sends its contact
+FAILED_STATES = {"failed", "undelivered", "not_taken"}
+
+
 def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -> None:
     """Stop the escalation; everyone else who got the page is told who took it."""
     conv.status, conv.finished_at, conv.acknowledged_by = "acknowledged", now, contact.name
@@ -1392,10 +1449,83 @@ def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -
     told = [phone for phone in reached_phones(conv, delivered_only=True) if phone != contact.phone]
     for page in conv.pages:
         # Pages not yet with Twilio, and follow-ups still held by a cap, have nobody left to tell.
-        if (page.kind, page.state) in (("page", "pending"), ("page", "held"), ("followup", "held")):
+        unsent = page.state in ("pending", "held") if page.kind in STEP_KINDS else page.state == "held"
+        if unsent and page.kind in (*STEP_KINDS, "followup"):
             page.state = "cancelled"
+        if page.kind == "call" and page.state == "sent" and page.to != contact.phone:
+            # Still ringing someone else: end it. What a call ends with says which way to hang up.
+            conv.pages.append(Page(to=page.to, body=page.sid or "", kind="end_call", retry_at=now))
     conv.pages.extend(Page(to=phone, body=taken_text(conv), kind="notice", retry_at=now) for phone in told)
     tell_customer(conv, "acknowledged", now, contact.name)
+
+
+MAX_TWIML = 4000  # Twilio's limit on inline TwiML
+PROMPT = "Press 1 to take it. Press 2 to pass it on."
+CUT_MARK = " ... The message is cut here; the rest is in your texts."
+GATHER_SECONDS = 6
+
+
+def spoken(text: str) -> str:
+    """Text a voice can read: no control characters, no lone surrogates; emoji pass through."""
+    text = "".join(ch if ch.isprintable() or ch == " " else " " for ch in text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def spoken_number(phone: str) -> str:
+    return " ".join("plus" if ch == "+" else ch for ch in phone)
+
+
+def call_twiml(conv: Conversation, gather_url: str, body_chars: int | None = None) -> str:
+    """The call: whose line, who texted, the text (cut with a mark if long), then the prompt, twice."""
+    bodies = spoken(" ... ".join(m["body"] for m in conv.messages))
+    if body_chars is not None and len(bodies) > body_chars:
+        bodies = bodies[:body_chars] + CUT_MARK
+    said = f"Message on the {conv.line} line from {spoken_number(conv.sender)}. {bodies}. {PROMPT}"
+    response = VoiceResponse()
+    for words in (said, f"Again: {PROMPT}"):
+        response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
+    response.say("Nothing was pressed. Goodbye.")
+    twiml = str(response)
+    if len(twiml) > MAX_TWIML:  # cut the text by what is over, and a little more for the mark
+        return call_twiml(conv, gather_url, max(0, len(bodies) - (len(twiml) - MAX_TWIML) - len(CUT_MARK) - 20))
+    return twiml
+
+
+def key_twiml(words: str, gather_url: str | None = None) -> str:
+    """The answer to a key press: words, then either the prompt once more or the end of the call."""
+    response = VoiceResponse()
+    if gather_url:
+        response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
+        response.say("Nothing was pressed. Goodbye.")
+    else:
+        response.say(words)
+    response.hangup()
+    return str(response)
+
+
+NOT_TAKEN_STATUSES = {"no-answer", "busy", "failed", "canceled"}
+
+
+def call_progress(conv: Conversation, index: int, status: str, answered_by: str, now: float) -> str | None:
+    """Twilio's report on a call: one not taken (or taken by a machine) moves the chain on at once."""
+    page = conv.pages[index]
+    page.call_status = status or page.call_status
+    machine = answered_by.startswith("machine_") or answered_by == "fax"
+    if page.state != "sent":
+        return None  # already taken, passed or given up
+    if machine or status in NOT_TAKEN_STATUSES or status == "completed":
+        page.state, page.error = "not_taken", f"call {answered_by if machine else status}"
+        if machine and status not in ("completed", *NOT_TAKEN_STATUSES):
+            conv.pages.append(Page(to=page.to, body=page.sid or "", kind="end_call", retry_at=now))
+        return delivery_failed(conv, index, now)
+    return None
+
+
+def pass_on(conv: Conversation, contact: Contact, now: float) -> str | None:
+    """A contact says "not me": the next contact is paged at once, if this one holds the current step."""
+    if conv.is_open and contact_at(conv, conv.step).phone == contact.phone:
+        return escalate(conv, now)
+    return None
 
 
 def taken_text(conv: Conversation) -> str:
@@ -1403,9 +1533,9 @@ def taken_text(conv: Conversation) -> str:
 
 
 def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str]:
-    """Contacts paged so far (whose page has not failed), in the order they were paged."""
+    """Contacts paged so far, by text or call (whose page has not failed), in the order they were paged."""
     states = ("sent", "delivered") if delivered_only else ("pending", "sent", "delivered")
-    return list(dict.fromkeys(p.to for p in conv.pages if p.kind == "page" and p.state in states))
+    return list(dict.fromkeys(p.to for p in conv.pages if p.kind in STEP_KINDS and p.state in states))
 
 
 def join(conv: Conversation, sid: str, body: str, now: float, held: str | None = None, media: list[str] = ()) -> None:
@@ -1475,7 +1605,8 @@ class HourlyWindow:
 
 
 HELD_STATUS = "held"
-NEVER_HELD = {"alarm", "cap_alarm", "bundle"}  # the operator must hear of trouble even over a cap
+# The operator must hear of trouble even over a cap; ending a call and answering a contact cost nothing.
+NEVER_HELD = {"alarm", "cap_alarm", "bundle", "end_call", "confirmation"}
 # Follow-ups and texts to customers may use this share of the outbound cap; the rest is kept for
 # the chains' own pages, so a flood of follow-ups cannot keep a new customer's first page waiting.
 FOLLOWUP_SHARE = 0.75
@@ -1511,11 +1642,15 @@ def held_pages(conv: Conversation) -> list[int]:
 
 
 def bundle_text(line: str, held: list[Conversation]) -> str:
-    """The held conversations of a line, as many as one SMS takes, counting the rest."""
-    text = f"{line}: {len(held)} text(s) held by a cost cap; they go out as the cap allows:"
-    for shown, conv in enumerate(held):
+    return listing(f"{line}: {len(held)} text(s) held by a cost cap; they go out as the cap allows:", held)
+
+
+def listing(head: str, convs: list[Conversation]) -> str:
+    """A head, then one row per conversation (code, sender, first words) as far as one SMS takes, counting the rest."""
+    text = head
+    for shown, conv in enumerate(convs):
         entry = f"\n#{conv.code} {conv.sender} {first_words(conv.messages[0]['body'])}"
-        rest = f"\n... and {len(held) - shown} more"
+        rest = f"\n... and {len(convs) - shown} more"
         # Room is kept to count the rest: any later count is no longer than this one.
         if utf16_len(text + entry) + len(rest) > MAX_SMS_CHARS:
             return text + rest
@@ -1537,12 +1672,15 @@ def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> floa
 
 
 def record_sent(conv: Conversation, index: int, sid: str | None, now: float) -> None:
-    """Twilio took the page. One taken meanwhile by somebody else gets its contact the "taken by" text."""
+    """Twilio took the page. One taken meanwhile by somebody else gets its contact the "taken by" text,
+    and a call placed meanwhile is ended."""
     page = conv.pages[index]
-    overtaken = page.state == "cancelled" and page.kind == "page" and page.to != conv.acknowledged_phone
+    overtaken = page.state == "cancelled" and page.kind in STEP_KINDS and page.to != conv.acknowledged_phone
     page.state, page.sid, page.error, page.sent_at = "sent", sid, None, now
     if overtaken and conv.status == "acknowledged":
         conv.pages.append(Page(to=page.to, body=taken_text(conv), kind="notice", retry_at=now))
+        if page.kind == "call":
+            conv.pages.append(Page(to=page.to, body=sid or "", kind="end_call", retry_at=now))
 
 
 def record_send_error(conv: Conversation, index: int, error: SendError, now: float, jitter: float) -> str:
@@ -1557,9 +1695,15 @@ def record_send_error(conv: Conversation, index: int, error: SendError, now: flo
 
 
 def delivery_failed(conv: Conversation, index: int, now: float) -> str | None:
-    """The page to the contact on duty will never arrive: do not wait out the timer."""
+    """The page to the contact on duty will never reach them: do not wait out the timer.
+
+    On an sms+call step that holds only when the other channel has failed too.
+    """
     page = conv.pages[index]
-    if page.kind == "page" and conv.is_open and page.step == conv.step:
+    if page.kind not in STEP_KINDS or not conv.is_open or page.step != conv.step:
+        return None
+    step_pages = [p for p in conv.pages if p.kind in STEP_KINDS and p.step == page.step]
+    if all(p.state in FAILED_STATES for p in step_pages):
         return escalate(conv, now)
     return None
 
@@ -1580,6 +1724,21 @@ def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float 
     if conv.is_open:
         times.append(conv.deadline)
     return min(times, default=None)
+
+
+PASS_WORDS = {"pass", "no", "can't", "cant", "cannot"}
+LIST_WORDS = {"list", "?"}
+APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "`": "'", "´": "'"})
+
+
+def reply_word(body: str) -> str | None:
+    """ "pass" or "list" when that is the whole reply (a code apart), else None."""
+    word = without_code(body).strip().strip(".!").lower().translate(APOSTROPHES)
+    if word in PASS_WORDS:
+        return "pass"
+    if word in LIST_WORDS:
+        return "list"
+    return None
 
 
 def is_keyword(body: str) -> bool:
@@ -1883,11 +2042,28 @@ class Relay:
             for cid in self.talking.values()
             if (c := self.store.conversations.get(cid)) and c.line == line.name and c.is_live_two_way(now)
         ]
+        word = reply_word(body)
+        if word == "list":
+            mine = [c for c in self.open_conversations(line.name) if contact.phone in reached_phones(c)]
+            mine.sort(key=lambda c: c.created)
+            answer.message(listing(f"{line.name}: {len(mine)} open for you", mine))
+            return None, "reply_list", fields
+        if word == "pass":
+            talking = []  # only an open conversation can be passed on
         conv, code = choose_acknowledged(self.open_conversations(line.name), contact.phone, body, talking)
         if conv is None:
             answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
         reply = {"sid": sid, "from": contact.phone, "body": body, "at": now}
+        if word == "pass":
+            conv.replies.append(reply)
+            if event := pass_on(conv, contact, now):
+                self._after_change(conv, event, reason=f"passed on by {contact.name}")
+                reply["answer"] = f"{line.name} #{conv.code}: passed on; {self._next_paged(conv)}."
+            else:
+                reply["answer"] = f"{line.name} #{conv.code} is not with you now; nothing changed."
+            answer.message(reply["answer"])
+            return conv, "reply_pass" if event else "reply_pass_refused", self._ids(conv, contact=contact.name)
         if conv.status in (OPEN_STATUS, HELD_STATUS):
             acknowledge(conv, contact, reply, now)
             ACKS.inc()
@@ -1907,6 +2083,72 @@ class Relay:
         reply["answer"] = text
         answer.message(text)
         return conv, event, self._ids(conv, contact=contact.name)
+
+    @staticmethod
+    def _next_paged(conv: Conversation) -> str:
+        if conv.is_open:
+            return f"{contact_at(conv, conv.step).name} is paged now"
+        return "nobody else is left to page"
+
+    # -- calls ---------------------------------------------------------------
+
+    def _call_page(self, conv_id: str, index: int) -> tuple[Conversation | None, Page | None]:
+        """(lock held)"""
+        conv = self.store.conversations.get(conv_id)
+        if conv is None or not 0 <= index < len(conv.pages) or conv.pages[index].kind != "call":
+            return None, None
+        return conv, conv.pages[index]
+
+    def key_pressed(self, conv_id: str, index: int, params: dict[str, str], repeated: bool) -> str:
+        """A key pressed on a call: 1 takes it, 2 passes it on; anything else hears the prompt once more."""
+        digits, now, event = params.get("Digits", "").strip(), self.clock(), None
+        with self.lock:
+            conv, page = self._call_page(conv_id, index)
+            if page is None:
+                return key_twiml("This message is no longer waiting. Goodbye.")
+            contact = next(c for c in conv.chain if c.phone == page.to)
+            if digits not in ("1", "2"):
+                if repeated:  # the call ends without 1 or 2: Twilio's report of it moves the chain on
+                    return key_twiml("Nothing was taken. Goodbye.")
+                return key_twiml(f"Again: {PROMPT}", self.callback_url("/api/voice/gather", conv, index, r=1))
+            if digits == "1" and conv.status in (OPEN_STATUS, HELD_STATUS):
+                call_sid = params.get("CallSid") or f"call-{conv_id}-{index}"
+                acknowledge(conv, contact, {"sid": call_sid, "from": contact.phone, "body": "1", "at": now}, now)
+                page.state = "taken"
+                ACKS.inc()
+                words = f"Thank you, {contact.name}. It is yours. Nobody else is paged."
+            elif digits == "1":
+                words = f"It was already taken by {conv.acknowledged_by}." if conv.acknowledged_by else "It has ended."
+            elif event := pass_on(conv, contact, now):
+                page.state = "passed"
+                words = f"Passed on. {self._next_paged(conv).capitalize()}."
+            else:
+                words = "It is no longer with you. Nothing changed."
+            ticket = self._save(conv)
+        self.store.wait(ticket)
+        log("info", "call_key", **self._ids(conv, to=contact.phone, digits=digits))
+        if event:
+            self._after_change(conv, event, reason=f"passed on by {contact.name}")
+        with self.lock:
+            self.wake.notify()
+        return key_twiml(words + " Goodbye.")
+
+    def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
+        """Twilio's progress report on a call (and its answering-machine verdict)."""
+        status, answered_by = params.get("CallStatus", ""), params.get("AnsweredBy", "")
+        with self.lock:
+            conv, page = self._call_page(conv_id, index)
+            if page is None:
+                log("warning", "call_status_unknown", conversation=conv_id, page=index, status=status)
+                return
+            event = call_progress(conv, index, status, answered_by, self.clock())
+            ticket = self._save(conv)
+        self.store.wait(ticket)
+        log("info", "call_status", **self._ids(conv, to=page.to, status=status, answered_by=answered_by or None))
+        if event:
+            self._after_change(conv, event, reason=f"call {answered_by or status}")
+        with self.lock:
+            self.wake.notify()
 
     def _live_conversation(self, line: Line, sender: str, now: float) -> Conversation | None:
         """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
@@ -1974,11 +2216,15 @@ class Relay:
 
     # -- sending ---------------------------------------------------------------
 
-    def status_callback_url(self, conv: Conversation, index: int) -> str | None:
-        if not self.public_url:
+    def callback_url(self, route: str, conv: Conversation, index: int, **more) -> str | None:
+        """A URL on the public URL for Twilio to call back about one page (None without a public URL).
+
+        In dry-run without one, the relay's own address, so `press` can walk a call through.
+        """
+        base = self.public_url or (f"http://127.0.0.1:{self.settings.port}" if self.settings.dry_run else None)
+        if not base:
             return None
-        query = urllib.parse.urlencode({"c": conv.id, "p": index})
-        return f"{self.public_url}/api/sms/status?{query}"
+        return f"{base}{route}?{urllib.parse.urlencode({'c': conv.id, 'p': index, **more})}"
 
     def _done_sending(self, conv_id: str, index: int) -> None:
         """(lock held)"""
@@ -2010,9 +2256,20 @@ class Relay:
                 self._done_sending(conv_id, index)
                 return
             page.attempts += 1
-            args = (conv.number, page.to, page.body, self.status_callback_url(conv, index), page.media)
+            if page.kind == "call":
+                gather = self.callback_url("/api/voice/gather", conv, index) or ""
+                twiml = call_twiml(conv, gather)
+                request = functools.partial(
+                    self.gateway.call, conv.number, page.to, twiml, self.callback_url("/api/voice/status", conv, index)
+                )
+            elif page.kind == "end_call":
+                hang_up = "completed" if self._call_status(conv, page.body) == "in-progress" else "canceled"
+                request = functools.partial(self.gateway.end_call, page.body, hang_up)
+            else:
+                callback = self.callback_url("/api/sms/status", conv, index)
+                request = functools.partial(self.gateway.send, conv.number, page.to, page.body, callback, page.media)
         try:
-            outcome: SendError | str | None = self.gateway.send(*args)
+            outcome: SendError | str | None = request()
         except SendError as e:
             outcome = e
         except Exception as e:  # a bug or an unexpected library error must not lose the page
@@ -2103,9 +2360,15 @@ class Relay:
         return next_at
 
     def _outbound_take(self, page: Page, now: float) -> bool:
+        if page.kind == "call":
+            return self.outbound_window.take("calls", self.config.call_hourly_cap, now)
         cap = self.config.outbound_hourly_cap
         limit = cap if page.kind in ("page", "notice") else max(1, int(cap * FOLLOWUP_SHARE))
         return self.outbound_window.take("all", limit, now)
+
+    @staticmethod
+    def _call_status(conv: Conversation, call_sid: str) -> str | None:
+        return next((p.call_status for p in conv.pages if p.kind == "call" and p.sid == call_sid), None)
 
     # -- cost caps: held texts go out as the caps allow ------------------------
 
@@ -2302,6 +2565,23 @@ def make_app(relay: Relay) -> bottle.Bottle:
         relay.delivery_status(conv_id, int(index), params)
         return str(MessagingResponse())
 
+    def call_page() -> tuple[str, int]:
+        conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
+        if not conv_id or not index.isdigit():
+            raise BadRequest(400, "bad_callback", "call callback without c and p")
+        return conv_id, int(index)
+
+    @app.post("/api/voice/gather")
+    @twilio_webhook
+    def voice_gather(params):
+        return relay.key_pressed(*call_page(), params, repeated=bottle.request.query.get("r") == "1")
+
+    @app.post("/api/voice/status")
+    @twilio_webhook
+    def voice_status(params):
+        relay.call_report(*call_page(), params)
+        return str(VoiceResponse())
+
     @app.get("/healthz")
     def healthz():
         now = relay.clock()
@@ -2443,7 +2723,8 @@ def describe(settings: Settings, config: Config) -> list[str]:
     out = []
     for line in config.lines:
         steps = " -> ".join(
-            f"{c.name} {c.phone} (wait {c.wait}s{f', on duty {c.hours} {line.timezone}' if c.hours else ''})"
+            f"{c.name} {c.phone} (by {c.via}, wait {c.wait}s"
+            f"{f', on duty {c.hours} {line.timezone}' if c.hours else ''})"
             for c in line.chain
         )
         out.append(f"line {line.name} {line.number}: {steps}; repeat {config.repeat}")
@@ -2576,12 +2857,6 @@ def cmd_send(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ), dry_run=True)
     url = args.url or f"http://127.0.0.1:{settings.port}/api/sms/inbound"
-    try:
-        public_url = settings.public_url_for(load_config(settings.config_path))
-    except ConfigError:
-        public_url = settings.public_url
-    parts = urllib.parse.urlsplit(url)
-    signed_url = (public_url + parts.path + (f"?{parts.query}" if parts.query else "")) if public_url else url
     params = {
         "MessageSid": "SM" + hashlib.sha1(f"{time.time()}{os.getpid()}".encode()).hexdigest()[:32],
         "AccountSid": settings.account_sid or "AC" + "0" * 32,
@@ -2590,6 +2865,22 @@ def cmd_send(args) -> int:
         "Body": args.body,
         "NumMedia": "0",
     }
+    status, answer = post_signed(settings, url, params)
+    if status is None:
+        return 1
+    print(status)
+    print(answer)
+    return 0 if status == 200 else 1
+
+
+def post_signed(settings: Settings, url: str, params: dict) -> tuple[int | None, str]:
+    """POST a form to a running relay, signed as Twilio would sign it for the public URL (if any)."""
+    try:
+        public_url = settings.public_url_for(load_config(settings.config_path))
+    except ConfigError:
+        public_url = settings.public_url
+    parts = urllib.parse.urlsplit(url)
+    signed_url = (public_url + parts.path + (f"?{parts.query}" if parts.query else "")) if public_url else url
     signature = RequestValidator(settings.signing_token).compute_signature(signed_url, params)
     request = urllib.request.Request(
         url,
@@ -2598,11 +2889,30 @@ def cmd_send(args) -> int:
     )
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
-            status, answer = response.status, response.read().decode()
+            return response.status, response.read().decode()
     except urllib.error.HTTPError as e:
-        status, answer = e.code, e.read().decode()
+        return e.code, e.read().decode()
     except (urllib.error.URLError, OSError) as e:
         print(f"relay: cannot reach {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return None, ""
+
+
+def cmd_press(args) -> int:
+    """Press a key on a dry-run call: what Twilio would post when the person called presses it."""
+    load_dotenv_file()
+    settings = Settings.from_env(dict(os.environ), dry_run=True)
+    outbox = settings.state_dir / "outbox.jsonl"
+    calls = [r for r in read_json_lines(outbox)[0] if r.get("kind") == "call"] if outbox.exists() else []
+    call = next((r for r in reversed(calls) if args.call in (None, r["sid"])), None)
+    if call is None:
+        print(f"relay: no call {args.call or ''} in {outbox}; a dry-run call step writes one there", file=sys.stderr)
+        return 1
+    gather = html.unescape(re.search(r'action="([^"]*)"', call["twiml"])[1])
+    parts = urllib.parse.urlsplit(gather)
+    url = f"http://127.0.0.1:{settings.port}{parts.path}?{parts.query}"
+    params = {"CallSid": call["sid"], "Digits": args.digits, "From": call["from"], "To": call["to"]}
+    status, answer = post_signed(settings, url, params)
+    if status is None:
         return 1
     print(status)
     print(answer)
@@ -2727,9 +3037,10 @@ def cmd_status(args) -> int:
             )
             continue
         paged = ", ".join(
-            f"{contact_at(conv, p.step).name} {p.to} {p.state}{f' at {when(p.sent_at)}' if p.sent_at else ''}"
+            f"{contact_at(conv, p.step).name} {p.to} {'call ' if p.kind == 'call' else ''}{p.state}"
+            f"{f' at {when(p.sent_at)}' if p.sent_at else ''}{f' ({p.error})' if p.kind == 'call' and p.error else ''}"
             for p in conv.pages
-            if p.kind == "page"
+            if p.kind in STEP_KINDS
         )
         nxt = contact_at(conv, conv.step + 1).name if conv.step + 1 < len(conv.chain) * conv.rounds else "unanswered"
         print(
@@ -2756,10 +3067,19 @@ def main(argv: list[str] | None = None) -> int:
     setup = commands.add_parser("setup", help="point each line's number at this relay on Twilio")
     setup.add_argument("--apply", action="store_true", help="change the webhook (without it, only show)")
     commands.add_parser("status", help="list open conversations")
+    press = commands.add_parser("press", help="press a key on a dry-run call (the newest, or --call SID)")
+    press.add_argument("digits", help="the key: 1 takes it, 2 passes it on")
+    press.add_argument("--call", help="the call's sid, as outbox.jsonl has it")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
-    commands_by_name = {"serve": cmd_serve, "send": cmd_send, "check": cmd_check, "setup": cmd_setup}
+    commands_by_name = {
+        "serve": cmd_serve,
+        "send": cmd_send,
+        "press": cmd_press,
+        "check": cmd_check,
+        "setup": cmd_setup,
+    }
     handler = {**commands_by_name, "status": cmd_status}[args.command]
     try:
         return handler(args)

@@ -52,7 +52,7 @@ def test_check_describes_the_chain_and_accepts_the_shipped_config(tmp_path):
     relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
     result = relay.run("check", "--dry-run")
     assert result.returncode == 0
-    assert "Sergio +16195550111 (wait 120s) -> Backup +18583354807 (wait 300s)" in result.stdout
+    assert "Sergio +16195550111 (by sms, wait 120s) -> Backup +18583354807 (by sms, wait 300s)" in result.stdout
 
 
 def test_check_fails_with_one_line_reason_on_a_bad_config(tmp_path):
