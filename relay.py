@@ -1170,13 +1170,14 @@ class TwilioGateway:
         """Place a call that speaks `twiml`; Twilio's sid for it, as `send` gives for a text.
 
         Answering-machine detection runs beside the call (AsyncAmd), so a voicemail is reported to
-        the status callback within seconds, while a person hears the message at once.
+        the status callback within seconds, while a person hears the message at once. Twilio's
+        default callback, at the end of the call, carries the outcomes that move the chain on
+        (no-answer, busy, failed, canceled, completed).
         """
         options = {}
         if status_callback:
             options = {
                 "status_callback": status_callback,
-                "status_callback_event": ["initiated", "ringing", "answered", "completed"],
                 "machine_detection": "Enable",
                 "async_amd": "true",
                 "async_amd_status_callback": status_callback,
@@ -1291,7 +1292,7 @@ KEYWORDS |= {"HELP", "INFO", "START", "UNSTOP"}
 
 
 def utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def fit_sms(text: str, limit: int = MAX_SMS_CHARS) -> str:
@@ -1475,20 +1476,25 @@ def spoken_number(phone: str) -> str:
     return " ".join("plus" if ch == "+" else ch for ch in phone)
 
 
-def call_twiml(conv: Conversation, gather_url: str, body_chars: int | None = None) -> str:
-    """The call: whose line, who texted, the text (cut with a mark if long), then the prompt, twice."""
+def call_twiml(conv: Conversation, gather_url: str) -> str:
+    """The call: whose line, who texted, the text (cut with a mark if long), then the prompt, twice.
+
+    Inline TwiML may be 4,000 characters (counted here in UTF-16 units, as for texts, to be safe).
+    """
     bodies = spoken(" ... ".join(m["body"] for m in conv.messages))
-    if body_chars is not None and len(bodies) > body_chars:
-        bodies = bodies[:body_chars] + CUT_MARK
-    said = f"Message on the {conv.line} line from {spoken_number(conv.sender)}. {bodies}. {PROMPT}"
-    response = VoiceResponse()
-    for words in (said, f"Again: {PROMPT}"):
-        response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
-    response.say("Nothing was pressed. Goodbye.")
-    twiml = str(response)
-    if len(twiml) > MAX_TWIML:  # cut the text by what is over, and a little more for the mark
-        return call_twiml(conv, gather_url, max(0, len(bodies) - (len(twiml) - MAX_TWIML) - len(CUT_MARK) - 20))
-    return twiml
+    keep = len(bodies)
+    while True:
+        text = bodies if keep >= len(bodies) else bodies[:keep] + CUT_MARK
+        said = f"Message on the {conv.line} line from {spoken_number(conv.sender)}. {text}. {PROMPT}"
+        response = VoiceResponse()
+        for words in (said, f"Again: {PROMPT}"):
+            response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
+        response.say("Nothing was pressed. Goodbye.")
+        twiml = str(response)
+        over = utf16_len(twiml) - MAX_TWIML
+        if over <= 0 or keep == 0:
+            return twiml
+        keep = max(0, min(keep, len(bodies)) - over)  # each character cut shortens it by a unit at least
 
 
 def key_twiml(words: str, gather_url: str | None = None) -> str:
@@ -1509,7 +1515,7 @@ NOT_TAKEN_STATUSES = {"no-answer", "busy", "failed", "canceled"}
 def call_progress(conv: Conversation, index: int, status: str, answered_by: str, now: float) -> str | None:
     """Twilio's report on a call: one not taken (or taken by a machine) moves the chain on at once."""
     page = conv.pages[index]
-    page.call_status = status or page.call_status
+    page.call_status = status or ("in-progress" if answered_by else page.call_status)  # a verdict means answered
     machine = answered_by.startswith("machine_") or answered_by == "fax"
     if page.state != "sent":
         return None  # already taken, passed or given up
@@ -1952,7 +1958,8 @@ class Relay:
             raise BadRequest(400, "bad_message_sid", "MessageSid is not SM or MM and 32 hex digits")
         if len(sender) > 64 or len(to) > 64:
             raise BadRequest(400, "field_too_long", "From or To is too long")
-        body, media = params.get("Body", ""), media_urls(params)
+        # A lone surrogate (a JSON escape in a listed text) cannot be written as UTF-8: it becomes "?".
+        body, media = params.get("Body", "").encode("utf-8", "replace").decode("utf-8"), media_urls(params)
         config = self.config
         line = config.line_for(to)
         if line is None:
@@ -2107,6 +2114,7 @@ class Relay:
             if page is None:
                 return key_twiml("This message is no longer waiting. Goodbye.")
             contact = next(c for c in conv.chain if c.phone == page.to)
+            page.call_status = "in-progress"  # someone is there to press keys
             if digits not in ("1", "2"):
                 if repeated:  # the call ends without 1 or 2: Twilio's report of it moves the chain on
                     return key_twiml("Nothing was taken. Goodbye.")

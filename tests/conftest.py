@@ -141,6 +141,7 @@ def make_relay(state_dir, config: relay.Config | None = None) -> relay.Relay:
 # ---------------------------------------------------------------------------
 
 MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages\.json")
+CALLS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Calls(?:/(CA[0-9a-f]{32}))?\.json")
 MEDIA_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages/((?:SM|MM)[0-9a-f]{32})/Media\.json")
 NUMBERS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/IncomingPhoneNumbers(?:/(PN[0-9a-f]{32}))?\.json")
 
@@ -166,6 +167,8 @@ class FakeTwilio:
         self.inbox: list[dict] = []  # texts Twilio received, for catch-up to list (add with `receive`)
         self.list_requests: list[dict] = []  # the query of every Messages list call
         self.list_faults: deque = deque()  # (status, code) answers to give list calls first
+        self.calls: list[dict] = []  # every call placed (the Calls.json form), in order
+        self.call_updates: list[dict] = []  # every change to a call, with its "sid"
         self.lock = threading.Lock()
         self.count = 0
         fake = self
@@ -209,6 +212,8 @@ class FakeTwilio:
                     number.update(sms_url=form.get("SmsUrl"), sms_method=form.get("SmsMethod"))
                     fake.number_updates.append(form)
                     return self._answer(200, number)
+                if m := CALLS_PATH.fullmatch(self.path):
+                    return self._call(m[2], form)
                 if not MESSAGES_PATH.fullmatch(self.path):
                     return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
                 if not self.headers.get("Authorization"):
@@ -246,6 +251,15 @@ class FakeTwilio:
                     return self._answer(status, body, headers)
                 body = {"sid": sid, "status": "queued", "to": form.get("To"), "from": form.get("From")}
                 self._answer(201, body)
+
+            def _call(self, sid, form):
+                with fake.lock:
+                    if sid:
+                        fake.call_updates.append({"sid": sid, **form})
+                    else:
+                        sid = f"CA{len(fake.calls) + 1:032x}"
+                        fake.calls.append({"sid": sid, "at": time.time(), **form})
+                self._answer(201 if not form.get("Status") else 200, {"sid": sid, "status": "queued"})
 
             def _list_messages(self, query):
                 fake.list_requests.append(query)

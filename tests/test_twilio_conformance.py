@@ -122,3 +122,21 @@ def test_catch_up_list_calls_are_accepted_by_twilios_api_description(prism_url):
     gateway = relay_module.TwilioGateway(settings)
     list(gateway.received("+16195550100", time.time() - 3600))
     gateway.client.messages("MM" + "a" * 32).media.list(limit=10)
+
+
+def test_call_requests_are_accepted_by_twilios_api_description(prism_url):
+    """A call step places a call (POST Calls.json with inline TwiML and AMD) and may end it (POST Calls/CA....json)."""
+    import relay as relay_module
+
+    settings = relay_module.Settings.from_env(
+        {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN, "TWILIO_API_BASE_URL": prism_url}
+    )
+    gateway = relay_module.TwilioGateway(settings)
+    qdn = relay_module.Line("QDN", "+16195550100", (relay_module.Contact("Sergio", SERGIO, 60, via="call"),))
+    conv = relay_module.start_conversation(
+        qdn, relay_module.Config(lines=(qdn,)), "SM" + "a" * 32, CUSTOMER, "¿Sí? 🚤", "1", time.time()
+    )
+    twiml = relay_module.call_twiml(conv, "https://relay.example.com/api/voice/gather?c=x&p=0")
+    sid = gateway.call("+16195550100", SERGIO, twiml, "https://relay.example.com/api/voice/status?c=x&p=0")
+    assert sid.startswith("CA")
+    gateway.end_call("CA" + "b" * 32, "canceled")
