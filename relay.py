@@ -20,11 +20,15 @@ I/O lives around them. Run ``python relay.py --help`` for the commands.
 from __future__ import annotations
 
 import argparse
+import array
+import bisect
+import ctypes
 import dataclasses
 import datetime
 import errno
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import html
@@ -772,10 +776,10 @@ class Store:
         # Texts that belong to no conversation (a contact's reply that matched nothing, a keyword):
         # remembered with their answer, so a retry of one changes nothing and gets the same answer.
         self.strays: dict[str, dict] = {}
-        # Archived conversations' message sids, kept as hash() values: a fifth of the memory of the
-        # strings, and a chance of about 1e-14 per new text of being taken for a duplicate.
-        self.archived: set[int] = set()
-        self.archive_days: dict[str, list[int]] = {}
+        # Archived conversations' message sids by day, as sorted arrays of their hash() values: 8 bytes
+        # a text, no Python object each (so a flood's leftovers do not pin freed memory), and a chance
+        # of about 1e-14 per new text of being taken for a duplicate.
+        self.archive_days: dict[str, array.array] = {}
         self.generation = 0
         self.folded_at = time.monotonic()
         self.damaged: list[tuple[str, int]] = []  # (file moved aside, records it could not read)
@@ -820,9 +824,7 @@ class Store:
                 self._read_records(path, *read_json_lines(path), quarantine)
         for path in sorted(self.dir.glob("archive-*.jsonl")) if archive else ():
             day = path.name[len("archive-") : -len(".jsonl")]
-            sids = [hash(sid) for sid in archived_sids(path)]
-            self.archive_days[day] = sids
-            self.archived.update(sids)
+            self.archive_days[day] = array.array("q", sorted(hash(sid) for sid in archived_sids(path)))
 
     def _read_records(self, path: Path, records: list[dict], damaged: int, quarantine: bool) -> None:
         for data in records:
@@ -912,7 +914,14 @@ class Store:
         journal.wait(number)
 
     def knows(self, sid: str) -> bool:
-        return sid in self.seen or sid in self.strays or hash(sid) in self.archived
+        return sid in self.seen or sid in self.strays or self._archived(hash(sid))
+
+    def _archived(self, key: int) -> bool:
+        for hashes in self.archive_days.values():
+            at = bisect.bisect_left(hashes, key)
+            if at < len(hashes) and hashes[at] == key:
+                return True
+        return False
 
     def answer_given(self, sid: str) -> str | None:
         """The TwiML text a stored text was answered with, if any."""
@@ -967,13 +976,15 @@ class Store:
         for day, lines in by_day.items():
             append_durably(self.dir / f"archive-{day}.jsonl", b"".join(lines))
         # Only once the archive is on disk do the conversations leave the snapshot.
+        hashes: dict[str, list[int]] = {}
         for conv, day, sids in settled:
-            self.archive_days.setdefault(day, []).extend(map(hash, sids))
-            self.archived.update(map(hash, sids))
+            hashes.setdefault(day, []).extend(map(hash, sids))
             for sid in sids:
                 self.seen.pop(sid, None)
             del self.conversations[conv.id]
             self.written.pop(conv.id, None)
+        for day, more in hashes.items():
+            self.archive_days[day] = array.array("q", sorted([*self.archive_days.get(day, ()), *more]))
         lines = [json.dumps({"generation": self.generation + 1})]
         lines.extend(c.to_json() for c in self.conversations.values())
         lines.extend(json.dumps({"stray": stray}, ensure_ascii=False) for stray in self.strays.values())
@@ -992,7 +1003,7 @@ class Store:
         for day in sorted(self.archive_days):
             if day <= cutoff:
                 (self.dir / f"archive-{day}.jsonl").unlink(missing_ok=True)
-                self.archived.difference_update(self.archive_days.pop(day))
+                del self.archive_days[day]
                 pruned += 1
         # Strays leave memory now and the snapshot at the next fold.
         self.strays = {sid: s for sid, s in self.strays.items() if s["at"] > now - retention}
@@ -1809,6 +1820,15 @@ class BadRequest(Exception):
         self.status, self.label, self.reason = status, label, reason
 
 
+def give_memory_back() -> None:
+    """After many conversations left memory: collect, and hand freed heap pages back to the system."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused, only not returned
+        pass
+
+
 def steady_clock():
     """Wall time as it was at start, moved on by the monotonic clock.
 
@@ -2431,13 +2451,18 @@ class Relay:
             return
         now = self.clock()
         self.release_held(now)
+        archived = 0
         with self.lock:
             if self.store.needs_fold():
+                before = len(self.store.conversations)
                 self.store.fold()
                 self.talking = {k: v for k, v in self.talking.items() if v in self.store.conversations}
+                archived = before - len(self.store.conversations)
             pruned = self.store.prune(now, self.config.retention)
             self.sender_window.forget_idle(now)
             self.outbound_window.forget_idle(now)
+        if archived > 1000:  # once the fold's own temporaries are gone too
+            give_memory_back()
         if pruned:
             log("info", "pruned", days=pruned)
 

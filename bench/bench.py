@@ -139,7 +139,7 @@ def signed_requests(url: str, start: int, count: int, sender_base: int = 0) -> l
     out = []
     for n in range(start, start + count):
         params = {
-            "MessageSid": f"SMbench{n:027d}",
+            "MessageSid": f"SM{n:032x}",
             "From": f"+1555{(sender_base + n) % 10_000_000:07d}",
             "To": LINE,
             "Body": f"bench text {n}",

@@ -45,7 +45,7 @@ def main() -> int:
             n += 1
             sender = f"+1555{n:07d}"
             try:
-                if relay.inbound(sender, f"text {n}", sid=f"SMkill{n:026d}")[0] == 200:
+                if relay.inbound(sender, f"text {n}", sid=f"SM{0xC0FFEE:08x}{n:024x}")[0] == 200:
                     accepted.append(sender)
             except OSError:
                 pass  # the relay is down right now; Twilio would retry

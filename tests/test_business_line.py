@@ -287,3 +287,21 @@ def test_a_two_way_contact_s_later_replies_reach_the_customer_too(tmp_path):
         service.sweep()
     to_customer = [body for _, to, body in service.gateway.sent if to == CUSTOMER]
     assert to_customer == ["yes, two left", "bring a towel", "see you at the dock"]
+
+
+@pytest.mark.parametrize(
+    ("local", "on"), [("06:59", False), ("07:00", True), ("21:59", True), ("22:00", False), ("13:30", True)]
+)
+def test_hours_start_at_their_first_minute_and_end_before_their_last(local, on):
+    day = relay.Contact("Sergio", SERGIO, 120, hours="07:00-22:00")
+    with freeze_time(f"2026-11-27 {local}:00"):
+        assert relay.on_duty(day, "UTC", time.time()) is on
+
+
+def test_escalating_to_an_off_duty_last_contact_pages_them_not_the_first_again(clock):
+    always = relay.Contact("Sergio", SERGIO, 120)
+    asleep = relay.Contact("Backup", BACKUP, 300, hours="01:00-02:00")
+    conv = start(line(chain=(always, asleep), timezone="America/Los_Angeles"))
+    clock.tick(120)
+    relay.expire(conv, time.time())
+    assert [p.to for p in conv.pages] == [SERGIO, BACKUP] and conv.step == 1

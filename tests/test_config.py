@@ -131,3 +131,13 @@ def test_dotenv_does_not_override_the_environment(tmp_path, monkeypatch):
     assert os.environ["RELAY_TEST_VALUE"] == "from-env"
     assert os.environ["RELAY_TEST_OTHER"] == "from-file"
     monkeypatch.delenv("RELAY_TEST_OTHER")
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "http", "-1"])
+def test_a_port_out_of_range_is_refused(port):
+    with pytest.raises(relay.ConfigError, match="PORT"):
+        relay.Settings.from_env({"PORT": port})
+
+
+def test_the_highest_port_is_accepted():
+    assert relay.Settings.from_env({"PORT": "65535"}).port == 65535

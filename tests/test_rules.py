@@ -354,3 +354,13 @@ def test_a_page_not_yet_with_twilio_is_never_sent_after_an_acknowledgement(clock
     relay.acknowledge(conv, SERGIO_C, {"sid": msid("ack")}, time.time())
     assert conv.pages[0].state == "cancelled"
     assert relay.next_wakeup(conv) is None
+
+
+@pytest.mark.parametrize("code", [21211, 21408, 21606, 21608, 21610, 21612, 21614, 21635, 21660, 30003, 30005])
+def test_recipient_error_codes_are_permanent_whatever_the_status(code):
+    assert relay.classify_twilio_error(None, code) is True
+
+
+def test_a_text_of_exactly_1600_units_is_not_cut():
+    assert relay.fit_sms("x" * 1600) == "x" * 1600
+    assert relay.fit_sms("x" * 1601) != "x" * 1601

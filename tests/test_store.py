@@ -268,3 +268,16 @@ def test_a_change_whose_conversation_was_lost_counts_as_damage(tmp_path):
     journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[1:]))  # the whole record lost
     again = reopen(store)
     assert again.conversations == {} and again.damaged[0][1] == 1
+
+
+def test_a_state_directory_with_missing_parents_is_created_0700(tmp_path):
+    store = opened(tmp_path / "a" / "b" / "state")
+    assert stat.S_IMODE(os.stat(store.dir).st_mode) == 0o700
+
+
+def test_a_temp_file_left_by_a_kill_is_removed_at_start(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation(msid("1"), time.time())))
+    (tmp_path / "conversations.jsonl.tmp").write_bytes(b'{"generation": 9}\n{"half')
+    again = reopen(store)
+    assert not (tmp_path / "conversations.jsonl.tmp").exists() and set(again.conversations) == {msid("1")}
