@@ -2898,16 +2898,14 @@ def cmd_send(args) -> int:
         "Body": args.body,
         "NumMedia": "0",
     }
-    status, answer = post_signed(settings, url, params)
-    if status is None:
-        return 1
-    print(status)
-    print(answer)
-    return 0 if status == 200 else 1
+    return post_signed(settings, url, params)
 
 
-def post_signed(settings: Settings, url: str, params: dict) -> tuple[int | None, str]:
-    """POST a form to a running relay, signed as Twilio would sign it for the public URL (if any)."""
+def post_signed(settings: Settings, url: str, params: dict) -> int:
+    """POST a form to a running relay, signed as Twilio would sign it for the public URL (if any).
+
+    Prints the HTTP status and the answer; returns the command's exit status.
+    """
     try:
         public_url = settings.public_url_for(load_config(settings.config_path))
     except ConfigError:
@@ -2922,12 +2920,15 @@ def post_signed(settings: Settings, url: str, params: dict) -> tuple[int | None,
     )
     try:
         with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, response.read().decode()
+            status, answer = response.status, response.read().decode()
     except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+        status, answer = e.code, e.read().decode()
     except (urllib.error.URLError, OSError) as e:
         print(f"relay: cannot reach {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
-        return None, ""
+        return 1
+    print(status)
+    print(answer)
+    return 0 if status == 200 else 1
 
 
 def cmd_press(args) -> int:
@@ -2944,12 +2945,7 @@ def cmd_press(args) -> int:
     parts = urllib.parse.urlsplit(gather)
     url = f"http://127.0.0.1:{settings.port}{parts.path}?{parts.query}"
     params = {"CallSid": call["sid"], "Digits": args.digits, "From": call["from"], "To": call["to"]}
-    status, answer = post_signed(settings, url, params)
-    if status is None:
-        return 1
-    print(status)
-    print(answer)
-    return 0 if status == 200 else 1
+    return post_signed(settings, url, params)
 
 
 def cmd_check(args) -> int:
@@ -3060,7 +3056,7 @@ def cmd_status(args) -> int:
         outcome = "ok" if last["ok"] else "failed (tried again at the next pass)"
         print(f"last catch-up: {when(last['last_pass'])}, {outcome}")
     except (OSError, ValueError, KeyError):
-        print("last catch-up: never (not in dry-run, not yet, or catch_up = 0)")
+        print("last catch-up: none yet (there is none in dry-run, nor with catch_up = 0)")
     for conv in convs:
         held = len(held_pages(conv))
         if not conv.is_open:

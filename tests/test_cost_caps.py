@@ -51,30 +51,29 @@ def acknowledge(service: relay.Relay, body: str = "ok") -> None:
     service.sweep()
 
 
-def test_a_text_over_the_sender_cap_is_held_not_sent(tmp_path, clock):
+def held_after_a_first_text_was_taken(tmp_path) -> tuple[relay.Relay, relay.Conversation]:
+    """With a sender cap of 1: the flooder's first text, taken by Sergio, then a second one, held."""
     service = capped_relay(tmp_path, sender_cap=1)
     text(service, FLOODER, 0)
     acknowledge(service)
-    held = service.store.conversations[text(service, FLOODER, 1)]
+    return service, service.store.conversations[text(service, FLOODER, 1)]
+
+
+def test_a_text_over_the_sender_cap_is_held_not_sent(tmp_path, clock):
+    service, held = held_after_a_first_text_was_taken(tmp_path)
     assert held.status == "held" and held.pages[0].state == "held" and held.pages[0].error == "sender cap"
     assert sent_to(service, SERGIO) == [service.gateway.sent[0][2]]
 
 
 def test_a_held_text_is_paged_as_soon_as_the_sender_cap_allows(tmp_path, clock):
-    service = capped_relay(tmp_path, sender_cap=1)
-    text(service, FLOODER, 0)
-    acknowledge(service)
-    held = service.store.conversations[text(service, FLOODER, 1)]
+    service, held = held_after_a_first_text_was_taken(tmp_path)
     an_hour_later(service, clock)
     assert held.status == "open" and held.pages[0].state == "sent"
     assert "text 1" in sent_to(service, SERGIO)[-1]
 
 
 def test_a_released_chain_waits_its_full_step_from_the_release(tmp_path, clock):
-    service = capped_relay(tmp_path, sender_cap=1)
-    text(service, FLOODER, 0)
-    acknowledge(service)
-    held = service.store.conversations[text(service, FLOODER, 1)]
+    service, held = held_after_a_first_text_was_taken(tmp_path)
     an_hour_later(service, clock)
     assert held.step_started == relay.time.time() and held.deadline == relay.time.time() + 60
 
@@ -92,10 +91,7 @@ def test_held_texts_of_one_customer_go_out_joined_in_one_page(tmp_path, clock):
 
 
 def test_a_held_text_acknowledged_meanwhile_is_never_sent(tmp_path, clock):
-    service = capped_relay(tmp_path, sender_cap=1)
-    text(service, FLOODER, 0)
-    acknowledge(service)
-    held = service.store.conversations[text(service, FLOODER, 1)]
+    service, held = held_after_a_first_text_was_taken(tmp_path)
     acknowledge(service, f"#{held.code}")
     before = len(sent_to(service, SERGIO))
     an_hour_later(service, clock)
@@ -231,10 +227,7 @@ def test_quiet_senders_are_forgotten_once_their_hour_has_passed(tmp_path, clock)
 
 
 def test_held_texts_are_listed_by_status(tmp_path, clock, capsys, monkeypatch):
-    service = capped_relay(tmp_path, sender_cap=1)
-    text(service, FLOODER, 0)
-    acknowledge(service)
-    text(service, FLOODER, 1)
+    service, _ = held_after_a_first_text_was_taken(tmp_path)
     monkeypatch.setenv("RELAY_STATE_DIR", str(service.store.dir))
     assert relay.main(["status"]) == 0
     out = capsys.readouterr().out
