@@ -738,7 +738,7 @@ class Journal:
                     self.durable = upto
                     self.size += len(data)
                 self.cv.notify_all()
-            if self.failure:
+            if self.durable < ticket:  # a line already on disk stays acknowledged, even once the journal closed
                 raise StoreFailure(f"cannot write {self.path.name}: {self.failure.strerror}")
 
     def close(self, flush: bool = True) -> None:
@@ -2272,7 +2272,17 @@ class Relay:
                     self.outbox.pop(to, None)
                     return
                 conv_id, index = queue.popleft()
-            self._send(conv_id, index)
+            try:
+                self._send(conv_id, index)
+            except Exception as e:  # the page stays pending, tried again after a backoff
+                log("error", "send_crashed", to=to, error=repr(e))
+                with self.lock:
+                    self._done_sending(conv_id, index)
+                    if (conv := self.store.conversations.get(conv_id)) and index < len(conv.pages):
+                        page = conv.pages[index]
+                        page.retry_at = self.clock() + retry_delay(max(1, page.attempts), None, self.random.random())
+                        self._index(conv)
+                        self.wake.notify()
 
     def _send(self, conv_id: str, index: int) -> None:
         """One attempt at one page, its outcome stored before anything else."""

@@ -251,3 +251,23 @@ def test_retries_are_not_counted_against_the_outbound_cap(tmp_path, clock):
         service.sweep()
     text(service, "+15550000002", 1)
     assert [to for _, to, _ in recorder.sent] == [SERGIO, SERGIO] and cap_alarms(service) == []
+
+
+def test_a_send_that_crashes_leaves_the_recipients_later_pages_going(tmp_path, clock):
+    service = capped_relay(tmp_path)
+    real_send, crashes = service._send, [RuntimeError("a bug in one send")]
+
+    def crashing_once(conv_id, index):
+        if crashes:
+            raise crashes.pop()
+        return real_send(conv_id, index)
+
+    service._send = crashing_once
+    text(service, "+15550000001", 0)  # its page crashes...
+    text(service, "+15550000002", 1)  # ...and the next for the same contact still goes
+    clock.tick(2)
+    service.sweep()  # the crashed one is tried again after a backoff
+    assert sorted(body.split(":")[0] for body in sent_to(service, SERGIO)) == [
+        "QDN #1 from +15550000001",
+        "QDN #2 from +15550000002",
+    ]

@@ -281,3 +281,11 @@ def test_a_temp_file_left_by_a_kill_is_removed_at_start(tmp_path):
     (tmp_path / "conversations.jsonl.tmp").write_bytes(b'{"generation": 9}\n{"half')
     again = reopen(store)
     assert not (tmp_path / "conversations.jsonl.tmp").exists() and set(again.conversations) == {msid("1")}
+
+
+def test_a_line_on_disk_stays_acknowledged_when_a_fold_closes_its_journal(tmp_path):
+    store = opened(tmp_path)
+    ticket = store.save(conversation(msid("1"), time.time()))
+    store.fold()  # closes the journal the ticket is in, after writing it
+    store.wait(ticket)  # must not raise: the line is durable
+    assert msid("1") in reopen(store).conversations
