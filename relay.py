@@ -1628,6 +1628,8 @@ NEVER_HELD = {"alarm", "cap_alarm", "bundle", "end_call", "confirmation"}
 # the chains' own pages, so a flood of follow-ups cannot keep a new customer's first page waiting.
 FOLLOWUP_SHARE = 0.75
 BUNDLE_EVERY = 600.0
+# A flood of pages to one contact goes out this many at a time (their fsyncs shared), started in order.
+SENDS_PER_RECIPIENT = 4
 
 
 def hold_page(page: Page, reason: str) -> None:
@@ -1883,9 +1885,10 @@ class Relay:
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
         self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages queued or being sent now
-        # Pages queued per recipient, each drained in order by a thread of its own: a recipient whose
-        # sends stall holds up nobody else, and one contact's texts arrive in the order they were made.
+        # Pages queued per recipient, each queue drained in order by threads of its own (up to
+        # SENDS_PER_RECIPIENT at once): a recipient whose sends stall holds up nobody else.
         self.outbox: dict[str, deque[tuple[str, int]]] = {}
+        self.outbox_workers: dict[str, int] = {}
         self.stopping = False
         self.codes: dict[str, int] = {}
         self.senders = SendThreads()
@@ -2262,14 +2265,17 @@ class Relay:
             self.in_flight.pop(conv_id, None)
 
     def _send_queued(self, to: str) -> None:
-        """Runs on the recipient's own thread: its queued pages, one at a time, until none is left."""
+        """Runs on one of the recipient's threads: its queued pages, oldest first, until none is left."""
         while True:
             with self.lock:
                 queue = self.outbox.get(to)
                 if not queue or self.stopping:  # when stopping, what is left stays pending on disk
                     for conv_id, index in queue or ():
                         self._done_sending(conv_id, index)
-                    self.outbox.pop(to, None)
+                    self.outbox_workers[to] -= 1
+                    if not self.outbox_workers[to]:
+                        del self.outbox_workers[to]
+                        self.outbox.pop(to, None)
                     return
                 conv_id, index = queue.popleft()
             try:
@@ -2386,13 +2392,13 @@ class Relay:
         for conv, event in events:
             self._after_change(conv, event, reason="wait ran out")
         with self.lock:
-            idle = []
+            workers = []
             for conv_id, index, to in to_send:
-                if to not in self.outbox:
-                    self.outbox[to] = deque()
-                    idle.append(to)
-                self.outbox[to].append((conv_id, index))
-        for to in idle:
+                self.outbox.setdefault(to, deque()).append((conv_id, index))
+                if self.outbox_workers.get(to, 0) < min(SENDS_PER_RECIPIENT, len(self.outbox[to])):
+                    self.outbox_workers[to] = self.outbox_workers.get(to, 0) + 1
+                    workers.append(to)
+        for to in workers:
             self.senders.submit(self._send_queued, to)
         SWEEP_SECONDS.set(time.thread_time() - started)
         return next_at
