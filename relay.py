@@ -2890,6 +2890,7 @@ def cmd_serve(args) -> int:
             return
         log("info", "stopping", signal=signal.Signals(signum).name)
         stop.set()
+        relay.stopping = True  # sends not yet started stay pending on disk for the next start
         server.close()  # no new connections; those open keep being served until answered
         threading.Thread(target=drain_and_exit, args=(server, relay, sweeper), name="drain").start()
 

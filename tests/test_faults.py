@@ -370,3 +370,16 @@ def test_a_password_in_the_public_url_is_never_logged(tmp_path, fake_twilio):
         assert "hunter2" not in relay.log_path.read_text()
     finally:
         relay.stop()
+
+
+def test_sigterm_with_twilio_hanging_exits_0_within_10_s_and_the_page_goes_after_restart(start_relay, fake_twilio):
+    fake_twilio.stalls[SERGIO] = "hang"
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "are you there?")
+    wait_until(lambda: fake_twilio.attempts(SERGIO))  # the page is with the hanging Twilio
+    stopped = time.monotonic()
+    relay.proc.send_signal(signal.SIGTERM)
+    assert relay.proc.wait(timeout=10) == 0 and time.monotonic() - stopped < 10
+    del fake_twilio.stalls[SERGIO]
+    relay.start()
+    wait_until(lambda: fake_twilio.delivered(SERGIO))  # handed back, not lost
