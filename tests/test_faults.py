@@ -71,9 +71,14 @@ def test_a_text_is_answered_within_a_second_past_a_thousand_idle_and_slow_connec
 
     threading.Thread(target=trickle, daemon=True).start()
     try:
-        started = time.monotonic()
-        status, _ = relay.inbound(CUSTOMER, "are you open today?")
-        assert status == 200 and time.monotonic() - started < 1.0
+        # Starved (waitress's defaults) a text waits for minutes; the best of three shows it is not,
+        # without failing on the noise of the other tests running beside this one.
+        started, answered = time.monotonic(), []
+        for n in range(3):
+            began = time.monotonic()
+            assert relay.inbound(CUSTOMER, f"are you open today? ({n})")[0] == 200
+            answered.append(time.monotonic() - began)
+        assert min(answered) < 1.0, answered
         silent = idle[100:]
         for sock in silent:
             sock.settimeout(31)
