@@ -324,6 +324,7 @@ class Settings:
     auth_token: str | None
     api_key: str | None
     api_secret: str | None
+    database_url: str | None = None  # not supported yet: said at start and by `check`, never used
 
     @classmethod
     def from_env(cls, env: dict, dry_run: bool = False) -> Settings:
@@ -344,6 +345,7 @@ class Settings:
             auth_token=get("TWILIO_AUTH_TOKEN"),
             api_key=get("TWILIO_API_KEY"),
             api_secret=get("TWILIO_API_SECRET"),
+            database_url=get("DATABASE_URL"),
         )
 
     @property
@@ -2793,6 +2795,12 @@ def describe(settings: Settings, config: Config) -> list[str]:
             "arrived on, and no delivery reports are asked for"
         )
     out.append("mode: dry-run, nothing is sent" if settings.dry_run else f"REST: {settings.api_base_url}")
+    out.append(f"store: JSON files under {settings.state_dir}")
+    if settings.database_url:
+        out.append(
+            "DATABASE_URL is set, but this relay has no PostgreSQL store yet: it is IGNORED, and state lives "
+            "in the files above (lost with them on a platform whose files do not last)"
+        )
     if settings.dry_run or not config.catch_up:
         out.append("catch-up: off (texts the webhook misses are not looked for)")
     else:
@@ -2875,7 +2883,7 @@ def cmd_serve(args) -> int:
     gateway = DryRunGateway(settings.state_dir) if settings.dry_run else TwilioGateway(settings)
     relay = Relay(settings, config, store, gateway)
     for text in describe(settings, config):
-        log("info", "startup", detail=text)
+        log("warning" if "IGNORED" in text else "info", "startup", detail=text)
     try:
         server = create_server(make_app(relay), settings.port)
     except OSError as e:

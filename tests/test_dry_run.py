@@ -78,3 +78,12 @@ def test_serve_on_a_port_in_use_exits_with_a_reason(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"relay: PORT: cannot listen on 0.0.0.0:{relay.port}: Address already in use"
     ]
+
+
+def test_check_says_the_store_in_use_and_that_a_database_url_is_ignored(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    assert "store: JSON files under" in relay.run("check", "--dry-run").stdout
+    relay.env["DATABASE_URL"] = "postgres://relay:secret@127.0.0.1:5432/relay"
+    out = relay.run("check", "--dry-run").stdout
+    assert "DATABASE_URL is set, but this relay has no PostgreSQL store yet: it is IGNORED" in out
+    assert "secret" not in out
