@@ -1264,22 +1264,20 @@ class DryRunGateway:
         self.lock = threading.Lock()
 
     def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str:
-        with self.lock:
-            self.count += 1
-            sid = "SMdryrun" + hashlib.sha1(f"{time.time()}{self.count}".encode()).hexdigest()[:26]
-        record = {"ts": time.time(), "sid": sid, "from": from_, "to": to, "body": body, "media": list(media)}
-        append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-        log("info", "dry_run_sms", sid=sid, to=to, from_number=from_, body=body)
-        return sid
+        return self._record("SMdryrun", "dry_run_sms", from_, to, body=body, media=list(media))
 
     def call(self, from_: str, to: str, twiml: str, status_callback: str | None) -> str:
+        return self._record("CA", "dry_run_call", from_, to, kind="call", twiml=twiml, status_callback=status_callback)
+
+    def _record(self, sid_prefix: str, event: str, from_: str, to: str, **what) -> str:
+        """Append what would have been sent to the outbox and log it; a made-up sid of Twilio's length."""
         with self.lock:
             self.count += 1
-            sid = "CA" + hashlib.sha1(f"dry-run call {time.time()}{self.count}".encode()).hexdigest()[:32]
-        record = {"ts": time.time(), "sid": sid, "kind": "call", "from": from_, "to": to, "twiml": twiml}
-        record["status_callback"] = status_callback
+            sid = sid_prefix + hashlib.sha1(f"{time.time()}{self.count}".encode()).hexdigest()[: 34 - len(sid_prefix)]
+        record = {"ts": time.time(), "sid": sid, "from": from_, "to": to, **what}
         append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-        log("info", "dry_run_call", sid=sid, to=to, from_number=from_, twiml=twiml)
+        shown = {k: v for k, v in what.items() if k in ("body", "twiml")}
+        log("info", event, sid=sid, to=to, from_number=from_, **shown)
         return sid
 
     def end_call(self, sid: str, status: str) -> None:
@@ -1500,9 +1498,7 @@ def call_twiml(conv: Conversation, gather_url: str) -> str:
         text = bodies if keep >= len(bodies) else bodies[:keep] + CUT_MARK
         said = f"Message on the {conv.line} line from {spoken_number(conv.sender)}. {text}. {PROMPT}"
         response = VoiceResponse()
-        for words in (said, f"Again: {PROMPT}"):
-            response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
-        response.say("Nothing was pressed. Goodbye.")
+        ask(response, gather_url, said, f"Again: {PROMPT}")
         twiml = str(response)
         over = utf16_len(twiml) - MAX_TWIML
         if over <= 0 or keep == 0:
@@ -1514,12 +1510,18 @@ def key_twiml(words: str, gather_url: str | None = None) -> str:
     """The answer to a key press: words, then either the prompt once more or the end of the call."""
     response = VoiceResponse()
     if gather_url:
-        response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
-        response.say("Nothing was pressed. Goodbye.")
+        ask(response, gather_url, words)
     else:
         response.say(words)
     response.hangup()
     return str(response)
+
+
+def ask(response: VoiceResponse, gather_url: str, *prompts: str) -> None:
+    """Each prompt waiting for one key, sent to `gather_url`; the goodbye once none was pressed."""
+    for words in prompts:
+        response.gather(num_digits=1, action=gather_url, method="POST", timeout=GATHER_SECONDS).say(words)
+    response.say("Nothing was pressed. Goodbye.")
 
 
 NOT_TAKEN_STATUSES = {"no-answer", "busy", "failed", "canceled"}

@@ -21,24 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import LINE, SERGIO, wait_until  # noqa: E402
+from conftest import LINE, SERGIO, clock_shim, wait_until  # noqa: E402
 
 from bench import NO_CAPS, Server, relay_env, run_load, start_fake_twilio  # noqa: E402
-
-SHIM = """
-import os, time
-_real_monotonic = time.monotonic
-_offset_file = os.environ["RELAY_BENCH_MONOTONIC_OFFSET"]
-
-def _shifted_monotonic():
-    try:
-        with open(_offset_file) as f:
-            return _real_monotonic() + float(f.read() or 0)
-    except (OSError, ValueError):
-        return _real_monotonic()
-
-time.monotonic = _shifted_monotonic
-"""
 
 CONFIG = f"""
 [relay]
@@ -68,14 +53,8 @@ def main() -> int:
 
     fake, fake_url = start_fake_twilio()
     workdir = Path(tempfile.mkdtemp(prefix="relay-flood-"))
-    (workdir / "shim").mkdir()
-    (workdir / "shim" / "sitecustomize.py").write_text(SHIM)
-    offset = workdir / "monotonic-offset"
-    offset.write_text("0")
-    env = relay_env(workdir, fake_url, CONFIG) | {
-        "PYTHONPATH": str(workdir / "shim"),
-        "RELAY_BENCH_MONOTONIC_OFFSET": str(offset),
-    }
+    shifted, offset = clock_shim(workdir, "monotonic")
+    env = relay_env(workdir, fake_url, CONFIG) | shifted
     server = Server([str(ROOT / "relay.py")], env, workdir)
     try:
         server.wait_ready("/healthz")

@@ -84,6 +84,32 @@ def wait_until(predicate, timeout=10.0, interval=0.02):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+CLOCK_SHIM = """
+import os, time
+_real = getattr(time, os.environ["RELAY_SHIFTED_CLOCK"])
+_offset_file = os.environ["RELAY_CLOCK_OFFSET_FILE"]
+
+def _shifted():
+    try:
+        with open(_offset_file) as f:
+            return _real() + float(f.read() or 0)
+    except (OSError, ValueError):
+        return _real()
+
+setattr(time, os.environ["RELAY_SHIFTED_CLOCK"], _shifted)
+"""
+
+
+def clock_shim(directory: Path, clock: str) -> tuple[dict, Path]:
+    """Environment for a relay whose `time.<clock>` runs ahead by the seconds written to the returned file."""
+    (directory / "shim").mkdir()
+    (directory / "shim" / "sitecustomize.py").write_text(CLOCK_SHIM)
+    offset = directory / f"{clock}-offset"
+    offset.write_text("0")
+    env = {"PYTHONPATH": str(directory / "shim"), "RELAY_SHIFTED_CLOCK": clock, "RELAY_CLOCK_OFFSET_FILE": str(offset)}
+    return env, offset
+
+
 BARRIER_SENDER = "+15550009999"
 
 

@@ -20,6 +20,7 @@ from conftest import (
     SERGIO,
     TOKEN,
     RelayProcess,
+    clock_shim,
     config_text,
     msid,
     sign,
@@ -214,30 +215,10 @@ def test_a_2xx_with_an_odd_body_counts_as_sent_and_is_never_sent_again(start_rel
 
 # -- 5. a step of the wall clock moves no timer ----------------------------------------------------
 
-CLOCK_SHIM = """
-import os, time
-_real_time = time.time
-_offset_file = os.environ["RELAY_TEST_CLOCK_OFFSET"]
-
-def _shifted_time():
-    try:
-        with open(_offset_file) as f:
-            return _real_time() + float(f.read() or 0)
-    except (OSError, ValueError):
-        return _real_time()
-
-time.time = _shifted_time
-"""
-
 
 @pytest.mark.parametrize("step", [3600, -3600])
 def test_a_step_of_the_wall_clock_neither_delays_nor_hastens_the_backup(tmp_path, fake_twilio, step):
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(CLOCK_SHIM)
-    offset = tmp_path / "clock-offset"
-    offset.write_text("0")
-    env = {"PYTHONPATH": str(shim), "RELAY_TEST_CLOCK_OFFSET": str(offset)}
+    env, offset = clock_shim(tmp_path, "time")
     relay = RelayProcess(tmp_path, fake_twilio, config_text(primary_wait="3s"), env=env).start()
     try:
         relay.inbound(CUSTOMER, "anyone there?")
