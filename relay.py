@@ -960,6 +960,12 @@ class Store:
             self.failed = f"cannot fold {self.dir}: {getattr(e, 'strerror', None) or e}"
             raise StoreFailure(self.failed) from None
 
+    def compact(self) -> None:
+        """Rebuild the look-ups, which keep the capacity of their largest moment (a flood's)."""
+        self.conversations = dict(self.conversations)
+        self.seen = dict(self.seen)
+        self.strays = dict(self.strays)
+
     def _fold(self) -> None:
         if self.journal:
             self.journal.close()
@@ -1608,21 +1614,23 @@ class HourlyWindow:
     """Counts, per key, what happened in the last hour."""
 
     def __init__(self):
-        self.times: dict[object, deque[float]] = {}
+        # Plain lists, oldest first: a flood brings a key per sender, and a deque costs 600 bytes empty.
+        self.times: dict[object, list[float]] = {}
 
     def take(self, key: object, limit: int, now: float) -> bool:
         """Count one more unless `limit` were already counted this past hour."""
-        times = self.times.setdefault(key, deque())
-        while times and times[0] <= now - HOUR:
-            times.popleft()
+        times = self.times.setdefault(key, [])
+        del times[: bisect.bisect_right(times, now - HOUR)]
         if len(times) >= limit:
             return False
         times.append(now)
         return True
 
-    def forget_idle(self, now: float) -> None:
-        """Drop the keys with nothing in the past hour, so memory follows what is recent."""
+    def forget_idle(self, now: float) -> int:
+        """Drop the keys with nothing in the past hour, so memory follows what is recent; how many."""
+        before = len(self.times)
         self.times = {k: t for k, t in self.times.items() if t and t[-1] > now - HOUR}
+        return before - len(self.times)
 
 
 HELD_STATUS = "held"
@@ -1826,6 +1834,25 @@ class BadRequest(Exception):
         self.status, self.label, self.reason = status, label, reason
 
 
+# What lets a flood's memory go back to the system once it is over. CPython's own allocator frees an
+# arena only when every object in it has gone, and a few survivors pin most of them; glibc keeps an
+# arena per thread and raises its trim threshold as it goes. So the server runs its objects on
+# malloc, in two arenas, with fixed thresholds, and malloc_trim can then return every free page.
+RETURNABLE_MEMORY = {
+    "PYTHONMALLOC": "malloc",
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024),
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 1024),
+}
+
+
+def run_with_returnable_memory() -> None:
+    """Start again, as the same process, with RETURNABLE_MEMORY (which only works from the start)."""
+    missing = {name: value for name, value in RETURNABLE_MEMORY.items() if name not in os.environ}
+    if missing and sys.platform == "linux":
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
+
+
 def give_memory_back() -> None:
     """After many conversations left memory: collect, and hand freed heap pages back to the system."""
     gc.collect()
@@ -1902,6 +1929,7 @@ class Relay:
         self.outbound_window = HourlyWindow()
         self.cap_told: dict[str, float] = {}
         self.bundled_at: dict[str, float] = {}  # line -> when its contact on duty last got a bundle
+        self.forgotten = 0  # conversations archived and senders forgotten since memory was last given back
         with self.lock:
             self._index_all()
 
@@ -2471,17 +2499,22 @@ class Relay:
             return
         now = self.clock()
         self.release_held(now)
-        archived = 0
         with self.lock:
             if self.store.needs_fold():
                 before = len(self.store.conversations)
                 self.store.fold()
                 self.talking = {k: v for k, v in self.talking.items() if v in self.store.conversations}
-                archived = before - len(self.store.conversations)
+                self.forgotten += before - len(self.store.conversations)
             pruned = self.store.prune(now, self.config.retention)
-            self.sender_window.forget_idle(now)
-            self.outbound_window.forget_idle(now)
-        if archived > 1000:  # once the fold's own temporaries are gone too
+            self.forgotten += self.sender_window.forget_idle(now) + self.outbound_window.forget_idle(now)
+            trim = self.forgotten > 1000
+            if trim:
+                # A dict keeps the size of its busiest moment: rebuilt, the look-ups shrink to what is open.
+                self.forgotten = 0
+                self.store.compact()
+                self.in_flight = dict(self.in_flight)
+                self._index_all()
+        if trim:  # outside the lock, once the fold's own temporaries are gone too
             give_memory_back()
         if pruned:
             log("info", "pruned", days=pruned)
@@ -2874,6 +2907,7 @@ def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:
 
 
 def cmd_serve(args) -> int:
+    run_with_returnable_memory()
     tame_library_logging()
     settings, config = prepare(args.dry_run)
     settings.require_credentials()

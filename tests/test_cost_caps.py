@@ -1,5 +1,7 @@
 """Cost guards: texts over a cap are held and go out as the cap allows; nothing is dropped."""
 
+import sys
+
 import pytest
 from conftest import ALARM, CUSTOMER, LINE, SERGIO, RunAtOnce, make_relay, msid
 from freezegun import freeze_time
@@ -224,6 +226,19 @@ def test_quiet_senders_are_forgotten_once_their_hour_has_passed(tmp_path, clock)
     assert len(service.sender_window.times) == 50
     an_hour_later(service, clock)
     assert service.sender_window.times == {}
+
+
+def test_look_ups_shrink_back_once_a_flood_of_senders_is_archived_and_forgotten(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=10_000)
+    empty = sys.getsizeof({})
+    for n in range(600):  # 600 conversations archived and 600 senders forgotten: over the 1,000 that trims
+        text(service, f"+1555100{n:04d}", n)
+    assert sys.getsizeof(service.open_by_sender) > 10 * empty
+    an_hour_later(service, clock)  # every chain has ended unanswered
+    an_hour_later(service, clock)  # archived, and the senders' hour is over
+    assert not service.store.conversations
+    sizes = [sys.getsizeof(d) for d in (service.open_by_sender, service.store.seen, service.store.conversations)]
+    assert sizes == [empty] * 3
 
 
 def test_held_texts_are_listed_by_status(tmp_path, clock, capsys, monkeypatch):

@@ -346,6 +346,13 @@ def test_no_log_line_is_over_2_kib_whatever_a_client_sends(start_relay):
     assert "qqqq" not in relay.log_path.read_text()
 
 
+def test_the_server_runs_on_an_allocator_that_can_give_a_flood_s_memory_back(start_relay):
+    process = start_relay(config_text())
+    environment = Path(f"/proc/{process.proc.pid}/environ").read_bytes().split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in environment
+    assert b"MALLOC_ARENA_MAX=2" in environment
+
+
 def test_a_password_in_the_public_url_is_never_logged(tmp_path, fake_twilio):
     relay = RelayProcess(tmp_path, fake_twilio, config_text())
     relay.env["RELAY_PUBLIC_URL"] = relay.url.replace("http://", "http://ops:hunter2@")
