@@ -325,6 +325,7 @@ class Settings:
     api_key: str | None
     api_secret: str | None
     database_url: str | None = None  # not supported yet: said at start and by `check`, never used
+    files_do_not_last: bool = False  # on Heroku (DYNO is set), whose dynos lose their files at each restart
 
     @classmethod
     def from_env(cls, env: dict, dry_run: bool = False) -> Settings:
@@ -346,6 +347,7 @@ class Settings:
             api_key=get("TWILIO_API_KEY"),
             api_secret=get("TWILIO_API_SECRET"),
             database_url=get("DATABASE_URL"),
+            files_do_not_last=bool(get("DYNO")),
         )
 
     @property
@@ -2833,8 +2835,14 @@ def describe(settings: Settings, config: Config) -> list[str]:
     out.append(f"store: JSON files under {settings.state_dir}")
     if settings.database_url:
         out.append(
-            "DATABASE_URL is set, but this relay has no PostgreSQL store yet: it is IGNORED, and state lives "
-            "in the files above (lost with them on a platform whose files do not last)"
+            "WARNING: DATABASE_URL is set, but this relay has no PostgreSQL store yet: it is IGNORED, and "
+            "state lives in the files above (lost with them on a platform whose files do not last)"
+        )
+    if settings.files_do_not_last:
+        out.append(
+            "WARNING: DYNO is set: this platform discards the dyno's files at every restart (at least daily), "
+            "and with them every open conversation, timer and MessageSid; run the relay on a VM or with a "
+            "volume (README, Deploy)"
         )
     if settings.dry_run or not config.catch_up:
         out.append("catch-up: off (texts the webhook misses are not looked for)")
@@ -2919,7 +2927,7 @@ def cmd_serve(args) -> int:
     gateway = DryRunGateway(settings.state_dir) if settings.dry_run else TwilioGateway(settings)
     relay = Relay(settings, config, store, gateway)
     for text in describe(settings, config):
-        log("warning" if "IGNORED" in text else "info", "startup", detail=text)
+        log("warning" if text.startswith("WARNING") else "info", "startup", detail=text)
     try:
         server = create_server(make_app(relay), settings.port)
     except OSError as e:

@@ -80,6 +80,17 @@ def test_serve_on_a_port_in_use_exits_with_a_reason(tmp_path):
     ]
 
 
+def test_serve_warns_at_start_when_the_platform_discards_its_files(start_relay):
+    relay = start_relay(config_text(), dry_run=True, env={"DYNO": "web.1"})
+    warnings = [e["detail"] for e in relay.logs() if e["event"] == "startup" and e["level"] == "warning"]
+    assert any("DYNO is set" in w and "every restart" in w for w in warnings)
+
+
+def test_serve_says_nothing_of_lost_files_off_heroku(start_relay):
+    relay = start_relay(config_text(), dry_run=True)
+    assert not [e for e in relay.logs() if e["event"] == "startup" and e["level"] == "warning"]
+
+
 def test_check_says_the_store_in_use_and_that_a_database_url_is_ignored(tmp_path):
     relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
     assert "store: JSON files under" in relay.run("check", "--dry-run").stdout
