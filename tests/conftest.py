@@ -177,7 +177,7 @@ class FakeTwilio:
 
     A fault is (status, twilio_error_code, headers) or ("hang", seconds) or ("drop",).
     `stalls` maps a recipient to how every text to it goes wrong: "hang" (no answer until the
-    test ends), "trickle" (the status line a byte a second) or "odd" (201 with a body
+    test ends), "trickle" (the status line a byte a second) or "odd" (200 with a body
     that is not JSON). `latency` delays every answer.
     """
 
@@ -262,7 +262,7 @@ class FakeTwilio:
                         self.wfile.flush()
                     return
                 if stall == "odd":
-                    return self._raw_answer(201, b"<html>queued, probably</html>", "text/html")
+                    return self._raw_answer(200, b"<html>queued, probably</html>", "text/html")
                 time.sleep(fake.latency)
                 if fault and fault[0] == "drop":
                     self.close_connection = True

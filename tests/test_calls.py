@@ -66,6 +66,13 @@ def test_a_call_answered_by_a_machine_moves_on_and_is_ended(clock, answered_by):
     assert [(p.kind, p.body) for p in conv.pages if p.kind == "end_call"] == [("end_call", "CA" + "1" * 32)]
 
 
+def test_a_machine_verdict_on_a_call_already_over_ends_nothing(clock):
+    conv = start()
+    relay.record_sent(conv, 0, "CA" + "1" * 32, time.time())
+    assert relay.call_progress(conv, 0, "completed", "machine_end_beep", time.time()) == "escalated"
+    assert kinds_to(conv, SERGIO) == ["call"]
+
+
 def test_ringing_and_a_person_answering_do_not_move_the_chain(clock):
     conv = start()
     relay.record_sent(conv, 0, "CA" + "1" * 32, time.time())
@@ -167,6 +174,17 @@ def test_list_by_sms_names_each_open_conversation_paged_to_that_contact(tmp_path
     twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
     assert f"#1 {CUSTOMER} boat 0 needs fuel now" in twiml and f"#2 {OTHER_CUSTOMER} boat 1 needs fuel now" in twiml
     assert all(c.is_open for c in service.store.conversations.values())
+
+
+def test_list_by_sms_names_the_oldest_conversation_first(tmp_path, clock):
+    service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
+    for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
+        service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n}"})
+        clock.tick(1)
+    service.store.conversations = dict(reversed(service.store.conversations.items()))
+    service._index_all()
+    twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
+    assert twiml.index(f"#1 {CUSTOMER}") < twiml.index(f"#2 {OTHER_CUSTOMER}")
 
 
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):

@@ -364,3 +364,23 @@ def test_recipient_error_codes_are_permanent_whatever_the_status(code):
 def test_a_text_of_exactly_1600_units_is_not_cut():
     assert relay.fit_sms("x" * 1600) == "x" * 1600
     assert relay.fit_sms("x" * 1601) != "x" * 1601
+
+
+def test_a_duration_without_a_unit_is_seconds():
+    assert relay.parse_duration("90", "wait") == 90
+    assert relay.parse_duration("2m", "wait") == 120
+
+
+def test_retention_and_the_catch_up_window_default_to_seven_days_and_one_day():
+    defaults = relay.Config(lines=(QDN,))
+    assert (defaults.retention, defaults.catch_up_window) == (7 * 24 * 60 * 60, 24 * 60 * 60)
+
+
+def test_a_retry_after_date_counts_the_seconds_until_it(clock):
+    assert relay.parse_retry_after("Fri, 27 Nov 2026 12:00:30 GMT") == 30.0
+    assert relay.parse_retry_after("Fri, 27 Nov 2026 11:59:00 GMT") == 0.0
+
+
+def test_a_cut_text_uses_the_whole_1600_units():
+    for extra in (1, 2, 3, 500):
+        assert relay.utf16_len(relay.fit_sms("x" * (1600 + extra))) == 1600

@@ -79,6 +79,32 @@ def test_files_are_0600_and_the_directory_0700(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
 
 
+def test_files_a_fold_writes_are_0600(tmp_path):
+    store = opened(tmp_path)
+    done = conversation(msid("1"), time.time())
+    relay.acknowledge(done, QDN.chain[0], {"sid": msid("1r")}, time.time())
+    store.wait(store.save(done))
+    store.fold()
+    assert list(tmp_path.glob("archive-*.jsonl"))
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_an_archive_write_that_fails_half_way_leaves_the_archive_as_it_was(tmp_path, monkeypatch):
+    archive = tmp_path / "archive-2026-11-01.jsonl"
+    relay.append_durably(archive, b'{"sids": []}\n')
+    real_write = relay.write_all
+
+    def write_half_then_fail(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(relay, "write_all", write_half_then_fail)
+    with pytest.raises(OSError):
+        relay.append_durably(archive, b'{"sids": ["SM1"], "conversation": {}}\n')
+    assert archive.read_bytes() == b'{"sids": []}\n'
+
+
 def test_folding_moves_settled_conversations_to_the_archive(tmp_path):
     store = opened(tmp_path)
     done = conversation(msid("1"), time.time())

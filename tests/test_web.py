@@ -159,6 +159,27 @@ def test_message_bodies_stay_out_of_the_logs_unless_asked_for(tmp_path, capsys):
         assert ("my card is 4111" in capsys.readouterr().out) is log_bodies
 
 
+def test_a_from_of_65_characters_gets_400(service):
+    app = relay.make_app(service)
+    status, _ = signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": "+1" * 32 + "5", "To": LINE})
+    assert status == 400 and service.store.conversations == {}
+
+
+def duplicates_counted(app) -> float:
+    _, text = call(app, "GET", "/metrics")
+    found = [line.split()[1] for line in text.splitlines() if line.startswith('relay_inbound_total{kind="duplicate"}')]
+    return float(found[0]) if found else 0.0
+
+
+def test_a_retried_text_is_counted_as_a_duplicate(service):
+    app = relay.make_app(service)
+    params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    signed_post(app, "/api/sms/inbound", params)
+    before = duplicates_counted(app)
+    signed_post(app, "/api/sms/inbound", params)
+    assert duplicates_counted(app) == before + 1
+
+
 def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
     app = relay.make_app(service)
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
