@@ -9,6 +9,7 @@ suite does not fail "survives".
     python bench/mutate.py                 # a seeded sample of 120 mutants of relay.py
     python bench/mutate.py --count 0       # every mutant (hours)
     python bench/mutate.py --list          # list the mutants without running anything
+    python bench/mutate.py --again bench/results/mutants-X.json   # that run's survivors, today's suite
 
 It prints each survivor (line, change) and the score, and writes bench/results/mutants-*.json.
 It is not part of the default test run: each mutant costs a run of the suite.
@@ -174,6 +175,46 @@ def run_suite(workdir: Path, timeout: float) -> tuple[bool, float, str]:
     return False, time.monotonic() - started, ""
 
 
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def sample(mutants: list[Mutant], count: int, seed: int) -> list[Mutant]:
+    if count and count < len(mutants):
+        return sorted(random.Random(seed).sample(mutants, count), key=lambda m: m.start)
+    return mutants
+
+
+def where(text: str, mutants: list[Mutant]) -> list[tuple[str, str, int]]:
+    """Each mutant as (its line's text, its change, which such one): the same break in an edited file."""
+    lines, seen, keys = text.splitlines(), {}, []
+    for mutant in mutants:
+        key = (lines[mutant.line - 1].strip(), mutant.description)
+        seen[key] = seen.get(key, -1) + 1
+        keys.append((*key, seen[key]))
+    return keys
+
+
+def survivors_again(results: dict, text: str) -> list[Mutant]:
+    """The survivors of an earlier run (of relay.py as at its commit), found again in today's relay.py."""
+    old_text = git("show", f"{results['commit']}:relay.py")
+    old_all = find_mutants(old_text)
+    old = sample(old_all, results["count"], results["seed"])[: len(results["mutants"])]  # a run may stop early
+    assert [(m.line, m.description) for m in old] == [(r["line"], r["change"]) for r in results["mutants"]]
+    old_keys = dict(zip(old_all, where(old_text, old_all), strict=True))
+    new_all = find_mutants(text)
+    new_by_key = dict(zip(where(text, new_all), new_all, strict=True))
+    found = []
+    for mutant, result in zip(old, results["mutants"], strict=True):
+        if result["killed"]:
+            continue
+        if old_keys[mutant] in new_by_key:
+            found.append(new_by_key[old_keys[mutant]])
+        else:
+            print(f"gone: relay.py:{mutant.line}: {mutant.description} (the code changed)")
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=120, help="how many mutants to try (0: all)")
@@ -181,21 +222,28 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one run of the suite")
     parser.add_argument("--list", action="store_true", help="only list the mutants")
     parser.add_argument("--lines", help="only mutants on these lines, e.g. 100-250")
+    parser.add_argument("--again", type=Path, help="a results file: run its survivors against today's suite")
+    parser.add_argument("--at", help="with --again, the commit that run broke, if its file does not say")
     args = parser.parse_args()
 
     text = SOURCE.read_text()
-    mutants = find_mutants(text)
+    if args.again:
+        earlier = {"commit": args.at, "count": args.count, "seed": args.seed} | json.loads(args.again.read_text())
+        mutants = survivors_again(earlier, text)
+    else:
+        mutants = sample(find_mutants(text), args.count, args.seed)
     if args.lines:
         low, _, high = args.lines.partition("-")
         mutants = [m for m in mutants if int(low) <= m.line <= int(high or low)]
-    if args.count and args.count < len(mutants):
-        mutants = sorted(random.Random(args.seed).sample(mutants, args.count), key=lambda m: m.start)
     if args.list:
         for mutant in mutants:
             print(f"relay.py:{mutant.line}: {mutant.description}")
         print(f"{len(mutants)} mutants")
         return 0
 
+    commit = git("rev-parse", "--short", "HEAD").strip() + (
+        "+edits" if git("status", "--porcelain", "relay.py") else ""
+    )
     with tempfile.TemporaryDirectory(prefix="relay-mutants-") as tmp:
         workdir = Path(tmp) / "project"
         shutil.copytree(ROOT, workdir, ignore=shutil.ignore_patterns(".venv", ".git", ".prism", "state", "mutants"))
@@ -217,7 +265,9 @@ def main() -> int:
             print(f"  survived: relay.py:{r['line']}: {r['change']}")
     out = ROOT / "bench" / "results" / f"mutants-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"killed": killed, "total": len(results), "mutants": results}, indent=1) + "\n")
+    summary = {"commit": commit, "count": args.count, "seed": args.seed, "again": str(args.again or "") or None}
+    summary |= {"killed": killed, "total": len(results), "mutants": results}
+    out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
     return 0
 
