@@ -1,6 +1,7 @@
 """Calls in the chain, key presses, and the reply words pass and list."""
 
 import json
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 
@@ -185,6 +186,45 @@ def test_list_by_sms_names_the_oldest_conversation_first(tmp_path, clock):
     service._index_all()
     twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
     assert twiml.index(f"#1 {CUSTOMER}") < twiml.index(f"#2 {OTHER_CUSTOMER}")
+
+
+class CallsHangUntilReleased:
+    def __init__(self):
+        self.texts, self.calls, self.released = [], [], threading.Event()
+
+    def send(self, from_, to, body, status_callback, media=()):
+        self.texts.append(to)
+        return "SM" + "1" * 32
+
+    def call(self, from_, to, twiml, status_callback):
+        self.calls.append(to)
+        self.released.wait(10)
+        return "CA" + "1" * 32
+
+
+def settle(predicate) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("never settled")
+
+
+def test_a_call_still_in_flight_is_not_placed_again_when_its_text_went_first(tmp_path, clock):
+    service = service_with(tmp_path, SERGIO_BOTH)
+    service.gateway = gateway = CallsHangUntilReleased()
+    service.senders = relay.SendThreads()
+    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.sweep()
+    settle(lambda: len(gateway.texts) == 1 and gateway.calls and len(service.senders.active) == 1)
+    # A second customer's text queues more sends to Sergio, and so more workers for his queue.
+    service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
+    service.sweep()
+    settle(lambda: len(gateway.calls) > 2 or (not service.outbox.get(SERGIO) and len(service.senders.active) == 2))
+    assert len(gateway.calls) == 2  # one for each conversation
+    gateway.released.set()
+    assert service.senders.shutdown(timeout=10) == 0
+    assert gateway.calls == [SERGIO, SERGIO]
 
 
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):

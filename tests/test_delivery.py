@@ -39,6 +39,7 @@ def test_permanent_error_for_the_primary_pages_the_backup_at_once(start_relay, f
     assert fake_twilio.requests[1]["at"] - failed_at < 1.0
     assert fake_twilio.attempts(SERGIO) == 1
     assert relay.events("send_failed")[0]["error_code"] == 21211
+    assert [e["to"] for e in wait_until(lambda: relay.events("escalated"))] == [BACKUP]
 
 
 def test_failed_delivery_report_pages_the_backup_at_once(start_relay, fake_twilio):
