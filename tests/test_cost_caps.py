@@ -219,6 +219,17 @@ def test_a_live_two_way_conversation_is_never_cut_off_by_the_sender_cap(tmp_path
     assert sum("slip" in body for body in sent_to(service, SERGIO)) == 5
 
 
+def test_a_live_two_way_conversation_survives_a_fold(tmp_path, clock):
+    two_way = relay.Line("QDN", LINE, QDN.chain, reply_to_sender=True)
+    service = capped_relay(tmp_path, line=two_way)
+    text(service, CUSTOMER, 0)
+    acknowledge(service, "On my way, which slip?")
+    service.store.folded_at -= 2 * 3600  # the hourly fold is due
+    service.housekeeping()
+    text(service, CUSTOMER, 1, "slip 12")
+    assert len(service.store.conversations) == 1 and sent_to(service, SERGIO)[-1].endswith("slip 12")
+
+
 def test_quiet_senders_are_forgotten_once_their_hour_has_passed(tmp_path, clock):
     service = capped_relay(tmp_path)
     for n in range(50):
