@@ -227,6 +227,18 @@ def test_a_call_still_in_flight_is_not_placed_again_when_its_text_went_first(tmp
     assert gateway.calls == [SERGIO, SERGIO]
 
 
+def test_a_key_pressed_on_a_call_is_logged_with_the_key(tmp_path, clock, capsys):
+    service = service_with(tmp_path)
+    service.gateway = gateway = CallsHangUntilReleased()
+    gateway.released.set()
+    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.sweep()
+    conv = next(iter(service.store.conversations.values()))
+    service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": "CA" + "1" * 32}, repeated=False)
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["to"], e["digits"]) for e in logged if e["event"] == "call_key"] == [(SERGIO, "1")]
+
+
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})

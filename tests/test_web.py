@@ -180,6 +180,13 @@ def test_a_retried_text_is_counted_as_a_duplicate(service):
     assert duplicates_counted(app) == before + 1
 
 
+def test_metrics_show_the_cpu_time_of_the_last_sweep(service):
+    relay.SWEEP_SECONDS.set(-1)
+    service.sweep()
+    _, text = call(relay.make_app(service), "GET", "/metrics")
+    assert float(next(line.split()[1] for line in text.splitlines() if line.startswith("relay_sweep_seconds "))) >= 0
+
+
 def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
     app = relay.make_app(service)
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
