@@ -4,7 +4,20 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import ACCOUNT, ALARM, BACKUP, CUSTOMER, LINE, SERGIO, barrier, config_text, msid, sign, wait_until
+from conftest import (
+    ACCOUNT,
+    ALARM,
+    BACKUP,
+    CUSTOMER,
+    LINE,
+    SERGIO,
+    barrier,
+    config_text,
+    make_relay,
+    msid,
+    sign,
+    wait_until,
+)
 
 import relay as relay_module
 
@@ -168,3 +181,26 @@ def test_retry_after_from_twilio_reaches_the_retry(fake_twilio):
     with pytest.raises(relay_module.SendError) as refused:
         relay_module.TwilioGateway(settings).send(LINE, SERGIO, "hi", None)
     assert refused.value.retry_after == 7 and not refused.value.permanent
+
+
+class BusyThenFine:
+    """Refuses the first two texts as Twilio does when busy, then takes them."""
+
+    def __init__(self):
+        self.tries = 0
+
+    def send(self, from_, to, body, status_callback, media=()):
+        self.tries += 1
+        if self.tries <= 2:
+            raise relay_module.SendError("twilio 503", permanent=False, retry_after=3.0)
+        return "SM" + "1" * 32
+
+
+def test_a_text_to_the_operator_is_retried_after_twilio_s_wait_and_logged_once_sent(tmp_path, monkeypatch, capsys):
+    service = make_relay(tmp_path / "state")
+    service.gateway = BusyThenFine()
+    waits = []
+    monkeypatch.setattr(relay_module.time, "sleep", waits.append)
+    service._send_direct(LINE, ALARM, "a state file was damaged")
+    assert len(waits) == 2 and min(waits) >= 3.0 and service.gateway.tries == 3
+    assert '"event": "direct_sent"' in capsys.readouterr().out
