@@ -169,6 +169,17 @@ def test_a_quiet_journal_is_still_folded_every_hour(tmp_path):
         assert store.needs_fold()
 
 
+def test_a_journal_past_its_size_limit_is_folded_at_once(tmp_path):
+    with freeze_time("2026-11-01 12:00:00"):
+        store = opened(tmp_path)
+        store.FOLD_BYTES = 2000
+        store.wait(store.save(conversation(msid("1"), time.time())))
+        assert store.journal.size < 2000 and not store.needs_fold()
+        for n in range(2, 6):
+            store.wait(store.save(conversation(msid(n), time.time())))
+        assert store.journal.size > 2000 and store.needs_fold()
+
+
 def test_an_empty_journal_needs_no_fold(tmp_path):
     with freeze_time("2026-11-01 12:00:00") as clock:
         store = opened(tmp_path)
