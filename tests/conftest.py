@@ -73,10 +73,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_real_monotonic = time.monotonic  # taken before any test freezes time, so waits run out under freezegun too
+
+
 def wait_until(predicate, timeout=10.0, interval=0.02):
     """Poll until predicate() is truthy; returns its value, or fails the test at the timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    deadline = _real_monotonic() + timeout
+    while _real_monotonic() < deadline:
         value = predicate()
         if value:
             return value

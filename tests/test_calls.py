@@ -202,25 +202,17 @@ class CallsHangUntilReleased:
         return "CA" + "1" * 32
 
 
-def settle(predicate) -> None:
-    for _ in range(1000):
-        if predicate():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError("never settled")
-
-
 def test_a_call_still_in_flight_is_not_placed_again_when_its_text_went_first(tmp_path, clock):
     service = service_with(tmp_path, SERGIO_BOTH)
     service.gateway = gateway = CallsHangUntilReleased()
     service.senders = relay.SendThreads()
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
     service.sweep()
-    settle(lambda: len(gateway.texts) == 1 and gateway.calls and len(service.senders.active) == 1)
+    wait_until(lambda: len(gateway.texts) == 1 and gateway.calls and len(service.senders.active) == 1)
     # A second customer's text queues more sends to Sergio, and so more workers for his queue.
     service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
     service.sweep()
-    settle(lambda: len(gateway.calls) > 2 or (not service.outbox.get(SERGIO) and len(service.senders.active) == 2))
+    wait_until(lambda: len(gateway.calls) > 2 or (not service.outbox.get(SERGIO) and len(service.senders.active) == 2))
     assert len(gateway.calls) == 2  # one for each conversation
     gateway.released.set()
     assert service.senders.shutdown(timeout=10) == 0
