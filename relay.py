@@ -19,9 +19,11 @@ I/O lives around them. Run ``python relay.py --help`` for the commands.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import array
 import bisect
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -52,7 +54,7 @@ import urllib.parse
 import urllib.request
 import zoneinfo
 from collections import deque
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -484,6 +486,7 @@ class Page:
     sent_at: float | None = None  # when Twilio took it
     counted: bool = False  # counted against the outbound cap (once, whatever the retries)
     call_status: str | None = None  # a call's last progress report from Twilio (ringing, in-progress...)
+    lease: float = 0.0  # shared store: until when one relay has claimed it to send (0: unclaimed)
 
 
 @dataclass(slots=True)
@@ -595,12 +598,163 @@ def shared_contact(name: str, phone: str, wait: int, hours: str | None = None, v
     return Contact(name, phone, wait, hours, via)
 
 
+HOUR = 3600.0
+
+
+class HourlyWindow:
+    """Counts, per key, what happened in the last hour."""
+
+    def __init__(self):
+        # Plain lists, oldest first: a flood brings a key per sender, and a deque costs 600 bytes empty.
+        self.times: dict[object, list[float]] = {}
+
+    def take(self, key: object, limit: int, now: float) -> bool:
+        """Count one more unless `limit` were already counted this past hour."""
+        times = self.times.setdefault(key, [])
+        del times[: bisect.bisect_right(times, now - HOUR)]
+        if len(times) >= limit:
+            return False
+        times.append(now)
+        return True
+
+    def forget_idle(self, now: float) -> int:
+        """Drop the keys with nothing in the past hour, so memory follows what is recent; how many."""
+        before = len(self.times)
+        self.times = {k: t for k, t in self.times.items() if t and t[-1] > now - HOUR}
+        return before - len(self.times)
+
+
 class StateLocked(Exception):
     """Another relay holds the state directory."""
 
 
 class StoreFailure(Exception):
     """The state directory could not be written; nothing is acknowledged as stored."""
+
+
+def steady_clock():
+    """Wall time as it was at start, moved on by the monotonic clock.
+
+    A step of the wall clock (an NTP jump, an operator's `date -s`) then moves no timer of a
+    running relay; stored times stay close to wall time, and a restart takes up the wall clock.
+    """
+    wall, mono = time.time(), time.monotonic()
+    return lambda: wall + (time.monotonic() - mono)
+
+
+class Store(abc.ABC):
+    """Where the relay keeps its conversations: the relay service talks only to this.
+
+    Two places implement it, side by side below: JSON files under the state directory (JsonStore,
+    the default: one relay, everything in memory and journalled) and PostgreSQL (PgStore: the
+    database is the truth, and any number of relays share it). A change is made inside
+    `transaction()`: read with the look-ups, change with the pure rules, `save`. A save returns a
+    ticket; once `wait(ticket)` returns, the change is durable and may be acted on outside.
+    """
+
+    LEASE: float | None = None  # how long a claim on a page to send lasts, where other relays could take it
+    POLL = 1.0  # the sweeper looks at least this often, for work that other relays made due
+
+    damaged: list[tuple[str, int]]  # files moved aside as damaged: (name, unreadable records)
+    clock: Callable[[], float]  # now, for the rules and everything stored (PgStore: the database's clock)
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Get ready to read and write, or raise OSError / StoreFailure saying why not."""
+
+    @abc.abstractmethod
+    def heal(self) -> None:
+        """After a failure: start again from what is stored, or raise StoreFailure."""
+
+    @property
+    @abc.abstractmethod
+    def failure(self) -> str | None:
+        """Why nothing can be stored now, or None."""
+
+    @abc.abstractmethod
+    def writable(self) -> str | None:
+        """None when state can be written, else the reason; cheap, and writes nothing."""
+
+    @abc.abstractmethod
+    def transaction(self, line: str | None = None):
+        """A context for one change; with `line`, no other change on that line runs meanwhile."""
+
+    @abc.abstractmethod
+    def claim(self, sid: str) -> str | None:
+        """None for a MessageSid never seen (now taken by this change), else the answer it got ("" none)."""
+
+    @abc.abstractmethod
+    def knows(self, sid: str) -> bool:
+        """Whether the MessageSid was handled already."""
+
+    @abc.abstractmethod
+    def get(self, conv_id: str) -> Conversation | None:
+        """The conversation, held for this change."""
+
+    @abc.abstractmethod
+    def live(self, line: str, sender: str, now: float) -> Conversation | None:
+        """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
+
+    @abc.abstractmethod
+    def open_on(self, line: str) -> list[Conversation]:
+        """The line's open and held conversations."""
+
+    @abc.abstractmethod
+    def talking(self, line: str, now: float) -> list[Conversation]:
+        """The line's acknowledged two-way conversations still within their window."""
+
+    @abc.abstractmethod
+    def latest_with_code(self, line: str, code: str) -> Conversation | None:
+        """The newest conversation, finished or not, that had this code on the line."""
+
+    @abc.abstractmethod
+    def new_code(self, line: str) -> str:
+        """A reply code no open conversation of the line holds."""
+
+    @abc.abstractmethod
+    def take(self, key: str, limit: int, now: float) -> bool:
+        """Count one use of a cost cap, unless `limit` were counted in the past hour."""
+
+    @abc.abstractmethod
+    def once_every(self, key: str, seconds: float, now: float) -> bool:
+        """True (and remembered) if `key` was not marked in the past `seconds`."""
+
+    @abc.abstractmethod
+    def save(self, conv: Conversation, in_flight: Container[int] = frozenset(), changed: bool = True):
+        """Store the conversation (only its next wake-up when not `changed`); `in_flight`: pages
+        this relay is sending now. Returns a ticket for `wait`."""
+
+    @abc.abstractmethod
+    def save_stray(self, sid: str, answer: str | None, now: float):
+        """Remember a text that joined no conversation, with its answer. Returns a ticket."""
+
+    @abc.abstractmethod
+    def wait(self, ticket) -> None:
+        """Return once the change behind the ticket is durable; raise StoreFailure if it never will be."""
+
+    @abc.abstractmethod
+    def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
+        """Conversations with a deadline or a page due by `now`, each held for this change."""
+
+    @abc.abstractmethod
+    def next_due(self) -> float | None:
+        """When the next conversation falls due."""
+
+    @abc.abstractmethod
+    def held(self) -> list[Conversation]:
+        """Conversations with texts held by a cost cap, oldest first, each held for this change."""
+
+    @abc.abstractmethod
+    def unfinished(self) -> list[Conversation]:
+        """Open and held conversations, and any with held texts, oldest first (for `status`)."""
+
+    @abc.abstractmethod
+    def open_count(self) -> int:
+        """How many conversations are open or held."""
+
+    @abc.abstractmethod
+    def tidy(self, now: float, retention: int) -> int:
+        """Housekeeping: what is finished leaves, after `retention`; returns how much was pruned."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -758,8 +912,11 @@ class Journal:
                     self.failure = self.failure or OSError(errno.EBADF, "journal closed")
 
 
-class Store:
-    """Conversations on disk under one directory, held by one relay at a time."""
+class JsonStore(Store):
+    """Conversations on disk under one directory, held by one relay at a time, and all in memory.
+
+    The relay's lock guards it: a transaction is the relay holding that lock.
+    """
 
     SNAPSHOT = "conversations.jsonl"
     LOCK = "relay.lock"
@@ -771,6 +928,11 @@ class Store:
         self.lock_fd: int | None = None
         self.journal: Journal | None = None
         self.failed: str | None = None  # why the state could not be written, until it is reopened
+        self.clock = steady_clock()
+        self.caps = HourlyWindow()  # cost caps: what was sent this past hour, per cap
+        self.marks: dict[str, float] = {}  # once_every's keys, when last marked
+        self.codes: dict[str, int] = {}  # line -> the last reply code given
+        self.forgotten = 0  # conversations archived and senders forgotten since memory was last given back
         self._forget()
 
     def _forget(self) -> None:
@@ -787,6 +949,7 @@ class Store:
         self.generation = 0
         self.folded_at = time.monotonic()
         self.damaged: list[tuple[str, int]] = []  # (file moved aside, records it could not read)
+        self._index_all()
 
     # -- opening ----------------------------------------------------------
 
@@ -857,6 +1020,7 @@ class Store:
 
     def _start(self) -> None:
         self.load(quarantine=True)
+        self._index_all()
         self.written = {cid: conv.written_mark() for cid, conv in self.conversations.items()}
         # A probe first: a full disk is said plainly here, not found at the first text.
         write_atomically(self.dir / ".probe", b"x" * 4096)
@@ -867,7 +1031,7 @@ class Store:
             self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
         self.failed = None
 
-    def reopen(self) -> None:
+    def heal(self) -> None:
         """After a failed write: forget what is in memory and start again from what is on disk."""
         if self.journal:
             self.journal.close(flush=False)
@@ -887,35 +1051,54 @@ class Store:
                 found.append((int(number), path))
         return sorted(found)
 
-    def _remember(self, conv: Conversation) -> None:
-        self.conversations[conv.id] = conv
-        for sid in conv.sids():
-            self.seen[sid] = conv.id
+    # -- look-ups (the relay's lock held) ---------------------------------
 
-    # -- writing ----------------------------------------------------------
+    def _index_all(self) -> None:
+        """Build look-ups and timers afresh from the conversations."""
+        self.timers: list[tuple[float, str]] = []
+        self.open_by_sender: dict[tuple[str, str], str] = {}  # open or held, by customer
+        self.open_codes: dict[str, dict[str, str]] = {}  # line -> code -> conversation id (open or held)
+        self.two_way: dict[tuple[str, str], str] = {}  # two-way conversations acknowledged, by customer
+        self.holding: set[str] = set()  # conversations with pages held by a cap
+        for conv in self.conversations.values():
+            self._index(conv, frozenset())
+            if conv.code.isdigit():
+                self.codes[conv.line] = max(self.codes.get(conv.line, 0), int(conv.code))
 
-    def _append(self, record: str) -> tuple[Journal, int]:
-        if self.failure:
-            raise StoreFailure(self.failure)
-        return self.journal, self.journal.append((record + "\n").encode())
+    def _index(self, conv: Conversation, in_flight: Container[int]) -> None:
+        """Keep look-ups and timers in step with the conversation's state."""
+        key = (conv.line, conv.sender)
+        codes = self.open_codes.setdefault(conv.line, {})
+        if conv.status in (OPEN_STATUS, HELD_STATUS):
+            self.open_by_sender[key] = conv.id
+            codes[conv.code] = conv.id
+        else:
+            if self.open_by_sender.get(key) == conv.id:
+                del self.open_by_sender[key]
+            if codes.get(conv.code) == conv.id:
+                del codes[conv.code]
+            if conv.two_way and conv.status == "acknowledged":
+                self.two_way[key] = conv.id
+        if held_pages(conv):
+            self.holding.add(conv.id)
+        else:
+            self.holding.discard(conv.id)
+        when = next_wakeup(conv, in_flight)
+        if when is not None:
+            heapq.heappush(self.timers, (when, conv.id))
+        OPEN.set(len(self.open_by_sender))
 
-    def save(self, conv: Conversation) -> tuple[Journal, int]:
-        """Queue the conversation's new state; call wait(ticket) before acting on it outside."""
-        self._remember(conv)
-        mark = self.written.get(conv.id)
-        ticket = self._append(conv.to_json() if mark is None else conv.delta_json(mark))
-        self.written[conv.id] = conv.written_mark()
-        return ticket
+    def transaction(self, line: str | None = None):
+        return contextlib.nullcontext()
 
-    def save_stray(self, sid: str, answer: str | None, now: float) -> tuple[Journal, int]:
-        """Remember a text that joined no conversation, with the answer it got."""
-        self.strays[sid] = stray = {"sid": sid, "answer": answer, "at": now}
-        return self._append(json.dumps({"stray": stray}, ensure_ascii=False))
-
-    @staticmethod
-    def wait(ticket: tuple[Journal, int]) -> None:
-        journal, number = ticket
-        journal.wait(number)
+    def claim(self, sid: str) -> str | None:
+        if not self.knows(sid):
+            return None
+        if sid in self.strays:
+            return self.strays[sid]["answer"] or ""
+        conv = self.conversations.get(self.seen.get(sid, ""))
+        said = [*conv.messages, *conv.replies] if conv else []
+        return next((m.get("answer") for m in said if m["sid"] == sid), None) or ""
 
     def knows(self, sid: str) -> bool:
         return sid in self.seen or sid in self.strays or self._archived(hash(sid))
@@ -927,13 +1110,98 @@ class Store:
                 return True
         return False
 
-    def answer_given(self, sid: str) -> str | None:
-        """The TwiML text a stored text was answered with, if any."""
-        if sid in self.strays:
-            return self.strays[sid]["answer"]
-        conv = self.conversations.get(self.seen.get(sid, ""))
-        said = [*conv.messages, *conv.replies] if conv else []
-        return next((m.get("answer") for m in said if m["sid"] == sid), None)
+    def get(self, conv_id: str) -> Conversation | None:
+        return self.conversations.get(conv_id)
+
+    def live(self, line: str, sender: str, now: float) -> Conversation | None:
+        for index in (self.open_by_sender, self.two_way):
+            conv = self.conversations.get(index.get((line, sender), ""))
+            if conv and (conv.status in (OPEN_STATUS, HELD_STATUS) or conv.is_live_two_way(now)):
+                return conv
+        return None
+
+    def open_on(self, line: str) -> list[Conversation]:
+        return [self.conversations[cid] for cid in self.open_codes.get(line, {}).values()]
+
+    def talking(self, line: str, now: float) -> list[Conversation]:
+        return [
+            conv
+            for cid in self.two_way.values()
+            if (conv := self.conversations.get(cid)) and conv.line == line and conv.is_live_two_way(now)
+        ]
+
+    def latest_with_code(self, line: str, code: str) -> Conversation | None:
+        had = [c for c in self.conversations.values() if c.line == line and c.code == code]
+        return max(had, key=lambda c: c.created, default=None)
+
+    def new_code(self, line: str) -> str:
+        code, self.codes[line] = next_code(self.open_codes.get(line, {}), self.codes.get(line, 0))
+        return code
+
+    def take(self, key: str, limit: int, now: float) -> bool:
+        return self.caps.take(key, limit, now)
+
+    def once_every(self, key: str, seconds: float, now: float) -> bool:
+        if now - self.marks.get(key, -seconds) < seconds:
+            return False
+        self.marks[key] = now
+        return True
+
+    def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
+        found: dict[str, Conversation] = {}
+        while self.timers and self.timers[0][0] <= now:
+            _, conv_id = heapq.heappop(self.timers)
+            conv = self.conversations.get(conv_id)
+            due = next_wakeup(conv, in_flight.get(conv_id, frozenset())) if conv else None
+            if due is not None and due <= now:  # else a stale timer: the conversation has its own entry
+                found[conv_id] = conv
+        return list(found.values())
+
+    def next_due(self) -> float | None:
+        return self.timers[0][0] if self.timers else None
+
+    def held(self) -> list[Conversation]:
+        return sorted((self.conversations[cid] for cid in self.holding), key=lambda c: c.created)
+
+    def unfinished(self) -> list[Conversation]:
+        return sorted(
+            (c for c in self.conversations.values() if c.status in (OPEN_STATUS, HELD_STATUS) or held_pages(c)),
+            key=lambda c: c.created,
+        )
+
+    def open_count(self) -> int:
+        return len(self.open_by_sender)
+
+    # -- writing ----------------------------------------------------------
+
+    def _remember(self, conv: Conversation) -> None:
+        self.conversations[conv.id] = conv
+        for sid in conv.sids():
+            self.seen[sid] = conv.id
+
+    def _append(self, record: str) -> tuple[Journal, int]:
+        if self.failure:
+            raise StoreFailure(self.failure)
+        return self.journal, self.journal.append((record + "\n").encode())
+
+    def save(self, conv: Conversation, in_flight: Container[int] = frozenset(), changed: bool = True):
+        self._index(conv, in_flight)
+        if not changed:
+            return None
+        self._remember(conv)
+        mark = self.written.get(conv.id)
+        ticket = self._append(conv.to_json() if mark is None else conv.delta_json(mark))
+        self.written[conv.id] = conv.written_mark()
+        return ticket
+
+    def save_stray(self, sid: str, answer: str | None, now: float) -> tuple[Journal, int]:
+        self.strays[sid] = stray = {"sid": sid, "answer": answer, "at": now}
+        return self._append(json.dumps({"stray": stray}, ensure_ascii=False))
+
+    def wait(self, ticket: tuple[Journal, int] | None) -> None:
+        if ticket is not None:
+            journal, number = ticket
+            journal.wait(number)
 
     @property
     def failure(self) -> str | None:
@@ -962,11 +1230,24 @@ class Store:
             self.failed = f"cannot fold {self.dir}: {getattr(e, 'strerror', None) or e}"
             raise StoreFailure(self.failed) from None
 
-    def compact(self) -> None:
-        """Rebuild the look-ups, which keep the capacity of their largest moment (a flood's)."""
-        self.conversations = dict(self.conversations)
-        self.seen = dict(self.seen)
-        self.strays = dict(self.strays)
+    def tidy(self, now: float, retention: int) -> int:
+        """Fold when due, prune past retention, forget idle cap keys; shrink memory after a flood."""
+        if self.needs_fold():
+            before = len(self.conversations)
+            self.fold()
+            self.two_way = {k: v for k, v in self.two_way.items() if v in self.conversations}
+            self.forgotten += before - len(self.conversations)
+        pruned = self.prune(now, retention)
+        self.forgotten += self.caps.forget_idle(now)
+        if self.forgotten > 1000:
+            # A dict keeps the size of its busiest moment: rebuilt, the look-ups shrink to what is open.
+            self.forgotten = 0
+            self.conversations = dict(self.conversations)
+            self.seen = dict(self.seen)
+            self.strays = dict(self.strays)
+            self._index_all()
+            give_memory_back()
+        return pruned
 
     def _fold(self) -> None:
         if self.journal:
@@ -1609,32 +1890,6 @@ def reply_to_customer(conv: Conversation, body: str, now: float) -> bool:
     return True
 
 
-HOUR = 3600.0
-
-
-class HourlyWindow:
-    """Counts, per key, what happened in the last hour."""
-
-    def __init__(self):
-        # Plain lists, oldest first: a flood brings a key per sender, and a deque costs 600 bytes empty.
-        self.times: dict[object, list[float]] = {}
-
-    def take(self, key: object, limit: int, now: float) -> bool:
-        """Count one more unless `limit` were already counted this past hour."""
-        times = self.times.setdefault(key, [])
-        del times[: bisect.bisect_right(times, now - HOUR)]
-        if len(times) >= limit:
-            return False
-        times.append(now)
-        return True
-
-    def forget_idle(self, now: float) -> int:
-        """Drop the keys with nothing in the past hour, so memory follows what is recent; how many."""
-        before = len(self.times)
-        self.times = {k: t for k, t in self.times.items() if t and t[-1] > now - HOUR}
-        return before - len(self.times)
-
-
 HELD_STATUS = "held"
 # The operator must hear of trouble even over a cap; ending a call and answering a contact cost nothing.
 NEVER_HELD = {"alarm", "cap_alarm", "bundle", "end_call", "confirmation"}
@@ -1644,6 +1899,11 @@ FOLLOWUP_SHARE = 0.75
 BUNDLE_EVERY = 600.0
 # A flood of pages to one contact goes out this many at a time (their fsyncs shared), started in order.
 SENDS_PER_RECIPIENT = 4
+
+
+def sender_cap(line: str, sender: str) -> str:
+    """The key a customer's texts are counted under, for the sender cap."""
+    return f"sender:{line}:{sender}"
 
 
 def hold_page(page: Page, reason: str) -> None:
@@ -1753,7 +2013,7 @@ def record_status(conv: Conversation, index: int, status: str, error_code: str |
 
 def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float | None:
     """When the conversation next needs attention: a pending page's retry or the step's deadline."""
-    times = [p.retry_at for i, p in enumerate(conv.pages) if p.state == "pending" and i not in in_flight]
+    times = [max(p.retry_at, p.lease) for i, p in enumerate(conv.pages) if p.state == "pending" and i not in in_flight]
     if conv.is_open:
         times.append(conv.deadline)
     return min(times, default=None)
@@ -1864,16 +2124,6 @@ def give_memory_back() -> None:
         pass
 
 
-def steady_clock():
-    """Wall time as it was at start, moved on by the monotonic clock.
-
-    A step of the wall clock (an NTP jump, an operator's `date -s`) then moves no timer of a
-    running relay; stored times stay close to wall time, and a restart takes up the wall clock.
-    """
-    wall, mono = time.time(), time.monotonic()
-    return lambda: wall + (time.monotonic() - mono)
-
-
 class SendThreads:
     """A thread per send in flight: one recipient's stalled send never holds up another's page."""
 
@@ -1908,13 +2158,13 @@ class SendThreads:
 
 
 class Relay:
-    def __init__(self, settings: Settings, config: Config, store: Store, gateway, clock=None):
+    def __init__(self, settings: Settings, config: Config, store: Store, gateway):
         self.settings = settings
         self.config = config
         self.config_mtime = self._config_mtime()
         self.store = store
         self.gateway = gateway
-        self.clock = clock or steady_clock()
+        self.clock = store.clock
         self.lock = threading.RLock()
         self.wake = threading.Condition(self.lock)
         self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages queued or being sent now
@@ -1923,17 +2173,10 @@ class Relay:
         self.outbox: dict[str, deque[tuple[str, int]]] = {}
         self.outbox_workers: dict[str, int] = {}
         self.stopping = False
-        self.codes: dict[str, int] = {}
         self.senders = SendThreads()
         self.last_sweep = 0.0
+        self.leases_renewed = 0.0
         self.random = random.Random()
-        self.sender_window = HourlyWindow()
-        self.outbound_window = HourlyWindow()
-        self.cap_told: dict[str, float] = {}
-        self.bundled_at: dict[str, float] = {}  # line -> when its contact on duty last got a bundle
-        self.forgotten = 0  # conversations archived and senders forgotten since memory was last given back
-        with self.lock:
-            self._index_all()
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -1947,51 +2190,9 @@ class Relay:
         except OSError:
             return None
 
-    def _index_all(self) -> None:
-        """Build look-ups and timers afresh from the store (lock held)."""
-        self.timers: list[tuple[float, str]] = []
-        self.open_by_sender: dict[tuple[str, str], str] = {}  # open or held, by customer
-        self.open_codes: dict[str, dict[str, str]] = {}  # line -> code -> conversation id (open or held)
-        self.talking: dict[tuple[str, str], str] = {}  # two-way conversations acknowledged, by customer
-        self.holding: set[str] = set()  # conversations with pages held by a cap
-        for conv in self.store.conversations.values():
-            self._index(conv)
-            if conv.code.isdigit():
-                self.codes[conv.line] = max(self.codes.get(conv.line, 0), int(conv.code))
-
-    def _index(self, conv: Conversation) -> None:
-        """Keep look-ups and timers in step with the conversation's state (lock held)."""
-        key = (conv.line, conv.sender)
-        codes = self.open_codes.setdefault(conv.line, {})
-        if conv.status in (OPEN_STATUS, HELD_STATUS):
-            self.open_by_sender[key] = conv.id
-            codes[conv.code] = conv.id
-        else:
-            if self.open_by_sender.get(key) == conv.id:
-                del self.open_by_sender[key]
-            if codes.get(conv.code) == conv.id:
-                del codes[conv.code]
-            if conv.two_way and conv.status == "acknowledged":
-                self.talking[key] = conv.id
-        if held_pages(conv):
-            self.holding.add(conv.id)
-        else:
-            self.holding.discard(conv.id)
-        when = self._wakeup(conv)
-        if when is not None:
-            heapq.heappush(self.timers, (when, conv.id))
-        OPEN.set(len(self.open_by_sender))
-
-    def _wakeup(self, conv: Conversation) -> float | None:
-        return next_wakeup(conv, self.in_flight.get(conv.id, frozenset()))
-
-    def _save(self, conv: Conversation) -> tuple[Journal, int]:
-        self._index(conv)
-        return self.store.save(conv)
-
-    def open_conversations(self, line: str) -> list[Conversation]:
-        with self.lock:
-            return [self.store.conversations[cid] for cid in self.open_codes.get(line, {}).values()]
+    def _save(self, conv: Conversation, changed: bool = True):
+        """(lock held, in a transaction)"""
+        return self.store.save(conv, self.in_flight.get(conv.id, frozenset()), changed)
 
     def _ids(self, conv: Conversation, **more) -> dict:
         return {"line": conv.line, "code": conv.code, **more}
@@ -2025,25 +2226,26 @@ class Relay:
             return str(MessagingResponse())
         now = self.clock()
         answer = MessagingResponse()
-        with self.lock:
-            if self.store.failure:
-                raise BadRequest(503, "state_unwritable", self.store.failure)
-            if self.store.knows(sid):
+        if self.store.failure:
+            raise BadRequest(503, "state_unwritable", self.store.failure)
+        with self.lock, self.store.transaction(line.name):
+            previous = self.store.claim(sid)
+            if previous is not None:
                 INBOUND.labels("duplicate").inc()
                 log("info", "inbound_duplicate", message_sid=sid, line=line.name)
-                if previous := self.store.answer_given(sid):
+                if previous:
                     answer.message(previous)
                 return str(answer)
             contact = line.contact(sender)
             if contact is not None:
                 conv, event, fields = self._reply(line, contact, sid, body, now, answer)
-            elif (conv := self._live_conversation(line, sender, now)) is not None:
+            elif (conv := self.store.live(line.name, sender, now)) is not None:
                 event, fields = "inbound_joined", self._ids(conv)
                 # A customer talking with a contact on a two-way line is never cut off by the sender cap.
                 if conv.status == HELD_STATUS:
                     held = "sender cap"
-                elif conv.is_live_two_way(now) or self.sender_window.take(
-                    (line.name, sender), config.sender_hourly_cap, now
+                elif conv.is_live_two_way(now) or self.store.take(
+                    sender_cap(line.name, sender), config.sender_hourly_cap, now
                 ):
                     held = None
                 else:
@@ -2053,12 +2255,10 @@ class Relay:
                 if held:
                     event = "inbound_held"
             else:
-                code, self.codes[line.name] = next_code(
-                    self.open_codes.get(line.name, {}), self.codes.get(line.name, 0)
-                )
+                code = self.store.new_code(line.name)
                 conv = start_conversation(line, config, sid, sender, body, code, now, media, received_at)
                 event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
-                if not self.sender_window.take((line.name, sender), config.sender_hourly_cap, now):
+                if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
                     hold(conv, "sender cap", now)
                     self._cap_reached("sender", conv, now)
                     event = "inbound_held"
@@ -2101,20 +2301,16 @@ class Relay:
         fields = {"line": line.name, "to": None, "contact": contact.name}
         if is_keyword(body):
             return None, "reply_keyword", fields
-        talking = [
-            c
-            for cid in self.talking.values()
-            if (c := self.store.conversations.get(cid)) and c.line == line.name and c.is_live_two_way(now)
-        ]
+        talking = self.store.talking(line.name, now)
         word = reply_word(body)
         if word == "list":
-            mine = [c for c in self.open_conversations(line.name) if contact.phone in reached_phones(c)]
+            mine = [c for c in self.store.open_on(line.name) if contact.phone in reached_phones(c)]
             mine.sort(key=lambda c: c.created)
             answer.message(listing(f"{line.name}: {len(mine)} open for you", mine))
             return None, "reply_list", fields
         if word == "pass":
             talking = []  # only an open conversation can be passed on
-        conv, code = choose_acknowledged(self.open_conversations(line.name), contact.phone, body, talking)
+        conv, code = choose_acknowledged(self.store.open_on(line.name), contact.phone, body, talking)
         if conv is None:
             answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
@@ -2157,8 +2353,8 @@ class Relay:
     # -- calls ---------------------------------------------------------------
 
     def _call_page(self, conv_id: str, index: int) -> tuple[Conversation | None, Page | None]:
-        """(lock held)"""
-        conv = self.store.conversations.get(conv_id)
+        """(lock held, in a transaction)"""
+        conv = self.store.get(conv_id)
         if conv is None or not 0 <= index < len(conv.pages) or conv.pages[index].kind != "call":
             return None, None
         return conv, conv.pages[index]
@@ -2166,7 +2362,7 @@ class Relay:
     def key_pressed(self, conv_id: str, index: int, params: dict[str, str], repeated: bool) -> str:
         """A key pressed on a call: 1 takes it, 2 passes it on; anything else hears the prompt once more."""
         digits, now, event = params.get("Digits", "").strip(), self.clock(), None
-        with self.lock:
+        with self.lock, self.store.transaction():
             conv, page = self._call_page(conv_id, index)
             if page is None:
                 return key_twiml("This message is no longer waiting. Goodbye.")
@@ -2201,7 +2397,7 @@ class Relay:
     def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
         """Twilio's progress report on a call (and its answering-machine verdict)."""
         status, answered_by = params.get("CallStatus", ""), params.get("AnsweredBy", "")
-        with self.lock:
+        with self.lock, self.store.transaction():
             conv, page = self._call_page(conv_id, index)
             if page is None:
                 log("warning", "call_status_unknown", conversation=conv_id, page=index, status=status)
@@ -2215,20 +2411,11 @@ class Relay:
         with self.lock:
             self.wake.notify()
 
-    def _live_conversation(self, line: Line, sender: str, now: float) -> Conversation | None:
-        """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
-        for index in (self.open_by_sender, self.talking):
-            conv = self.store.conversations.get(index.get((line.name, sender), ""))
-            if conv and (conv.status in (OPEN_STATUS, HELD_STATUS) or conv.is_live_two_way(now)):
-                return conv
-        return None
-
     def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
         """A text was held by a cost cap: tell the operator once an hour, not once a text (lock held)."""
         HELD.labels(cap).inc()
-        if now - self.cap_told.get(cap, -HOUR) < HOUR:
+        if not self.store.once_every(f"cap_told:{cap}", HOUR, now):
             return
-        self.cap_told[cap] = now
         limit = self.config.sender_hourly_cap if cap == "sender" else self.config.outbound_hourly_cap
         log("error", "cap_reached", cap=cap, limit=limit, **self._ids(conv, sender=conv.sender))
         if self.config.alarm_phone:
@@ -2241,10 +2428,9 @@ class Relay:
     def _unmatched_reply_text(self, line: Line, code: str | None) -> str:
         if code is None:
             return f"{line.name}: nothing is waiting for you."
-        closed = [c for c in self.store.conversations.values() if c.line == line.name and c.code == code]
-        if not closed:
+        conv = self.store.latest_with_code(line.name, code)
+        if conv is None:
             return f"{line.name}: no open message #{code}."
-        conv = max(closed, key=lambda c: c.created)
         if conv.status == "acknowledged":
             return f"{line.name} #{code} was already taken by {conv.acknowledged_by}."
         return f"{line.name} #{code} ended with nobody answering; text {conv.sender} directly."
@@ -2253,8 +2439,8 @@ class Relay:
 
     def delivery_status(self, conv_id: str, index: int, params: dict[str, str]) -> None:
         status = params.get("MessageStatus") or params.get("SmsStatus") or ""
-        with self.lock:
-            conv = self.store.conversations.get(conv_id)
+        with self.lock, self.store.transaction():
+            conv = self.store.get(conv_id)
             if conv is None or not 0 <= index < len(conv.pages):
                 log("warning", "status_unknown", conversation=conv_id, page=index, status=status)
                 return
@@ -2303,7 +2489,7 @@ class Relay:
         while True:
             with self.lock:
                 queue = self.outbox.get(to)
-                if not queue or self.stopping:  # when stopping, what is left stays pending on disk
+                if not queue or self.stopping:  # when stopping, what is left stays pending for the next start
                     for conv_id, index in queue or ():
                         self._done_sending(conv_id, index)
                     self.outbox_workers[to] -= 1
@@ -2318,22 +2504,26 @@ class Relay:
                 log("error", "send_crashed", to=to, error=repr(e))
                 with self.lock:
                     self._done_sending(conv_id, index)
-                    if (conv := self.store.conversations.get(conv_id)) and index < len(conv.pages):
-                        page = conv.pages[index]
-                        page.retry_at = self.clock() + retry_delay(max(1, page.attempts), None, self.random.random())
-                        self._index(conv)
-                        self.wake.notify()
+                    try:
+                        with self.store.transaction():
+                            if (conv := self.store.get(conv_id)) and index < len(conv.pages):
+                                page = conv.pages[index]
+                                delay = retry_delay(max(1, page.attempts), None, self.random.random())
+                                page.retry_at = self.clock() + delay
+                                self._save(conv, changed=False)
+                    except StoreFailure:
+                        pass  # the healed store has the page pending, and the sweep takes it up
+                    self.wake.notify()
 
     def _send(self, conv_id: str, index: int) -> None:
         """One attempt at one page, its outcome stored before anything else."""
-        with self.lock:
-            conv = self.store.conversations.get(conv_id)
+        with self.lock, self.store.transaction():
+            conv = self.store.get(conv_id)
             page = conv.pages[index] if conv and index < len(conv.pages) else None
             if page is None or page.state != "pending":
                 # Taken (or reloaded) since the sweep chose it: a page not yet with Twilio stays unsent.
                 self._done_sending(conv_id, index)
                 return
-            page.attempts += 1
             if page.kind == "call":
                 gather = self.callback_url("/api/voice/gather", conv, index) or ""
                 twiml = call_twiml(conv, gather)
@@ -2352,11 +2542,14 @@ class Relay:
             outcome = e
         except Exception as e:  # a bug or an unexpected library error must not lose the page
             outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
-        with self.lock:
+        with self.lock, self.store.transaction():
             self._done_sending(conv_id, index)
-            conv = self.store.conversations.get(conv_id)
+            conv = self.store.get(conv_id)
             if conv is None or index >= len(conv.pages):  # the store was reloaded and has no such page
                 return
+            page = conv.pages[index]
+            page.attempts += 1
+            page.lease = 0.0
             if isinstance(outcome, SendError):
                 event = record_send_error(conv, index, outcome, self.clock(), self.random.random())
                 result = "retry" if event == "retry" else "failed"
@@ -2364,7 +2557,6 @@ class Relay:
                 record_sent(conv, index, outcome, self.clock())
                 event, result = None, "sent"
             ticket = self._save(conv)
-            page = conv.pages[index]
         self.store.wait(ticket)
         SENDS.labels(result).inc()
         ids = self._ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
@@ -2382,23 +2574,20 @@ class Relay:
 
     def sweep(self) -> float | None:
         """Fire what is due; returns when next to look. Sends are queued on their recipient's thread."""
+        if self.store.failure:
+            return None
         started, now = time.thread_time(), self.clock()
         events, to_send, tickets, lag = [], [], [], 0.0
-        with self.lock:
-            while self.timers and self.timers[0][0] <= now:
-                _, conv_id = heapq.heappop(self.timers)
-                conv = self.store.conversations.get(conv_id)
-                due = self._wakeup(conv) if conv else None
-                if due is None or due > now:
-                    continue  # stale timer: the conversation moved on and has its own entry
-                deadline = conv.deadline
-                changed = False
+        with self.lock, self.store.transaction():
+            for conv in self.store.due(now, self.in_flight):
+                conv_id, deadline, changed = conv.id, conv.deadline, False
                 if event := expire(conv, now):
                     lag = max(lag, now - deadline)
                     events.append((conv, event))
                     changed = True
+                sending = self.in_flight.get(conv_id, ())
                 for index, page in enumerate(conv.pages):
-                    if page.state != "pending" or page.retry_at > now or index in self.in_flight.get(conv_id, ()):
+                    if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
                         continue
                     if not page.counted and page.kind not in NEVER_HELD:
                         if not self._outbound_take(page, now):
@@ -2406,15 +2595,15 @@ class Relay:
                             self._cap_reached("outbound", conv, now)
                             changed = True
                             continue
-                        page.counted = True
+                        page.counted = changed = True
+                    if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
+                        page.lease, changed = now + self.store.LEASE, True
                     self.in_flight.setdefault(conv_id, set()).add(index)
                     to_send.append((conv_id, index, page.to))
-                if changed:
-                    tickets.append(self.store.save(conv))
-                self._index(conv)
+                tickets.append(self._save(conv, changed))
             self.last_sweep = now
             SWEEP_LAG.set(lag)
-            next_at = self.timers[0][0] if self.timers else None
+            next_at = self.store.next_due()
         try:
             for ticket in tickets:
                 self.store.wait(ticket)
@@ -2439,10 +2628,24 @@ class Relay:
 
     def _outbound_take(self, page: Page, now: float) -> bool:
         if page.kind == "call":
-            return self.outbound_window.take("calls", self.config.call_hourly_cap, now)
+            return self.store.take("outbound:calls", self.config.call_hourly_cap, now)
         cap = self.config.outbound_hourly_cap
         limit = cap if page.kind in ("page", "notice") else max(1, int(cap * FOLLOWUP_SHARE))
-        return self.outbound_window.take("all", limit, now)
+        return self.store.take("outbound:texts", limit, now)
+
+    def renew_leases(self) -> None:
+        """Where other relays could take them: keep this relay's claim on the pages it is sending."""
+        if not self.store.LEASE or time.monotonic() - self.leases_renewed < self.store.LEASE / 3:
+            return
+        self.leases_renewed = time.monotonic()
+        with self.lock, self.store.transaction():
+            now = self.clock()
+            for conv_id in list(self.in_flight):
+                if conv := self.store.get(conv_id):
+                    for index in self.in_flight.get(conv_id, ()):
+                        if index < len(conv.pages) and conv.pages[index].state == "pending":
+                            conv.pages[index].lease = now + self.store.LEASE
+                    self._save(conv)
 
     @staticmethod
     def _call_status(conv: Conversation, call_sid: str) -> str | None:
@@ -2453,14 +2656,16 @@ class Relay:
     def release_held(self, now: float) -> None:
         """Release what the caps allow now, oldest first, and bundle the rest for the contact on duty."""
         tickets = []
-        with self.lock:
-            convs = sorted((self.store.conversations[cid] for cid in self.holding), key=lambda c: c.created)
-            for conv in convs:
+        with self.lock, self.store.transaction():
+            still = []
+            for conv in self.store.held():
                 changed = False
                 for index in held_pages(conv):
                     page = conv.pages[index]
                     if page.error == "sender cap":
-                        allowed = self.sender_window.take((conv.line, conv.sender), self.config.sender_hourly_cap, now)
+                        allowed = self.store.take(
+                            sender_cap(conv.line, conv.sender), self.config.sender_hourly_cap, now
+                        )
                     else:
                         allowed = page.counted = self._outbound_take(page, now)
                     if allowed:
@@ -2468,11 +2673,11 @@ class Relay:
                         changed = True
                 if changed:
                     tickets.append(self._save(conv))
-            still = [self.store.conversations[cid] for cid in self.holding]
+                if held_pages(conv):
+                    still.append(conv)
             for line in self.config.lines:
                 held = [c for c in still if c.line == line.name]
-                if held and now - self.bundled_at.get(line.name, -BUNDLE_EVERY) >= BUNDLE_EVERY:
-                    self.bundled_at[line.name] = now
+                if held and self.store.once_every(f"bundle:{line.name}", BUNDLE_EVERY, now):
                     newest = max(held, key=lambda c: c.created)
                     duty = next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1])
                     body = bundle_text(line.name, sorted(held, key=lambda c: c.created))
@@ -2486,7 +2691,7 @@ class Relay:
                 self.wake.notify()
 
     def housekeeping(self) -> None:
-        """Cheap checks done about once a second: config edits, held texts, folding, retention, healing."""
+        """Cheap checks done about once a second: config edits, held texts, tidying, healing."""
         mtime = self._config_mtime()
         if mtime != self.config_mtime:
             self.config_mtime = mtime
@@ -2502,37 +2707,21 @@ class Relay:
         now = self.clock()
         self.release_held(now)
         with self.lock:
-            if self.store.needs_fold():
-                before = len(self.store.conversations)
-                self.store.fold()
-                self.talking = {k: v for k, v in self.talking.items() if v in self.store.conversations}
-                self.forgotten += before - len(self.store.conversations)
-            pruned = self.store.prune(now, self.config.retention)
-            self.forgotten += self.sender_window.forget_idle(now) + self.outbound_window.forget_idle(now)
-            trim = self.forgotten > 1000
-            if trim:
-                # A dict keeps the size of its busiest moment: rebuilt, the look-ups shrink to what is open.
-                self.forgotten = 0
-                self.store.compact()
-                self.in_flight = dict(self.in_flight)
-                self._index_all()
-        if trim:  # outside the lock, once the fold's own temporaries are gone too
-            give_memory_back()
+            pruned = self.store.tidy(now, self.config.retention)
         if pruned:
             log("info", "pruned", days=pruned)
 
     def heal(self) -> None:
-        """After a failed write: once the disk takes writes again, carry on from what is on disk."""
+        """After a failure to store: once the store takes writes again, carry on from what it holds."""
         with self.lock:
             reason = self.store.failure
             try:
-                self.store.reopen()
+                self.store.heal()
             except StoreFailure as e:
                 log("error", "state_unwritable", reason=str(e))
                 return
-            self._index_all()
             self.wake.notify()
-        log("warning", "state_writable_again", after=reason, open_conversations=len(self.open_by_sender))
+        log("warning", "state_writable_again", after=reason, open_conversations=self.store.open_count())
         self.tell_about_damage()
 
     def tell_about_damage(self) -> None:
@@ -2679,7 +2868,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
         bottle.response.content_type = "application/json"
         body = {
             "ok": problem is None,
-            "open_conversations": len(relay.open_by_sender),
+            "open_conversations": relay.store.open_count(),
             "last_sweep": relay.last_sweep,
             "dry_run": relay.settings.dry_run,
         }
@@ -2919,7 +3108,7 @@ def cmd_serve(args) -> int:
     tame_library_logging()
     settings, config = prepare(args.dry_run)
     settings.require_credentials()
-    store = Store(settings.state_dir)
+    store = JsonStore(settings.state_dir)
     try:
         store.open()
     except OSError as e:
@@ -2932,7 +3121,7 @@ def cmd_serve(args) -> int:
         server = create_server(make_app(relay), settings.port)
     except OSError as e:
         raise ConfigError(f"PORT: cannot listen on 0.0.0.0:{settings.port}: {e.strerror}") from None
-    log("info", "listening", port=settings.port, open_conversations=len(relay.open_by_sender))
+    log("info", "listening", port=settings.port, open_conversations=store.open_count())
     relay.tell_about_damage()
     stop = threading.Event()
     sweeper = threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True)
@@ -3088,15 +3277,15 @@ def cmd_setup(args) -> int:
     return 0 if check_numbers(settings, config, apply=args.apply) else 1
 
 
-def read_store_while_running(directory: Path, tries: int = 5) -> Store:
+def read_store_while_running(directory: Path, tries: int = 5) -> JsonStore:
     """Read the state a running relay may be folding meanwhile: read again if the snapshot changed."""
-    snapshot = directory / Store.SNAPSHOT
+    snapshot = directory / JsonStore.SNAPSHOT
 
     def version():
         return (snapshot.stat().st_ino, snapshot.stat().st_mtime_ns) if snapshot.exists() else None
 
     for _ in range(tries):
-        store, before = Store(directory), version()
+        store, before = JsonStore(directory), version()
         try:
             if directory.exists():
                 store.load(archive=False)
@@ -3111,10 +3300,7 @@ def cmd_status(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ))
     store = read_store_while_running(settings.state_dir)
-    convs = sorted(
-        (c for c in store.conversations.values() if c.status in (OPEN_STATUS, HELD_STATUS) or held_pages(c)),
-        key=lambda c: c.created,
-    )
+    convs = store.unfinished()
 
     def when(ts: float) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

@@ -281,7 +281,7 @@ def bench_lateness(fake_url: str, conversations: int = 300, wait: int = 2) -> di
     run_load(server.port, 2, 3, conversations // 2, pace=0.01, offset=offset)
     time.sleep(wait + 1.5)
     server.stop()
-    store = relay.Store(server.workdir / "state")
+    store = relay.JsonStore(server.workdir / "state")
     store.load()
     deadline = {c.sender: c.created + c.chain[0].wait for c in store.conversations.values()}
     late = sorted(
@@ -322,7 +322,7 @@ def prefill(finished: int, open_: int):
             relay.record_sent(conv, 0, f"SMpage{n:028d}", time.time())
             convs.append(conv.to_dict())
         lines = [json.dumps({"generation": 1}), *map(json.dumps, convs)]
-        (state_dir / relay.Store.SNAPSHOT).write_text("\n".join(lines) + "\n")
+        (state_dir / relay.JsonStore.SNAPSHOT).write_text("\n".join(lines) + "\n")
 
     return fill
 

@@ -160,7 +160,7 @@ def make_relay(state_dir, config: relay.Config | None = None) -> relay.Relay:
         lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),), public_url=PUBLIC_URL
     )
     settings = relay.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(state_dir)})
-    store = relay.Store(state_dir)
+    store = relay.JsonStore(state_dir)
     store.open()
     return relay.Relay(settings, config, store, RecordingGateway())
 

@@ -183,7 +183,7 @@ def test_list_by_sms_names_the_oldest_conversation_first(tmp_path, clock):
         service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n}"})
         clock.tick(1)
     service.store.conversations = dict(reversed(service.store.conversations.items()))
-    service._index_all()
+    service.store._index_all()
     twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
     assert twiml.index(f"#1 {CUSTOMER}") < twiml.index(f"#2 {OTHER_CUSTOMER}")
 

@@ -234,9 +234,9 @@ def test_quiet_senders_are_forgotten_once_their_hour_has_passed(tmp_path, clock)
     service = capped_relay(tmp_path)
     for n in range(50):
         text(service, f"+1555100{n:04d}", n)
-    assert len(service.sender_window.times) == 50
+    assert len([key for key in service.store.caps.times if key.startswith("sender:")]) == 50
     an_hour_later(service, clock)
-    assert service.sender_window.times == {}
+    assert service.store.caps.times == {}
 
 
 def test_look_ups_shrink_back_once_a_flood_of_senders_is_archived_and_forgotten(tmp_path, clock):
@@ -244,11 +244,11 @@ def test_look_ups_shrink_back_once_a_flood_of_senders_is_archived_and_forgotten(
     empty = sys.getsizeof({})
     for n in range(600):  # 600 conversations archived and 600 senders forgotten: over the 1,000 that trims
         text(service, f"+1555100{n:04d}", n)
-    assert sys.getsizeof(service.open_by_sender) > 10 * empty
+    assert sys.getsizeof(service.store.open_by_sender) > 10 * empty
     an_hour_later(service, clock)  # every chain has ended unanswered
     an_hour_later(service, clock)  # archived, and the senders' hour is over
     assert not service.store.conversations
-    sizes = [sys.getsizeof(d) for d in (service.open_by_sender, service.store.seen, service.store.conversations)]
+    sizes = [sys.getsizeof(d) for d in (service.store.open_by_sender, service.store.seen, service.store.conversations)]
     assert sizes == [empty] * 3
 
 

@@ -91,7 +91,7 @@ def test_backup_is_paged_on_the_original_deadline_after_a_kill(start_relay, fake
     relay.inbound(CUSTOMER, "hello")
     wait_until(lambda: relay.events("relay_sent"))  # stored as sent, so never sent again
     relay.kill()
-    store = relay_module.Store(relay.state_dir)
+    store = relay_module.JsonStore(relay.state_dir)
     store.load()
     (conv,) = store.conversations.values()
     relay.start()

@@ -19,13 +19,13 @@ def conversation(sid: str, now: float) -> relay.Conversation:
     return relay.start_conversation(QDN, CONFIG, sid, CUSTOMER, "hello", "1", now)
 
 
-def opened(directory) -> relay.Store:
-    store = relay.Store(directory)
+def opened(directory) -> relay.JsonStore:
+    store = relay.JsonStore(directory)
     store.open()
     return store
 
 
-def reopen(store: relay.Store) -> relay.Store:
+def reopen(store: relay.JsonStore) -> relay.JsonStore:
     """What a restart after SIGKILL sees: the files only."""
     os.close(store.lock_fd)
     return opened(store.dir)
@@ -216,7 +216,7 @@ def test_a_text_that_joined_no_conversation_is_still_known_after_a_restart(tmp_p
     store.wait(store.save_stray(msid("stray"), "QDN: nothing is waiting for you.", time.time()))
     store.fold()
     again = reopen(store)
-    assert again.knows(msid("stray")) and again.answer_given(msid("stray")) == "QDN: nothing is waiting for you."
+    assert again.knows(msid("stray")) and again.claim(msid("stray")) == "QDN: nothing is waiting for you."
 
 
 def test_a_damaged_snapshot_is_moved_aside_and_the_rest_is_read(tmp_path):
@@ -247,7 +247,7 @@ def test_a_failed_write_leaves_no_half_line_for_the_next_one_to_follow(tmp_path,
     with pytest.raises(relay.StoreFailure):
         store.wait(store.save(conversation(msid("2"), time.time())))
     monkeypatch.setattr(relay, "write_all", real_write)
-    store.reopen()
+    store.heal()
     store.wait(store.save(conversation(msid("3"), time.time())))
     again = reopen(store)
     assert set(again.conversations) == {msid("1"), msid("3")} and again.damaged == []

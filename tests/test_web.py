@@ -83,7 +83,7 @@ def test_inbound_is_refused_with_503_when_the_journal_cannot_be_written(service)
 def test_accepted_text_is_on_disk_before_the_answer(service):
     params = {"MessageSid": msid("durable"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
     assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 200
-    reread = relay.Store(service.store.dir)
+    reread = relay.JsonStore(service.store.dir)
     reread.load()
     assert msid("durable") in reread.conversations
 
@@ -195,7 +195,7 @@ def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
         service.store.fold()
     assert msid("1") not in service.store.conversations
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
-    assert service.store.conversations == {} and service.open_by_sender == {}
+    assert service.store.conversations == {} and service.store.open_by_sender == {}
 
 
 # -- thousands of malformed requests ---------------------------------------
