@@ -36,6 +36,7 @@ import heapq
 import html
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -61,11 +62,13 @@ from pathlib import Path
 import bottle
 import dotenv
 import prometheus_client
+import psycopg
 import requests
 import requests.adapters
 import urllib3
 import waitress
 import waitress.channel
+from psycopg.types.json import Jsonb
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator, get_signature_algorithm
@@ -326,7 +329,7 @@ class Settings:
     auth_token: str | None
     api_key: str | None
     api_secret: str | None
-    database_url: str | None = None  # not supported yet: said at start and by `check`, never used
+    database_url: str | None = None  # state in PostgreSQL, shared by any number of relays, instead of files
     files_do_not_last: bool = False  # on Heroku (DYNO is set), whose dynos lose their files at each restart
 
     @classmethod
@@ -756,6 +759,14 @@ class Store(abc.ABC):
     def tidy(self, now: float, retention: int) -> int:
         """Housekeeping: what is finished leaves, after `retention`; returns how much was pruned."""
 
+    @abc.abstractmethod
+    def note_catch_up(self, began: float, ok: bool) -> None:
+        """For `status`: when the last catch-up pass began and whether it went through."""
+
+    @abc.abstractmethod
+    def last_catch_up(self) -> tuple[float, bool] | None:
+        """What note_catch_up noted last, if anything."""
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -920,6 +931,7 @@ class JsonStore(Store):
 
     SNAPSHOT = "conversations.jsonl"
     LOCK = "relay.lock"
+    CATCH_UP = "catch_up.json"
     FOLD_BYTES = 4 * 1024 * 1024
     FOLD_EVERY = 3600.0  # so a quiet line's finished conversations still reach the archive and retention
 
@@ -1300,6 +1312,16 @@ class JsonStore(Store):
         self.strays = {sid: s for sid, s in self.strays.items() if s["at"] > now - retention}
         return pruned
 
+    def note_catch_up(self, began: float, ok: bool) -> None:
+        write_atomically(self.dir / self.CATCH_UP, json.dumps({"last_pass": began, "ok": ok}).encode())
+
+    def last_catch_up(self) -> tuple[float, bool] | None:
+        try:
+            last = json.loads((self.dir / self.CATCH_UP).read_text())
+            return last["last_pass"], last["ok"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def writable(self) -> str | None:
         """None when the state can be written, else the reason. Writes nothing."""
         if self.failure:
@@ -1309,6 +1331,432 @@ class JsonStore(Store):
         if os.statvfs(self.dir).f_bavail == 0:
             return f"state directory {self.dir} is full"
         return None
+
+
+class SchemaTooNew(Exception):
+    """The database holds a schema from a newer relay than this one."""
+
+
+# Each version's statements bring the schema from the version before it. Times are seconds since the
+# epoch on the database's clock (PgStore.clock), as the JSON store keeps them on the local one.
+SCHEMA = {
+    1: [
+        """CREATE TABLE relay_conversations (
+            id text PRIMARY KEY,
+            line text NOT NULL,
+            sender text NOT NULL,
+            code text NOT NULL,
+            status text NOT NULL,
+            created double precision NOT NULL,
+            finished_at double precision,
+            two_way boolean NOT NULL,
+            held boolean NOT NULL,
+            wake_at double precision,
+            doc jsonb NOT NULL
+        )""",
+        "CREATE INDEX relay_conversations_wake ON relay_conversations (wake_at) WHERE wake_at IS NOT NULL",
+        "CREATE INDEX relay_conversations_sender ON relay_conversations (line, sender)",
+        "CREATE INDEX relay_conversations_code ON relay_conversations (line, code, created)",
+        # Codes are handed out under the line's row lock; this only makes a slip impossible to store.
+        """CREATE UNIQUE INDEX relay_conversations_open_code ON relay_conversations (line, code)
+            WHERE status IN ('open', 'held')""",
+        "CREATE INDEX relay_conversations_held ON relay_conversations (created) WHERE held",
+        "CREATE INDEX relay_conversations_finished ON relay_conversations (finished_at)",
+        """CREATE TABLE relay_messages (
+            sid text PRIMARY KEY,
+            conversation text,
+            answer text,
+            at double precision NOT NULL
+        )""",
+        "CREATE INDEX relay_messages_at ON relay_messages (at)",
+        "CREATE TABLE relay_lines (line text PRIMARY KEY, last_code integer NOT NULL DEFAULT 0)",
+        "CREATE TABLE relay_cap_uses (key text NOT NULL, at double precision NOT NULL)",
+        "CREATE INDEX relay_cap_uses_key ON relay_cap_uses (key, at)",
+        "CREATE TABLE relay_marks (key text PRIMARY KEY, at double precision NOT NULL)",
+    ],
+}
+SCHEMA_VERSION = max(SCHEMA)
+SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through PgBouncer too)
+TIDY_LOCK = 7_301_002
+OPEN_SQL = "status IN ('open', 'held')"
+
+
+def database_dsn(url: str) -> str:
+    """Heroku's `postgres://` is libpq's `postgresql://`."""
+    return "postgresql://" + url.removeprefix("postgres://") if url.startswith("postgres://") else url
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def schema_version(conn) -> int:
+    """The schema version the database holds (0: none yet)."""
+    if conn.execute("SELECT to_regclass('relay_schema')").fetchone()[0] is None:
+        return 0
+    row = conn.execute("SELECT version FROM relay_schema").fetchone()
+    return row[0] if row else 0
+
+
+class PgStore(Store):
+    """Conversations in PostgreSQL, shared by any number of relays; the database is the truth.
+
+    Nothing is cached between transactions: each change reads the rows it needs under a row lock
+    (a line's row while a text on it is handled, a conversation's row while it changes), due work
+    is claimed with SKIP LOCKED, and a page to send is claimed under a short lease, renewed while
+    the send is in flight, so another relay takes it up if this one dies.
+    """
+
+    LEASE = 1.2
+    POLL = 0.25
+    CONNECT_SECONDS = 3
+    STATEMENT_MS = 5000
+    CLOCK_SYNC_EVERY = 10.0
+    RETENTION_EVERY = 60.0
+
+    def __init__(self, url: str):
+        self.dsn = database_dsn(url)
+        self.lock = threading.RLock()
+        self.conn = None
+        self.failed: str | None = "database not connected yet"
+        self.damaged = []
+        self.offset = 0.0  # the database's clock minus this process's monotonic clock
+        self.depth = 0  # transactions open on this connection (nested ones join the outer)
+        self.claimed: list[str] = []  # message sids this transaction took
+        self.open_now = 0
+        self.synced_at = self.retained_at = -math.inf
+
+    def clock(self) -> float:
+        """The database's clock, read now and then and moved on by the monotonic clock between."""
+        return time.monotonic() + self.offset
+
+    # -- connecting ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, create or upgrade the tables; raise StoreFailure (unreachable) or SchemaTooNew."""
+        self.heal()
+
+    def heal(self) -> None:
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            try:
+                self.conn = self._connect()
+                self._migrate()
+                self._sync_clock()
+            except psycopg.Error as e:
+                self._lost(e)
+                raise StoreFailure(self.failed) from None
+            self.failed = None
+
+    def _connect(self):
+        return psycopg.connect(
+            self.dsn,
+            autocommit=True,
+            connect_timeout=self.CONNECT_SECONDS,
+            options=f"-c statement_timeout={self.STATEMENT_MS}",
+            application_name="relay",
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=1,
+            keepalives_count=3,
+            tcp_user_timeout=self.STATEMENT_MS,
+        )
+
+    def _migrate(self) -> None:
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            version = schema_version(self.conn)
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"DATABASE_URL: the database has relay schema version {version}, newer than this "
+                    f"relay's {SCHEMA_VERSION}: run the newer relay"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in SCHEMA[step]:
+                    self.conn.execute(statement)
+            if version == 0:
+                self.conn.execute("CREATE TABLE relay_schema (version integer NOT NULL)")
+                self.conn.execute("INSERT INTO relay_schema VALUES (%s)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                self.conn.execute("UPDATE relay_schema SET version = %s", (SCHEMA_VERSION,))
+            if version < SCHEMA_VERSION:
+                log("info", "schema_upgraded", from_version=version, to_version=SCHEMA_VERSION)
+
+    def _sync_clock(self) -> None:
+        before = time.monotonic()
+        (now,) = self.conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+        after = time.monotonic()
+        self.offset, self.synced_at = now - (before + after) / 2, after
+
+    def _lost(self, error: Exception) -> None:
+        self.failed = f"database unreachable: {first_line(error)}"
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    @property
+    def failure(self) -> str | None:
+        return self.failed
+
+    def writable(self) -> str | None:
+        return self.failed
+
+    @contextlib.contextmanager
+    def transaction(self, line: str | None = None):
+        with self.lock:
+            if self.depth:
+                self.depth += 1
+                try:
+                    yield
+                finally:
+                    self.depth -= 1
+                return
+            if self.failed:
+                raise StoreFailure(self.failed)
+            self.depth, self.claimed = 1, []
+            try:
+                with self.conn.transaction():
+                    if line is not None:  # the line's row, locked: its texts are handled one at a time
+                        self._q(
+                            "INSERT INTO relay_lines (line) VALUES (%s) "
+                            "ON CONFLICT (line) DO UPDATE SET line = EXCLUDED.line",
+                            (line,),
+                        )
+                    yield
+            except psycopg.Error as e:
+                # Whatever the statement, nothing of the transaction is stored. A cut connection (a
+                # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
+                if self.conn.broken or self.conn.closed:
+                    self._lost(e)
+                    raise StoreFailure(self.failed) from None
+                raise StoreFailure(f"database: {first_line(e)}") from None
+            finally:
+                self.depth = 0
+
+    def _q(self, sql: str, params: tuple = ()):
+        return self.conn.execute(sql, params)
+
+    def _docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
+        return [Conversation.from_json(doc) for (doc,) in self._q(sql, params)]
+
+    # -- look-ups (in a transaction) ------------------------------------------
+
+    def claim(self, sid: str) -> str | None:
+        # Inserted first: a second relay handling the same sid waits here until this one commits.
+        taken = self._q(
+            "INSERT INTO relay_messages (sid, at) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING sid",
+            (sid, self.clock()),
+        ).fetchone()
+        if taken:
+            self.claimed.append(sid)
+            return None
+        (answer,) = self._q("SELECT answer FROM relay_messages WHERE sid = %s", (sid,)).fetchone()
+        return answer or ""
+
+    def knows(self, sid: str) -> bool:
+        with self.transaction():
+            return self._q("SELECT 1 FROM relay_messages WHERE sid = %s", (sid,)).fetchone() is not None
+
+    def get(self, conv_id: str) -> Conversation | None:
+        found = self._docs("SELECT doc FROM relay_conversations WHERE id = %s FOR UPDATE", (conv_id,))
+        return found[0] if found else None
+
+    def live(self, line: str, sender: str, now: float) -> Conversation | None:
+        found = self._docs(
+            f"""SELECT doc FROM relay_conversations WHERE line = %s AND sender = %s
+                AND ({OPEN_SQL} OR (two_way AND status = 'acknowledged' AND finished_at > %s))
+                ORDER BY {OPEN_SQL} DESC, created DESC LIMIT 1 FOR UPDATE""",
+            (line, sender, now - TWO_WAY_WINDOW),
+        )
+        return found[0] if found else None
+
+    def open_on(self, line: str) -> list[Conversation]:
+        return self._docs(
+            f"SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL} ORDER BY created FOR UPDATE",
+            (line,),
+        )
+
+    def talking(self, line: str, now: float) -> list[Conversation]:
+        return self._docs(
+            """SELECT doc FROM relay_conversations WHERE line = %s AND two_way AND status = 'acknowledged'
+               AND finished_at > %s ORDER BY created FOR UPDATE""",
+            (line, now - TWO_WAY_WINDOW),
+        )
+
+    def latest_with_code(self, line: str, code: str) -> Conversation | None:
+        found = self._docs(
+            "SELECT doc FROM relay_conversations WHERE line = %s AND code = %s ORDER BY created DESC LIMIT 1",
+            (line, code),
+        )
+        return found[0] if found else None
+
+    def new_code(self, line: str) -> str:
+        (last,) = self._q("SELECT last_code FROM relay_lines WHERE line = %s FOR UPDATE", (line,)).fetchone()
+        used = {
+            code for (code,) in self._q(f"SELECT code FROM relay_conversations WHERE line = %s AND {OPEN_SQL}", (line,))
+        }
+        code, number = next_code(used, last)
+        self._q("UPDATE relay_lines SET last_code = %s WHERE line = %s", (number, line))
+        return code
+
+    def take(self, key: str, limit: int, now: float) -> bool:
+        self._q("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
+        (used,) = self._q(
+            "SELECT count(*) FROM relay_cap_uses WHERE key = %s AND at > %s", (key, now - HOUR)
+        ).fetchone()
+        if used >= limit:
+            return False
+        self._q("INSERT INTO relay_cap_uses (key, at) VALUES (%s, %s)", (key, now))
+        return True
+
+    def once_every(self, key: str, seconds: float, now: float) -> bool:
+        marked = self._q(
+            """INSERT INTO relay_marks (key, at) VALUES (%s, %s)
+               ON CONFLICT (key) DO UPDATE SET at = EXCLUDED.at WHERE relay_marks.at <= %s RETURNING key""",
+            (key, now, now - seconds),
+        ).fetchone()
+        return marked is not None
+
+    def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
+        return self._docs(
+            "SELECT doc FROM relay_conversations WHERE wake_at <= %s ORDER BY wake_at LIMIT 100 FOR UPDATE SKIP LOCKED",
+            (now,),
+        )
+
+    def next_due(self) -> float | None:
+        next_at, self.open_now = self._q(
+            f"""SELECT min(wake_at), count(*) FILTER (WHERE {OPEN_SQL}) FROM relay_conversations
+                WHERE wake_at IS NOT NULL OR {OPEN_SQL}"""
+        ).fetchone()
+        return next_at
+
+    def held(self) -> list[Conversation]:
+        return self._docs("SELECT doc FROM relay_conversations WHERE held ORDER BY created FOR UPDATE SKIP LOCKED")
+
+    def unfinished(self) -> list[Conversation]:
+        with self.transaction():
+            return self._docs(f"SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR held ORDER BY created")
+
+    def open_count(self) -> int:
+        return self.open_now
+
+    # -- writing (in a transaction; the commit at its end is the durable point) -----
+
+    def save(self, conv: Conversation, in_flight: Container[int] = frozenset(), changed: bool = True):
+        # The wake-up counts the leases, not this relay's own sends: if it dies, another takes them up.
+        wake_at = next_wakeup(conv)
+        if not changed:
+            self._q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (wake_at, conv.id))
+            return None
+        self._q(
+            """INSERT INTO relay_conversations
+               (id, line, sender, code, status, created, finished_at, two_way, held, wake_at, doc)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+               held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc""",
+            (
+                conv.id,
+                conv.line,
+                conv.sender,
+                conv.code,
+                conv.status,
+                conv.created,
+                conv.finished_at,
+                conv.two_way,
+                bool(held_pages(conv)),
+                wake_at,
+                Jsonb(conv.to_dict()),
+            ),
+        )
+        said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
+        for sid in [sid for sid in self.claimed if sid in said]:
+            self._q(
+                "UPDATE relay_messages SET conversation = %s, answer = %s WHERE sid = %s", (conv.id, said[sid], sid)
+            )
+            self.claimed.remove(sid)
+        return None
+
+    def save_stray(self, sid: str, answer: str | None, now: float):
+        self._q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))
+        return None
+
+    def wait(self, ticket) -> None:
+        pass  # the transaction's commit made it durable
+
+    def note_catch_up(self, began: float, ok: bool) -> None:
+        with self.transaction():
+            self._q("DELETE FROM relay_marks WHERE key LIKE 'catch_up:%%'")
+            self._q(
+                "INSERT INTO relay_marks (key, at) VALUES (%s, %s)", (f"catch_up:{'ok' if ok else 'failed'}", began)
+            )
+
+    def last_catch_up(self) -> tuple[float, bool] | None:
+        with self.transaction():
+            row = self._q("SELECT key, at FROM relay_marks WHERE key LIKE 'catch_up:%%' ORDER BY at DESC").fetchone()
+        return (row[1], row[0] == "catch_up:ok") if row else None
+
+    def import_state(self, convs: list[Conversation], strays: list[dict]) -> int:
+        """Add conversations and remembered texts not yet here; returns how many conversations were new."""
+        added = 0
+        with self.transaction():
+            for conv in convs:
+                if self._q("SELECT 1 FROM relay_conversations WHERE id = %s", (conv.id,)).fetchone():
+                    continue
+                clash = (
+                    conv.status in (OPEN_STATUS, HELD_STATUS)
+                    and self._q(
+                        f"SELECT 1 FROM relay_conversations WHERE line = %s AND code = %s AND {OPEN_SQL}",
+                        (conv.line, conv.code),
+                    ).fetchone()
+                )
+                if clash:  # an open code already taken here: the imported one gets a new code
+                    self._q("INSERT INTO relay_lines (line) VALUES (%s) ON CONFLICT DO NOTHING", (conv.line,))
+                    conv.code = self.new_code(conv.line)
+                said = {m["sid"]: (m.get("answer"), m["at"]) for m in [*conv.messages, *conv.replies]}
+                for sid, (answer, at) in said.items():
+                    self._q(
+                        "INSERT INTO relay_messages (sid, conversation, answer, at) VALUES (%s, %s, %s, %s) "
+                        "ON CONFLICT DO NOTHING",
+                        (sid, conv.id, answer, at),
+                    )
+                self.save(conv)
+                added += 1
+                if conv.code.isdigit():
+                    self._q(
+                        """INSERT INTO relay_lines (line, last_code) VALUES (%s, %s) ON CONFLICT (line)
+                           DO UPDATE SET last_code = GREATEST(relay_lines.last_code, EXCLUDED.last_code)""",
+                        (conv.line, int(conv.code)),
+                    )
+            for stray in strays:
+                self._q(
+                    "INSERT INTO relay_messages (sid, answer, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    (stray["sid"], stray["answer"], stray["at"]),
+                )
+        return added
+
+    def tidy(self, now: float, retention: int) -> int:
+        """Keep the clock in step, and (one relay at a time) apply retention."""
+        pruned = 0
+        with self.transaction():
+            if time.monotonic() - self.synced_at > self.CLOCK_SYNC_EVERY:
+                self._sync_clock()
+            if time.monotonic() - self.retained_at > self.RETENTION_EVERY:
+                self.retained_at = time.monotonic()
+                if self._q("SELECT pg_try_advisory_xact_lock(%s)", (TIDY_LOCK,)).fetchone()[0]:
+                    pruned = self._q(
+                        f"""DELETE FROM relay_conversations WHERE NOT ({OPEN_SQL}) AND NOT held
+                            AND wake_at IS NULL AND finished_at < %s""",
+                        (now - retention,),
+                    ).rowcount
+                    self._q(
+                        """DELETE FROM relay_messages m WHERE at < %s AND NOT EXISTS
+                           (SELECT 1 FROM relay_conversations c WHERE c.id = m.conversation)""",
+                        (now - retention,),
+                    )
+                    self._q("DELETE FROM relay_cap_uses WHERE at < %s", (now - HOUR,))
+        return pruned
 
 
 # ---------------------------------------------------------------------------
@@ -1548,6 +1996,7 @@ class DryRunGateway:
     """Sends nothing: logs each text and appends it to <state>/outbox.jsonl."""
 
     def __init__(self, state_dir: Path):
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # with a database, it holds only this
         self.outbox = state_dir / "outbox.jsonl"
         self.count = 0
         self.lock = threading.Lock()
@@ -2910,6 +3359,7 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
     next_housekeeping = 0.0
     while not stop.is_set():
         try:
+            relay.renew_leases()
             next_at = relay.sweep()
             if time.monotonic() >= next_housekeeping:
                 relay.housekeeping()
@@ -2920,7 +3370,7 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
         with relay.lock:
             timeout = HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock()
             if timeout > 0:
-                relay.wake.wait(min(timeout, HOUSEKEEPING_EVERY))
+                relay.wake.wait(min(timeout, relay.store.POLL))
 
 
 # ---------------------------------------------------------------------------
@@ -2934,7 +3384,6 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
 
 CATCH_UP_PAGE = 50
 CATCH_UP_OVERLAP = 300.0  # each pass reads back this far before the previous one began: clocks differ
-CATCH_UP_FILE = "catch_up.json"
 
 
 def catch_up_pass(relay: Relay, since: float) -> bool:
@@ -2972,16 +3421,11 @@ def run_catch_up(relay: Relay, stop: threading.Event) -> None:
             done = False
         if done:
             since = began - CATCH_UP_OVERLAP
-        record_catch_up(relay.settings.state_dir, began, done)
+        try:
+            relay.store.note_catch_up(began, done)
+        except (OSError, StoreFailure) as e:
+            log("warning", "catch_up_not_recorded", reason=getattr(e, "strerror", None) or str(e))
         stop.wait(relay.config.catch_up)
-
-
-def record_catch_up(state_dir: Path, began: float, done: bool) -> None:
-    """For `status`: when the last pass ran and whether it went through."""
-    try:
-        write_atomically(state_dir / CATCH_UP_FILE, json.dumps({"last_pass": began, "ok": done}).encode())
-    except OSError as e:
-        log("warning", "catch_up_not_recorded", reason=e.strerror)
 
 
 # ---------------------------------------------------------------------------
@@ -3021,13 +3465,11 @@ def describe(settings: Settings, config: Config) -> list[str]:
             "arrived on, and no delivery reports are asked for"
         )
     out.append("mode: dry-run, nothing is sent" if settings.dry_run else f"REST: {settings.api_base_url}")
-    out.append(f"store: JSON files under {settings.state_dir}")
     if settings.database_url:
-        out.append(
-            "WARNING: DATABASE_URL is set, but this relay has no PostgreSQL store yet: it is IGNORED, and "
-            "state lives in the files above (lost with them on a platform whose files do not last)"
-        )
-    if settings.files_do_not_last:
+        out.append(f"store: PostgreSQL at {loggable_url(database_dsn(settings.database_url))} (DATABASE_URL)")
+    else:
+        out.append(f"store: JSON files under {settings.state_dir}")
+    if settings.files_do_not_last and not settings.database_url:
         out.append(
             "WARNING: DYNO is set: this platform discards the dyno's files at every restart (at least daily), "
             "and with them every open conversation, timer and MessageSid; run the relay on a VM or with a "
@@ -3108,11 +3550,7 @@ def cmd_serve(args) -> int:
     tame_library_logging()
     settings, config = prepare(args.dry_run)
     settings.require_credentials()
-    store = JsonStore(settings.state_dir)
-    try:
-        store.open()
-    except OSError as e:
-        raise ConfigError(f"{settings.state_dir}: cannot write the state directory: {e.strerror}") from None
+    store = open_store(settings)
     gateway = DryRunGateway(settings.state_dir) if settings.dry_run else TwilioGateway(settings)
     relay = Relay(settings, config, store, gateway)
     for text in describe(settings, config):
@@ -3142,6 +3580,25 @@ def cmd_serve(args) -> int:
         threading.Thread(target=run_catch_up, args=(relay, stop), name="catch-up", daemon=True).start()
     server.run()
     return 0
+
+
+def open_store(settings: Settings) -> Store:
+    """The store `serve` runs on. An unreachable database is said in one line and tried again after."""
+    if settings.database_url:
+        store = PgStore(settings.database_url)
+        try:
+            store.open()
+        except SchemaTooNew as e:
+            raise ConfigError(str(e)) from None
+        except StoreFailure as e:
+            log("error", "database_unreachable", reason=str(e), detail="answering 503 until it is back")
+        return store
+    store = JsonStore(settings.state_dir)
+    try:
+        store.open()
+    except OSError as e:
+        raise ConfigError(f"{settings.state_dir}: cannot write the state directory: {e.strerror}") from None
+    return store
 
 
 def cmd_send(args) -> int:
@@ -3211,10 +3668,29 @@ def cmd_check(args) -> int:
     settings.require_credentials()
     for text in describe(settings, config):
         print(text)
+    if settings.database_url and not check_database(settings.database_url):
+        return 1
     if args.live and not check_numbers(settings, config, apply=False):
         return 1
     print("ok")
     return 0
+
+
+def check_database(url: str) -> bool:
+    """Connect (changing nothing) and say which relay schema the database holds."""
+    try:
+        with psycopg.connect(database_dsn(url), connect_timeout=PgStore.CONNECT_SECONDS) as conn:
+            version = schema_version(conn)
+            server = conn.info.parameter_status("server_version")
+    except psycopg.Error as e:
+        print(f"database: cannot connect: {first_line(e)}")
+        return False
+    if version > SCHEMA_VERSION:
+        print(f"database: connects (PostgreSQL {server}); schema version {version} is newer than this relay's")
+        return False
+    held = f"relay schema version {version}" if version else "no relay tables yet (created at the first start)"
+    print(f"database: connects (PostgreSQL {server}); {held}; this relay uses version {SCHEMA_VERSION}")
+    return True
 
 
 def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
@@ -3296,21 +3772,32 @@ def read_store_while_running(directory: Path, tries: int = 5) -> JsonStore:
     return store
 
 
+def reachable_database(url: str) -> PgStore:
+    store = PgStore(url)
+    try:
+        store.open()
+    except (StoreFailure, SchemaTooNew) as e:
+        raise ConfigError(str(e)) from None
+    return store
+
+
 def cmd_status(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ))
-    store = read_store_while_running(settings.state_dir)
+    if settings.database_url:
+        store = reachable_database(settings.database_url)
+    else:
+        store = read_store_while_running(settings.state_dir)
     convs = store.unfinished()
 
     def when(ts: float) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
     print(f"{sum(c.is_open for c in convs)} open conversation(s)")
-    try:
-        last = json.loads((settings.state_dir / CATCH_UP_FILE).read_text())
-        outcome = "ok" if last["ok"] else "failed (tried again at the next pass)"
-        print(f"last catch-up: {when(last['last_pass'])}, {outcome}")
-    except (OSError, ValueError, KeyError):
+    if last := store.last_catch_up():
+        began, ok = last
+        print(f"last catch-up: {when(began)}, {'ok' if ok else 'failed (tried again at the next pass)'}")
+    else:
         print("last catch-up: none yet (there is none in dry-run, nor with catch_up = 0)")
     for conv in convs:
         held = len(held_pages(conv))
@@ -3335,6 +3822,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_import_state(args) -> int:
+    """Copy a JSON state directory into the database; what is there already is left as it is."""
+    load_dotenv_file()
+    settings = Settings.from_env(dict(os.environ))
+    if not settings.database_url:
+        raise ConfigError("DATABASE_URL: not set; import-state copies a state directory into the database")
+    directory = Path(args.directory) if args.directory else settings.state_dir
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such state directory")
+    source = read_store_while_running(directory)
+    convs = list(source.conversations.values())
+    for path in sorted(directory.glob("archive-*.jsonl")):
+        records, _ = read_json_lines(path)
+        convs.extend(Conversation.from_json(r["conversation"]) for r in records if "conversation" in r)
+    store = reachable_database(settings.database_url)
+    added = store.import_state(convs, list(source.strays.values()))
+    print(f"imported {added} of {len(convs)} conversation(s) and {len(source.strays)} other text(s) from {directory}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="relay.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
@@ -3351,6 +3858,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = commands.add_parser("setup", help="point each line's number at this relay on Twilio")
     setup.add_argument("--apply", action="store_true", help="change the webhook (without it, only show)")
     commands.add_parser("status", help="list open conversations")
+    import_state = commands.add_parser("import-state", help="copy a JSON state directory into DATABASE_URL")
+    import_state.add_argument("directory", nargs="?", help="the state directory (default: RELAY_STATE_DIR)")
     press = commands.add_parser("press", help="press a key on a dry-run call (the newest, or --call SID)")
     press.add_argument("digits", help="the key: 1 takes it, 2 passes it on")
     press.add_argument("--call", help="the call's sid, as outbox.jsonl has it")
@@ -3364,7 +3873,7 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
         "setup": cmd_setup,
     }
-    handler = {**commands_by_name, "status": cmd_status}[args.command]
+    handler = {**commands_by_name, "status": cmd_status, "import-state": cmd_import_state}[args.command]
     try:
         return handler(args)
     except (ConfigError, StateLocked) as e:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import email.utils
+import glob
 import hashlib
+import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -21,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import freezegun
+import psycopg
 import pytest
 from twilio.request_validator import RequestValidator
 
@@ -401,6 +406,116 @@ def fake_twilio():
 
 
 # ---------------------------------------------------------------------------
+# A throwaway PostgreSQL on 127.0.0.1, started by the suite itself
+# ---------------------------------------------------------------------------
+
+INSTALL_POSTGRESQL = "PostgreSQL not found: install it (Debian: apt-get install postgresql) to run the database tests"
+
+
+def postgres_bin() -> Path | None:
+    """Where initdb and pg_ctl are: on PATH, or Debian's versioned directory."""
+    if found := shutil.which("initdb"):
+        return Path(found).parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(versions[-1]).parent if versions else None
+
+
+class Postgres:
+    """A cluster of our own on a free port: initdb, pg_ctl start, and stopped by its pid.
+
+    PostgreSQL refuses to run as root, so as root it runs as the `postgres` user, in a directory
+    that user owns. fsync is off: a test kills relays, never the database.
+    """
+
+    def __init__(self):
+        self.bin = postgres_bin()
+        if self.bin is None:
+            if os.environ.get("CI"):
+                pytest.fail(INSTALL_POSTGRESQL)
+            pytest.skip(INSTALL_POSTGRESQL)
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+        self.names = itertools.count(1)
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def run(self, *args: str) -> None:
+        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=60)
+
+    def start(self) -> Postgres:
+        self.run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+        options = (
+            f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir} "
+            "-c fsync=off -c shared_buffers=16MB -c max_connections=60"
+        )
+        self.options = options
+        self.restart()
+        return self
+
+    @property
+    def pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def stop(self) -> None:
+        """Stopped at once, by its pid, like a database that goes away."""
+        pid = self.pid
+        os.kill(pid, signal.SIGQUIT)
+        wait_until(lambda: not _alive(pid), timeout=15)
+
+    def restart(self) -> None:
+        log = str(self.dir / "log")
+        self.run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", self.options, "-l", log, "-w", "start")
+
+    def new_database(self) -> str:
+        name = f"relay_{next(self.names)}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    cluster = Postgres().start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def database_url(postgres) -> str:
+    """A fresh, empty database in the suite's cluster."""
+    return postgres.new_database()
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """The store the relay under test runs on; `both_stores` tests are run with each."""
+    return "json"
+
+
+def pytest_generate_tests(metafunc):
+    marked = metafunc.definition.get_closest_marker
+    if marked("both_stores") and not marked("json_only") and "store_kind" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", ["json", "postgresql"])
+
+
+# ---------------------------------------------------------------------------
 # The relay as a real process, talking HTTP
 # ---------------------------------------------------------------------------
 
@@ -498,12 +613,17 @@ class RelayProcess:
 
 
 @pytest.fixture
-def start_relay(tmp_path, fake_twilio):
-    """Start a relay process against the fake Twilio API: start_relay(config_text(...))."""
+def start_relay(tmp_path, fake_twilio, request, store_kind):
+    """Start a relay process against the fake Twilio API: start_relay(config_text(...)).
+
+    In the shared behaviour suite (marked `both_stores`) each test runs once on the JSON files and
+    once on a fresh PostgreSQL database.
+    """
     started = []
+    store_env = {"DATABASE_URL": request.getfixturevalue("database_url")} if store_kind == "postgresql" else {}
 
     def start(config: str, dry_run=False, env=None, fake=fake_twilio) -> RelayProcess:
-        process = RelayProcess(tmp_path, fake, config, dry_run=dry_run, env=env).start()
+        process = RelayProcess(tmp_path, fake, config, dry_run=dry_run, env=store_env | (env or {})).start()
         started.append(process)
         return process
 

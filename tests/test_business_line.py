@@ -8,6 +8,8 @@ from freezegun import freeze_time
 
 import relay
 
+pytestmark = pytest.mark.both_stores  # the shared behaviour suite: run on each store
+
 SERGIO_C = relay.Contact("Sergio", SERGIO, 120)
 BACKUP_C = relay.Contact("Backup", BACKUP, 300)
 

@@ -22,6 +22,8 @@ from freezegun import freeze_time
 
 import relay
 
+pytestmark = pytest.mark.both_stores  # the shared behaviour suite: run on each store
+
 SERGIO_CALL = relay.Contact("Sergio", SERGIO, 120, via="call")
 SERGIO_BOTH = relay.Contact("Sergio", SERGIO, 120, via="sms+call")
 BACKUP_C = relay.Contact("Backup", BACKUP, 300)

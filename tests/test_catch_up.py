@@ -20,6 +20,8 @@ from freezegun import freeze_time
 
 import relay as relay_module
 
+pytestmark = pytest.mark.both_stores  # the shared behaviour suite: run on each store
+
 EVERY_SECOND = 'catch_up = "1s"'
 
 

@@ -3,7 +3,9 @@
 import json
 import socket
 
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RelayProcess, config_text, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RelayProcess, config_text, free_port, wait_until
+
+import relay as relay_module
 
 
 def outbox(relay: RelayProcess) -> list[dict]:
@@ -91,10 +93,26 @@ def test_serve_says_nothing_of_lost_files_off_heroku(start_relay):
     assert not [e for e in relay.logs() if e["event"] == "startup" and e["level"] == "warning"]
 
 
-def test_check_says_the_store_in_use_and_that_a_database_url_is_ignored(tmp_path):
+def test_check_says_the_json_store_is_in_use_without_a_database_url(tmp_path):
     relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
     assert "store: JSON files under" in relay.run("check", "--dry-run").stdout
-    relay.env["DATABASE_URL"] = "postgres://relay:secret@127.0.0.1:5432/relay"
+
+
+def test_check_says_the_database_connects_and_which_schema_it_holds(tmp_path, database_url):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True, env={"DATABASE_URL": database_url})
     out = relay.run("check", "--dry-run").stdout
-    assert "DATABASE_URL is set, but this relay has no PostgreSQL store yet: it is IGNORED" in out
-    assert "secret" not in out
+    assert "store: PostgreSQL at postgresql://127.0.0.1" in out
+    assert "no relay tables yet" in out and out.rstrip().endswith("ok")
+    relay.start()
+    try:
+        assert f"relay schema version {relay_module.SCHEMA_VERSION}" in relay.run("check", "--dry-run").stdout
+    finally:
+        relay.stop()
+
+
+def test_check_fails_in_one_line_when_the_database_cannot_be_reached_and_shows_no_password(tmp_path):
+    url = f"postgres://relay:secret@127.0.0.1:{free_port()}/relay"
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True, env={"DATABASE_URL": url})
+    result = relay.run("check", "--dry-run")
+    assert result.returncode == 1 and "database: cannot connect: " in result.stdout
+    assert "Traceback" not in result.stderr and "secret" not in result.stdout + result.stderr

@@ -1,6 +1,9 @@
 """The relay as a real process over HTTP, with a fake Twilio REST API on 127.0.0.1."""
 
+import pytest
 from conftest import BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO, barrier, config_text, wait_until
+
+pytestmark = pytest.mark.both_stores  # the shared behaviour suite: run on each store
 
 
 def test_forged_signature_is_refused_and_sends_nothing(start_relay, fake_twilio):
@@ -113,6 +116,7 @@ def test_follow_up_from_customer_joins_the_open_conversation(start_relay, fake_t
     assert "1 open" in relay.run("status").stdout
 
 
+@pytest.mark.json_only
 def test_second_relay_on_the_same_state_directory_refuses_to_start(start_relay, tmp_path):
     relay = start_relay(config_text())
     second = relay.run("serve", timeout=20)
