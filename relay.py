@@ -3086,6 +3086,8 @@ class Relay:
         """Where other relays could take them: keep this relay's claim on the pages it is sending."""
         if not self.store.LEASE or time.monotonic() - self.leases_renewed < self.store.LEASE / 3:
             return
+        if not self.in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
+            return
         self.leases_renewed = time.monotonic()
         with self.lock, self.store.transaction():
             now = self.clock()

@@ -477,7 +477,8 @@ class Postgres:
 
     def close(self) -> None:
         try:
-            self.stop()
+            if (self.data / "postmaster.pid").exists():
+                self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -622,8 +623,11 @@ def start_relay(tmp_path, fake_twilio, request, store_kind):
     started = []
     store_env = {"DATABASE_URL": request.getfixturevalue("database_url")} if store_kind == "postgresql" else {}
 
-    def start(config: str, dry_run=False, env=None, fake=fake_twilio) -> RelayProcess:
-        process = RelayProcess(tmp_path, fake, config, dry_run=dry_run, env=store_env | (env or {})).start()
+    def start(config: str, dry_run=False, env=None, fake=fake_twilio, name=None) -> RelayProcess:
+        """`name`: a relay of its own (directory, log) beside the first, e.g. a second on one database."""
+        workdir = tmp_path / name if name else tmp_path
+        workdir.mkdir(exist_ok=True)
+        process = RelayProcess(workdir, fake, config, dry_run=dry_run, env=store_env | (env or {})).start()
         started.append(process)
         return process
 

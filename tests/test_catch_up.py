@@ -50,7 +50,9 @@ def test_a_text_both_posted_and_listed_is_paged_once(start_relay, fake_twilio):
     wait_until(lambda: len(fake_twilio.list_requests) >= asked + 2)
     barrier(relay, fake_twilio)
     assert len(pages_with(fake_twilio, SERGIO, "dock 3 please")) == 1
-    assert relay.events("inbound_caught_up") == []
+    # Handled once, by whichever came first (a pass may start before the webhook's post arrives).
+    handled = relay.events("inbound_caught_up") + relay.events("inbound_accepted")
+    assert [e["message_sid"] for e in handled].count(sid) == 1
 
 
 def test_a_known_text_does_not_end_the_pass_before_an_older_one_it_missed(start_relay, fake_twilio):

@@ -1,0 +1,213 @@
+"""Many relays on one PostgreSQL database (DATABASE_URL): each text handled once, each step taken
+once, each page sent by one relay, and a killed relay's work taken up by another."""
+
+import re
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import (
+    BACKUP,
+    CUSTOMER,
+    LINE,
+    SERGIO,
+    Postgres,
+    RelayProcess,
+    clock_shim,
+    config_text,
+    free_port,
+    msid,
+    wait_until,
+)
+
+
+@pytest.fixture
+def store_kind() -> str:
+    return "postgresql"
+
+
+@pytest.fixture
+def two_relays(start_relay):
+    def start(config: str, env=None):
+        return start_relay(config, env=env, name="a"), start_relay(config, env=env, name="b")
+
+    return start
+
+
+def codes_paged(fake, to=SERGIO) -> list[str]:
+    return [re.match(r"QDN #(\w+) ", m["Body"])[1] for m in fake.delivered(to) if re.match(r"QDN #\w+ from", m["Body"])]
+
+
+def test_two_relays_on_one_database_both_start_and_relay_what_each_is_sent(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    assert a.inbound(CUSTOMER, "to a")[0] == 200 and b.inbound("+15551230002", "to b")[0] == 200
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2)
+    assert sorted(codes_paged(fake_twilio)) == ["1", "2"]
+
+
+def test_a_message_sid_retried_to_the_other_relay_changes_nothing_and_gets_the_same_answer(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    a.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    reply = {"MessageSid": msid("ack"), "From": SERGIO, "To": LINE, "Body": "#1 on it"}
+    first = a.post_form("/api/sms/inbound", reply)
+    again = b.post_form("/api/sms/inbound", reply)
+    assert first == again and "Nobody else is paged" in first[1]
+    assert len(a.events("acknowledged") + b.events("acknowledged")) == 1
+    assert len(b.events("inbound_duplicate")) == 1
+
+
+def test_reply_codes_stay_unique_while_texts_arrive_at_two_relays_at_once(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    senders = [f"+1555200{n:04d}" for n in range(24)]
+    threads = [threading.Thread(target=(a, b)[n % 2].inbound, args=(s, f"text {n}")) for n, s in enumerate(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 24)
+    assert sorted(map(int, codes_paged(fake_twilio))) == list(range(1, 25))
+
+
+def test_each_due_step_is_taken_by_exactly_one_relay(two_relays, fake_twilio):
+    a, b = two_relays(config_text(primary_wait="2s"))
+    for n in range(6):
+        (a, b)[n % 2].inbound(f"+1555300{n:04d}", f"boat {n}")
+    wait_until(lambda: len(fake_twilio.delivered(BACKUP)) == 6, timeout=15)
+    time.sleep(1.5)  # a second relay's duplicate would come now, if at all
+    assert len(fake_twilio.delivered(BACKUP)) == 6 and len(fake_twilio.delivered(SERGIO)) == 6
+    assert len(a.events("escalated") + b.events("escalated")) == 6
+
+
+def test_a_killed_relays_timer_fires_on_the_other_within_two_seconds_of_its_deadline(two_relays, fake_twilio):
+    a, b = two_relays(config_text(primary_wait="3s"))
+    before = time.time()
+    a.inbound(CUSTOMER, "hello")
+    wait_until(lambda: a.events("relay_sent"))
+    a.kill()
+    backup = wait_until(lambda: [r for r in fake_twilio.requests if r["form"]["To"] == BACKUP], timeout=10)
+    assert backup[0]["at"] < before + 3 + 2
+    assert b.events("escalated")
+
+
+def test_a_page_a_killed_relay_had_claimed_is_sent_by_the_other_within_two_seconds(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    fake_twilio.faults.append(("hang", 30))  # the first send to Twilio never comes back
+    a.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    killed = time.time()
+    a.kill()
+    wait_until(lambda: fake_twilio.delivered(SERGIO), timeout=10)
+    sent = [r["at"] for r in fake_twilio.requests if r["form"]["To"] == SERGIO and not r["fault"]]
+    assert sent[0] - killed < 2.0
+    assert [e["to"] for e in wait_until(lambda: b.events("relay_sent"))] == [SERGIO]
+
+
+def test_a_slow_send_keeps_its_claim_so_the_other_relay_never_sends_it_too(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    fake_twilio.faults.append(("hang", 4))  # Twilio takes 4 s to answer: longer than a claim lasts unrenewed
+    a.inbound(CUSTOMER, "hello")
+    wait_until(lambda: a.events("relay_sent"), timeout=10)
+    time.sleep(0.5)
+    assert fake_twilio.attempts(SERGIO) == 1 and not b.events("relay_sent")
+
+
+def test_the_sender_cap_counts_across_relays(two_relays, fake_twilio):
+    a, b = two_relays(config_text(extra_relay="sender_hourly_cap = 2"))
+    for n in range(3):
+        (a, b)[n % 2].inbound(CUSTOMER, f"text {n}")
+    assert len(a.events("inbound_held") + b.events("inbound_held")) == 1
+
+
+def test_deadlines_follow_the_database_clock_when_the_relays_clocks_disagree(start_relay, fake_twilio, tmp_path):
+    env, offset = clock_shim(tmp_path, "time")
+    offset.write_text(str(-1800))  # this relay's wall clock is half an hour behind the other's
+    behind = start_relay(config_text(primary_wait="3s"), env=env, name="behind")
+    start_relay(config_text(primary_wait="3s"), name="on_time")
+    before = time.time()
+    behind.inbound(CUSTOMER, "hello")
+    backup = wait_until(lambda: [r for r in fake_twilio.requests if r["form"]["To"] == BACKUP], timeout=10)
+    assert before + 3 <= backup[0]["at"] < before + 3 + 1.5
+
+
+def test_webhooks_answer_503_while_the_database_is_down_and_carry_on_by_themselves(tmp_path, fake_twilio):
+    cluster = Postgres().start()
+    relay = RelayProcess(tmp_path, fake_twilio, config_text(), env={"DATABASE_URL": cluster.new_database()})
+    try:
+        relay.start()
+        cluster.stop()
+        assert wait_until(lambda: relay.get("/healthz")[0] == 503, timeout=5)
+        assert "database unreachable" in relay.get("/healthz")[1]
+        assert relay.inbound(CUSTOMER, "while down")[0] == 503
+        cluster.restart()
+        back = time.monotonic()
+        wait_until(lambda: relay.get("/healthz")[0] == 200, timeout=10)
+        assert time.monotonic() - back < 5
+        assert relay.inbound(CUSTOMER, "after")[0] == 200
+        wait_until(lambda: fake_twilio.delivered(SERGIO))
+        (page,) = fake_twilio.delivered(SERGIO)
+        assert "after" in page["Body"] and "while down" not in page["Body"]
+    finally:
+        relay.stop()
+        cluster.close()
+
+
+def test_serve_says_in_one_line_that_the_database_is_unreachable_and_starts_once_it_is_there(tmp_path, fake_twilio):
+    cluster = Postgres()
+    url = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres"
+    relay = RelayProcess(tmp_path, fake_twilio, config_text(), env={"DATABASE_URL": url})
+    try:
+        relay.start(wait=False)
+        wait_until(lambda: relay.events("listening"), timeout=10)
+        assert len(relay.events("database_unreachable")) == 1 and relay.get("/healthz")[0] == 503
+        assert relay.inbound(CUSTOMER, "too early")[0] == 503
+        assert "Traceback" not in relay.log_path.read_text()
+        cluster.start()
+        wait_until(lambda: relay.get("/healthz")[0] == 200, timeout=5)
+        assert relay.inbound(CUSTOMER, "hello")[0] == 200
+        wait_until(lambda: fake_twilio.delivered(SERGIO))
+    finally:
+        relay.stop()
+        cluster.close()
+
+
+def test_a_database_with_a_newer_schema_is_refused_in_one_line(tmp_path, database_url):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True, env={"DATABASE_URL": database_url})
+    relay.start()
+    relay.stop()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE relay_schema SET version = version + 1")
+    result = relay.run("serve", "--dry-run")
+    assert result.returncode == 1
+    assert "newer than this relay's" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_import_state_copies_a_state_directory_and_a_second_run_changes_nothing(tmp_path, fake_twilio, database_url):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "db").mkdir()
+    files = RelayProcess(tmp_path / "files", fake_twilio, config_text(primary_wait="2s"))
+    files.start()
+    files.inbound(CUSTOMER, "stored in files", sid=msid("old"))
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    files.stop()
+    database = RelayProcess(tmp_path / "db", fake_twilio, config_text(primary_wait="2s"))
+    database.env["DATABASE_URL"] = database_url
+    first = database.run("import-state", str(files.state_dir))
+    assert first.returncode == 0 and "imported 1 of 1 conversation(s)" in first.stdout
+    assert "imported 0 of 1 conversation(s)" in database.run("import-state", str(files.state_dir)).stdout
+    assert "from +15551230001" in database.run("status").stdout
+    try:
+        database.start()
+        assert database.inbound(CUSTOMER, "stored in files", sid=msid("old"))[0] == 200
+        wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=10)  # its timer carried on from the files
+        assert len(fake_twilio.delivered(SERGIO)) == 1 and database.events("inbound_duplicate")
+    finally:
+        database.stop()
+
+
+def test_a_second_relay_on_the_same_database_is_not_refused(start_relay, database_url, tmp_path):
+    first = start_relay(config_text(), name="a")
+    (tmp_path / "b").mkdir()
+    second = RelayProcess(tmp_path / "b", None, config_text(), env=first.env | {"PORT": str(free_port())})
+    assert second.run("check", "--dry-run").returncode == 0
