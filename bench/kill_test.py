@@ -1,13 +1,23 @@
-"""Kill test: texts keep arriving while the relay is SIGKILLed and restarted, again and again.
+"""Kill test: texts keep arriving while relays are SIGKILLed and restarted, again and again.
 
 Counts texts answered 200, texts lost (answered 200 but never paged to the
-primary, or never escalated to the backup), and duplicate pages (a contact
-paged more than once for the same conversation). Everything runs on 127.0.0.1.
+primary, or never escalated to the backup), duplicate pages (a contact paged
+more than once for the same conversation), and how late each backup page was
+against its deadline (measured from before the text was posted, so an upper
+bound). Everything runs on 127.0.0.1.
 
-    python bench/kill_test.py [--kills 20] [--rate 40]
+    python bench/kill_test.py [--kills 20] [--rate 40]          one relay, JSON files
+    python bench/kill_test.py --relays 2 [--kills 20]           two relays on one PostgreSQL
+    python bench/kill_test.py --relays 2 --scenario rolling     SIGTERM and restart each in turn
+    python bench/kill_test.py --relays 2 --scenario outage      PostgreSQL stopped for 10 s
+
+With --relays 2, texts go alternately to the two relays (to the other when
+one is down, as a router would), and the one killed alternates too; the
+database is a throwaway cluster started for the run.
 """
 
 import argparse
+import itertools
 import json
 import re
 import sys
@@ -20,74 +30,143 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import BACKUP, SERGIO, FakeTwilio, RelayProcess, config_text, wait_until  # noqa: E402
+from conftest import BACKUP, SERGIO, FakeTwilio, Postgres, RelayProcess, config_text, wait_until  # noqa: E402
 
 SENDER = re.compile(r"from (\+1555[0-9]{7})")
+PRIMARY_WAIT = 2.0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=20, help="kills (or, for rolling, restarts of each relay)")
     parser.add_argument("--rate", type=float, default=40.0, help="texts per second")
     parser.add_argument("--uptime", type=float, default=1.0, help="seconds between restart and kill")
+    parser.add_argument("--relays", type=int, default=1, help="2 or more: relays sharing one PostgreSQL")
+    parser.add_argument("--scenario", choices=["kill", "rolling", "outage"], default="kill")
+    parser.add_argument("--outage", type=float, default=10.0, help="seconds the database is down (outage)")
     args = parser.parse_args()
+    if args.scenario != "kill" and args.relays < 2:
+        parser.error("--scenario rolling and outage need --relays 2 (a database)")
 
     fake = FakeTwilio()
     workdir = Path(tempfile.mkdtemp(prefix="relay-kill-"))
-    relay = RelayProcess(workdir, fake, config_text(primary_wait="2s", backup_wait="1h"))
-    relay.start()
+    cluster = Postgres().start() if args.relays > 1 else None
+    env = {"DATABASE_URL": cluster.new_database()} if cluster else {}
+    relays = []
+    for n in range(args.relays):
+        (workdir / str(n)).mkdir()
+        caps = "outbound_hourly_cap = 100000"  # the run sends thousands; the caps are another test's matter
+        config = config_text(primary_wait=f"{PRIMARY_WAIT:g}s", backup_wait="1h", extra_relay=caps)
+        relays.append(RelayProcess(workdir / str(n), fake, config, env=env).start())
+    posted_at: dict[str, float] = {}  # sender -> when its text was posted (the deadline counts from after)
     accepted: list[str] = []
+    refused = Counter()
     stop = threading.Event()
 
     def customers():
-        n = 0
-        while not stop.is_set():
-            n += 1
+        for n in itertools.count(1):
+            if stop.is_set():
+                return
             sender = f"+1555{n:07d}"
-            try:
-                if relay.inbound(sender, f"text {n}", sid=f"SM{0xC0FFEE:08x}{n:024x}")[0] == 200:
-                    accepted.append(sender)
-            except OSError:
-                pass  # the relay is down right now; Twilio would retry
+            posted_at[sender] = time.time()
+            # Like a router in front of several relays: a relay that is down is passed over for the next.
+            for relay in relays[n % len(relays) :] + relays[: n % len(relays)]:
+                try:
+                    status = relay.inbound(sender, f"text {n}", sid=f"SM{0xC0FFEE:08x}{n:024x}")[0]
+                except OSError:
+                    status = "down"  # nobody answered: Twilio's fallback URL would take it
+                if status == 200:
+                    break
+            if status == 200:
+                accepted.append(sender)
+            else:
+                refused[str(status)] += 1
             time.sleep(1 / args.rate)
 
     sender_thread = threading.Thread(target=customers)
     sender_thread.start()
-    for _ in range(args.kills):
+    started = time.monotonic()
+    if args.scenario == "kill":
+        for n in range(args.kills):
+            time.sleep(args.uptime)
+            victim = relays[n % len(relays)]
+            victim.kill()
+            victim.start()
+    elif args.scenario == "rolling":
+        for n in range(args.kills * len(relays)):
+            time.sleep(args.uptime)
+            relays[n % len(relays)].stop()  # SIGTERM: drains, then exits 0
+            relays[n % len(relays)].start()
+    else:
         time.sleep(args.uptime)
-        relay.kill()
-        relay.start()
+        cluster.stop()
+        time.sleep(args.outage)
+        cluster.restart()
+        back = time.monotonic()
+        wait_until(lambda: all(r.healthy() for r in relays), timeout=30)
+        recovered_s = time.monotonic() - back
+        time.sleep(args.uptime)
     stop.set()
     sender_thread.join()
+    ran_s = time.monotonic() - started
     expected = set(accepted)
 
     def paged(phone):
         return Counter(m[1] for f in fake.delivered(phone) if (m := SENDER.search(f["Body"])))
 
-    wait_until(lambda: expected <= set(paged(BACKUP)), timeout=60, interval=0.5)
+    try:
+        wait_until(lambda: expected <= set(paged(BACKUP)), timeout=60, interval=0.5)
+    except AssertionError:
+        pass  # counted as lost below
     time.sleep(3)  # let anything left over arrive, so duplicates are counted
-    relay.stop()
+    for relay in relays:
+        relay.stop()
 
     primary, backup = paged(SERGIO), paged(BACKUP)
+    first_backup = {}
+    for request in fake.requests:
+        if request["form"]["To"] == BACKUP and not request["fault"] and (m := SENDER.search(request["form"]["Body"])):
+            first_backup.setdefault(m[1], request["at"])
+    late = sorted(first_backup[s] - (posted_at[s] + PRIMARY_WAIT) for s in expected if s in first_backup)
     unreadable = []
-    for path in relay.state_dir.glob("*.json*"):
-        try:
-            lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
-            for line in lines:
-                json.loads(line)
-        except ValueError:
-            unreadable.append(path.name)
+    for relay in relays if not cluster else ():
+        for path in relay.state_dir.glob("*.json*"):
+            try:
+                lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
+                for line in lines:
+                    json.loads(line)
+            except ValueError:
+                unreadable.append(path.name)
     result = {
-        "kills": args.kills,
+        "relays": args.relays,
+        "store": "postgresql" if cluster else "json",
+        "scenario": args.scenario,
+        "kills" if args.scenario == "kill" else "restarts" if args.scenario == "rolling" else "outage_s": (
+            args.kills
+            if args.scenario == "kill"
+            else args.kills * len(relays)
+            if args.scenario == "rolling"
+            else args.outage
+        ),
+        "seconds": round(ran_s, 1),
         "accepted": len(expected),
+        "refused": dict(refused),
         "lost_primary": len(expected - set(primary)),
         "lost_backup": len(expected - set(backup)),
         "duplicate_primary_pages": sum(c - 1 for c in primary.values() if c > 1),
         "duplicate_backup_pages": sum(c - 1 for c in backup.values() if c > 1),
+        "backup_late_p50_s": round(late[len(late) // 2], 3) if late else None,
+        "backup_late_p99_s": round(late[int(len(late) * 0.99)], 3) if late else None,
+        "backup_late_max_s": round(late[-1], 3) if late else None,
         "unreadable_files": unreadable,
     }
+    if args.scenario == "outage":
+        result["recovered_after_s"] = round(recovered_s, 2)
+    result["lost_senders"] = sorted(expected - set(backup))[:10]
     print(json.dumps(result))
     fake.close()
+    if cluster:
+        cluster.close()
     return 0 if not (result["lost_primary"] or result["lost_backup"] or unreadable) else 1
 
 
