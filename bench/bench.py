@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import BACKUP, LINE, SERGIO, TOKEN, FakeTwilio, config_text, free_port, wait_until  # noqa: E402
+import psycopg  # noqa: E402
+from conftest import BACKUP, LINE, SERGIO, TOKEN, FakeTwilio, Postgres, config_text, free_port, wait_until  # noqa: E402
 from twilio.request_validator import RequestValidator  # noqa: E402
 
 import relay  # noqa: E402
@@ -42,6 +43,11 @@ TARGETS = {
     "scale_start_s": 2.0,
     "scale_rss_mb": 100,
     "idle_rss_mb": 60,
+    # PostgreSQL store (DATABASE_URL), measured in the same run on the same load:
+    "db_p99_ratio": 2.0,  # webhook p99 at FIXED_RATE, PostgreSQL / JSON files, at most
+    "db_e2e_p99_ms": 100,
+    "db_lateness_p99_ms": 250,  # with two relays
+    "db_idle_rss_mb": 70,  # per relay
 }
 
 
@@ -123,9 +129,9 @@ def relay_env(workdir: Path, fake_url: str, config: str) -> dict:
     }
 
 
-def start_relay(fake_url: str, config: str, prefill=None) -> Server:
+def start_relay(fake_url: str, config: str, prefill=None, database_url: str | None = None) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    env = relay_env(workdir, fake_url, config)
+    env = relay_env(workdir, fake_url, config) | ({"DATABASE_URL": database_url} if database_url else {})
     if prefill:
         prefill(workdir / "state")
     return Server([str(ROOT / "relay.py")], env, workdir)
@@ -168,15 +174,16 @@ def load_worker(port: int, requests: list, seconds: float, pace: float, queue) -
     queue.put(results)
 
 
-def run_load(port: int, connections: int, seconds: float, per_worker: int, pace: float = 0.0, offset: int = 0):
-    url = f"http://127.0.0.1:{port}/api/sms/inbound"
+def run_load(port, connections: int, seconds: float, per_worker: int, pace: float = 0.0, offset: int = 0):
+    """`port`: one server's, or a list of servers' that the connections are spread over."""
+    ports = port if isinstance(port, list) else [port]
     queue = multiprocessing.Queue()
-    batches = [
-        signed_requests(url, offset + i * per_worker, per_worker, sender_base=offset) for i in range(connections)
-    ]
-    workers = [
-        multiprocessing.Process(target=load_worker, args=(port, batch, seconds, pace, queue)) for batch in batches
-    ]
+    workers = []
+    for i in range(connections):
+        to = ports[i % len(ports)]
+        url = f"http://127.0.0.1:{to}/api/sms/inbound"
+        batch = signed_requests(url, offset + i * per_worker, per_worker, sender_base=offset)
+        workers.append(multiprocessing.Process(target=load_worker, args=(to, batch, seconds, pace, queue)))
     for w in workers:
         w.start()
     results = [r for _ in workers for r in queue.get()]
@@ -248,11 +255,12 @@ def reachable_post(url: str) -> bool:
         return False
 
 
-def bench_end_to_end(fake_url: str, rate: float = 50, seconds: float = 5) -> dict:
+def bench_end_to_end(fake_url: str, rate: float = 50, seconds: float = 5, database_url=None, offset=90_000_000) -> dict:
     """Time from the 200 to the fake Twilio receiving the page to the primary, at a steady rate."""
-    server = start_relay(fake_url, config_text(primary_wait="1h", backup_wait="1h", extra_relay=NO_CAPS))
+    config = config_text(primary_wait="1h", backup_wait="1h", extra_relay=NO_CAPS)
+    server = start_relay(fake_url, config, database_url=database_url)
     server.wait_ready("/healthz")
-    offset = 90_000_000  # numbers no other part uses: pages are matched to texts by them
+    # `offset`: numbers no other part uses, since pages are matched to texts by them
     results = run_load(server.port, 2, seconds, int(rate * seconds), pace=2 / rate, offset=offset)
     time.sleep(1)
     server.stop()
@@ -272,18 +280,26 @@ def bench_end_to_end(fake_url: str, rate: float = 50, seconds: float = 5) -> dic
     }
 
 
-def bench_lateness(fake_url: str, conversations: int = 300, wait: int = 2) -> dict:
+def bench_lateness(
+    fake_url: str, conversations: int = 300, wait: int = 2, database_url=None, relays=1, offset=30_000_000
+) -> dict:
     """(time the backup's page arrives) - (the primary's deadline), over many short waits."""
     config = config_text(primary_wait=f"{wait}s", backup_wait="1h", extra_relay=NO_CAPS)
-    server = start_relay(fake_url, config)
-    server.wait_ready("/healthz")
-    offset = 30_000_000
-    run_load(server.port, 2, 3, conversations // 2, pace=0.01, offset=offset)
+    servers = [start_relay(fake_url, config, database_url=database_url) for _ in range(relays)]
+    for server in servers:
+        server.wait_ready("/healthz")
+    run_load([s.port for s in servers], 2, 3, conversations // 2, pace=0.01, offset=offset)
     time.sleep(wait + 1.5)
-    server.stop()
-    store = relay.JsonStore(server.workdir / "state")
-    store.load()
-    deadline = {c.sender: c.created + c.chain[0].wait for c in store.conversations.values()}
+    for server in servers:
+        server.stop()
+    if database_url:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT sender, created FROM relay_conversations").fetchall()
+        deadline = {sender: created + wait for sender, created in rows}
+    else:
+        store = relay.JsonStore(servers[0].workdir / "state")
+        store.load()
+        deadline = {c.sender: c.created + c.chain[0].wait for c in store.conversations.values()}
     late = sorted(
         page["at"] - deadline[sender]
         for page in received(fake_url)
@@ -348,13 +364,43 @@ def bench_scale(fake_url: str, finished: int = 100_000, open_: int = 10_000) -> 
     return out
 
 
-def bench_idle(fake_url: str) -> dict:
-    server = start_relay(fake_url, config_text())
+def bench_idle(fake_url: str, database_url=None) -> dict:
+    server = start_relay(fake_url, config_text(), database_url=database_url)
     server.wait_ready("/healthz")
     time.sleep(2)
     rss = server.rss_mb()
     server.stop()
     return {"rss_mb": round(rss, 1)}
+
+
+def bench_database(fake_url: str) -> dict:
+    """The PostgreSQL store beside the JSON files, on the same load: one relay, then two on one database.
+
+    The cluster is a throwaway one with fsync on, as a real database would be.
+    """
+    cluster = Postgres(fsync=True).start()
+    try:
+        config = config_text(primary_wait="1h", backup_wait="1h", extra_relay=NO_CAPS)
+        fixed = {}
+        for offset, (name, relays) in enumerate([("json", 1), ("postgresql", 1), ("postgresql_2_relays", 2)]):
+            url = cluster.new_database() if name != "json" else None
+            servers = [ready(start_relay(fake_url, config, database_url=url)) for _ in range(relays)]
+            base = 50_000_000 + offset * 1_000_000
+            load = run_load([s.port for s in servers], 4, 5, 5 * FIXED_RATE, pace=4 / FIXED_RATE, offset=base)
+            fixed[name] = summarise(load, 5)
+            for server in servers:
+                server.stop()
+        return {
+            "fixed_rate": fixed,
+            "p99_ratio": round(fixed["postgresql"]["p99_ms"] / fixed["json"]["p99_ms"], 3),
+            "end_to_end": bench_end_to_end(fake_url, database_url=cluster.new_database(), offset=91_000_000),
+            "lateness_2_relays": bench_lateness(
+                fake_url, database_url=cluster.new_database(), relays=2, offset=31_000_000
+            ),
+            "idle": bench_idle(fake_url, database_url=cluster.new_database()),
+        }
+    finally:
+        cluster.close()
 
 
 def verdicts(r: dict) -> dict:
@@ -367,6 +413,10 @@ def verdicts(r: dict) -> dict:
         "scale_start_s": scale["start_s"] <= TARGETS["scale_start_s"],
         "scale_rss_mb": scale["rss_mb"] <= TARGETS["scale_rss_mb"],
         "idle_rss_mb": r["idle"]["rss_mb"] <= TARGETS["idle_rss_mb"],
+        "db_p99_ratio": r["database"]["p99_ratio"] <= TARGETS["db_p99_ratio"],
+        "db_e2e_p99_ms": r["database"]["end_to_end"]["p99_ms"] <= TARGETS["db_e2e_p99_ms"],
+        "db_lateness_p99_ms": r["database"]["lateness_2_relays"]["p99_ms"] <= TARGETS["db_lateness_p99_ms"],
+        "db_idle_rss_mb": r["database"]["idle"]["rss_mb"] <= TARGETS["db_idle_rss_mb"],
     }
 
 
@@ -410,6 +460,21 @@ def report(r: dict) -> str:
             )
         )
     rows.append(("idle", f"RSS {idle['rss_mb']} MB", ""))
+    db = r["database"]
+    for name, label in [("json", "JSON files"), ("postgresql", "PostgreSQL"), ("postgresql_2_relays", "PostgreSQL x2")]:
+        f = db["fixed_rate"][name]
+        rows.append((f"{label} at {FIXED_RATE}/s", f"{f['ok']} ok", f"p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms"))
+    de, dl = db["end_to_end"], db["lateness_2_relays"]
+    rows.append(("PostgreSQL / JSON p99", f"{db['p99_ratio']}x", ""))
+    rows.append(("PostgreSQL 200 -> page", f"{de['paged']} texts", f"p50 {de['p50_ms']} ms, p99 {de['p99_ms']} ms"))
+    rows.append(
+        (
+            "PostgreSQL x2 lateness",
+            f"{dl['escalated']} backups",
+            f"p50 {dl['p50_ms']}, p99 {dl['p99_ms']}, max {dl['max_ms']} ms",
+        )
+    )
+    rows.append(("PostgreSQL idle", f"RSS {db['idle']['rss_mb']} MB", ""))
     width = max(len(row[0]) for row in rows)
     lines = [f"{a:<{width}}  {b:<18}  {c}" for a, b, c in rows]
     lines.append("targets: " + ", ".join(f"{k} {'met' if ok else 'MISSED'}" for k, ok in r["verdicts"].items()))
@@ -424,6 +489,8 @@ def summary(r: dict) -> str:
         f"p99 at {FIXED_RATE}/s {t['p99_ratio']}x bare; "
         f"e2e p99 {r['end_to_end']['p99_ms']} ms; lateness p99 {r['lateness']['p99_ms']} ms; "
         f"start {sc['start_s']} s at {sc['rss_mb']} MB; idle {r['idle']['rss_mb']} MB; "
+        f"PostgreSQL p99 {r['database']['p99_ratio']}x JSON, e2e p99 {r['database']['end_to_end']['p99_ms']} ms, "
+        f"lateness p99 x2 {r['database']['lateness_2_relays']['p99_ms']} ms; "
         f"{met}/{len(r['verdicts'])} targets met"
     )
 
@@ -432,7 +499,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--only", choices=["throughput", "end_to_end", "lateness", "scale", "idle"])
+    parser.add_argument("--only", choices=["throughput", "end_to_end", "lateness", "scale", "idle", "database"])
     args = parser.parse_args()
     parts = {
         "throughput": lambda url: bench_throughput(url, args.seconds, args.connections),
@@ -440,6 +507,7 @@ def main() -> int:
         "lateness": bench_lateness,
         "scale": bench_scale,
         "idle": bench_idle,
+        "database": bench_database,
     }
     fake_proc, fake_url = start_fake_twilio()
     try:

@@ -424,10 +424,11 @@ class Postgres:
     """A cluster of our own on a free port: initdb, pg_ctl start, and stopped by its pid.
 
     PostgreSQL refuses to run as root, so as root it runs as the `postgres` user, in a directory
-    that user owns. fsync is off: a test kills relays, never the database.
+    that user owns. fsync is off unless asked for: a test kills relays, never the database.
     """
 
-    def __init__(self):
+    def __init__(self, fsync: bool = False):
+        self.fsync = fsync
         self.bin = postgres_bin()
         if self.bin is None:
             if os.environ.get("CI"):
@@ -449,7 +450,7 @@ class Postgres:
         self.run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir} "
-            "-c fsync=off -c shared_buffers=16MB -c max_connections=60"
+            f"-c fsync={'on' if self.fsync else 'off'} -c shared_buffers=16MB -c max_connections=60"
         )
         self.options = options
         self.restart()
