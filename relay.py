@@ -659,6 +659,7 @@ class Store(abc.ABC):
     POLL = 1.0  # the sweeper looks at least this often, for work that other relays made due
 
     damaged: list[tuple[str, int]]  # files moved aside as damaged: (name, unreadable records)
+    lock: threading.RLock  # guards the relay's own memory; JsonStore's transactions hold it too
     clock: Callable[[], float]  # now, for the rules and everything stored (PgStore: the database's clock)
 
     @abc.abstractmethod
@@ -940,6 +941,7 @@ class JsonStore(Store):
         self.lock_fd: int | None = None
         self.journal: Journal | None = None
         self.failed: str | None = None  # why the state could not be written, until it is reopened
+        self.lock = threading.RLock()  # everything is memory: a change holds it from first read to save
         self.clock = steady_clock()
         self.caps = HourlyWindow()  # cost caps: what was sent this past hour, per cap
         self.marks: dict[str, float] = {}  # once_every's keys, when last marked
@@ -1045,6 +1047,10 @@ class JsonStore(Store):
 
     def heal(self) -> None:
         """After a failed write: forget what is in memory and start again from what is on disk."""
+        with self.lock:
+            self._heal()
+
+    def _heal(self) -> None:
         if self.journal:
             self.journal.close(flush=False)
             self.journal = None
@@ -1101,7 +1107,7 @@ class JsonStore(Store):
         OPEN.set(len(self.open_by_sender))
 
     def transaction(self, line: str | None = None):
-        return contextlib.nullcontext()
+        return self.lock
 
     def claim(self, sid: str) -> str | None:
         if not self.knows(sid):
@@ -1244,6 +1250,10 @@ class JsonStore(Store):
 
     def tidy(self, now: float, retention: int) -> int:
         """Fold when due, prune past retention, forget idle cap keys; shrink memory after a flood."""
+        with self.lock:
+            return self._tidy(now, retention)
+
+    def _tidy(self, now: float, retention: int) -> int:
         if self.needs_fold():
             before = len(self.conversations)
             self.fold()
@@ -1333,6 +1343,16 @@ class JsonStore(Store):
         return None
 
 
+class Lookup:
+    """A container whose `in` asks a function: a set too large to fetch, asked one value at a time."""
+
+    def __init__(self, contains: Callable[[object], bool]):
+        self.contains = contains
+
+    def __contains__(self, value: object) -> bool:
+        return self.contains(value)
+
+
 class SchemaTooNew(Exception):
     """The database holds a schema from a newer relay than this one."""
 
@@ -1411,20 +1431,25 @@ class PgStore(Store):
     POLL = 0.25
     CONNECT_SECONDS = 3
     STATEMENT_MS = 5000
+    CONNECTIONS = 8  # at most, per relay: Heroku's smallest Postgres allows 20 in all
     CLOCK_SYNC_EVERY = 10.0
     RETENTION_EVERY = 60.0
 
     def __init__(self, url: str):
         self.dsn = database_dsn(url)
         self.lock = threading.RLock()
-        self.conn = None
         self.failed: str | None = "database not connected yet"
         self.damaged = []
         self.offset = 0.0  # the database's clock minus this process's monotonic clock
-        self.depth = 0  # transactions open on this connection (nested ones join the outer)
-        self.claimed: list[str] = []  # message sids this transaction took
         self.open_now = 0
         self.synced_at = self.retained_at = -math.inf
+        # A connection per transaction in progress, kept idle between them: the webhook, the sweep and
+        # the sends each run their own, so none waits behind another's round trips.
+        self.idle: list[psycopg.Connection] = []
+        self.idle_lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(self.CONNECTIONS)
+        self.local = threading.local()  # this thread's transaction: its connection and the sids it claimed
+        self.heal_lock = threading.Lock()
 
     def clock(self) -> float:
         """The database's clock, read now and then and moved on by the monotonic clock between."""
@@ -1437,20 +1462,18 @@ class PgStore(Store):
         self.heal()
 
     def heal(self) -> None:
-        with self.lock:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
+        with self.heal_lock:
             try:
-                self.conn = self._connect()
-                self._migrate()
-                self._sync_clock()
+                with self._connect() as conn:  # a fresh connection: the idle ones may be from before
+                    self._migrate(conn)
+                    self._sync_clock(conn)
             except psycopg.Error as e:
-                self._lost(e)
+                self.failed = f"database unreachable: {first_line(e)}"
                 raise StoreFailure(self.failed) from None
+            self._drop_idle()
             self.failed = None
 
-    def _connect(self):
+    def _connect(self) -> psycopg.Connection:
         return psycopg.connect(
             self.dsn,
             autocommit=True,
@@ -1464,10 +1487,10 @@ class PgStore(Store):
             tcp_user_timeout=self.STATEMENT_MS,
         )
 
-    def _migrate(self) -> None:
-        with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            version = schema_version(self.conn)
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            version = schema_version(conn)
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
                     f"DATABASE_URL: the database has relay schema version {version}, newer than this "
@@ -1475,26 +1498,48 @@ class PgStore(Store):
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in SCHEMA[step]:
-                    self.conn.execute(statement)
+                    conn.execute(statement)
             if version == 0:
-                self.conn.execute("CREATE TABLE relay_schema (version integer NOT NULL)")
-                self.conn.execute("INSERT INTO relay_schema VALUES (%s)", (SCHEMA_VERSION,))
+                conn.execute("CREATE TABLE relay_schema (version integer NOT NULL)")
+                conn.execute("INSERT INTO relay_schema VALUES (%s)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:
-                self.conn.execute("UPDATE relay_schema SET version = %s", (SCHEMA_VERSION,))
+                conn.execute("UPDATE relay_schema SET version = %s", (SCHEMA_VERSION,))
             if version < SCHEMA_VERSION:
                 log("info", "schema_upgraded", from_version=version, to_version=SCHEMA_VERSION)
 
-    def _sync_clock(self) -> None:
+    def _sync_clock(self, conn: psycopg.Connection) -> None:
         before = time.monotonic()
-        (now,) = self.conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+        (now,) = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
         after = time.monotonic()
         self.offset, self.synced_at = now - (before + after) / 2, after
 
-    def _lost(self, error: Exception) -> None:
-        self.failed = f"database unreachable: {first_line(error)}"
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+    def _drop_idle(self) -> None:
+        with self.idle_lock:
+            idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def _checkout(self) -> psycopg.Connection:
+        if not self.slots.acquire(timeout=self.CONNECT_SECONDS):
+            raise StoreFailure("database: every connection of this relay is busy")
+        try:
+            with self.idle_lock:
+                if self.idle:
+                    return self.idle.pop()
+            return self._connect()
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _checkin(self, conn: psycopg.Connection) -> None:
+        try:
+            if conn.broken or conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.close()
+            else:
+                with self.idle_lock:
+                    self.idle.append(conn)
+        finally:
+            self.slots.release()
 
     @property
     def failure(self) -> str | None:
@@ -1505,38 +1550,38 @@ class PgStore(Store):
 
     @contextlib.contextmanager
     def transaction(self, line: str | None = None):
-        with self.lock:
-            if self.depth:
-                self.depth += 1
-                try:
-                    yield
-                finally:
-                    self.depth -= 1
-                return
-            if self.failed:
-                raise StoreFailure(self.failed)
-            self.depth, self.claimed = 1, []
-            try:
-                with self.conn.transaction():
-                    if line is not None:  # the line's row, locked: its texts are handled one at a time
-                        self._q(
-                            "INSERT INTO relay_lines (line) VALUES (%s) "
-                            "ON CONFLICT (line) DO UPDATE SET line = EXCLUDED.line",
-                            (line,),
-                        )
-                    yield
-            except psycopg.Error as e:
-                # Whatever the statement, nothing of the transaction is stored. A cut connection (a
-                # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
-                if self.conn.broken or self.conn.closed:
-                    self._lost(e)
-                    raise StoreFailure(self.failed) from None
-                raise StoreFailure(f"database: {first_line(e)}") from None
-            finally:
-                self.depth = 0
+        if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
+            yield
+            return
+        if self.failed:
+            raise StoreFailure(self.failed)
+        conn = None
+        try:
+            conn = self._checkout()
+            self.local.conn, self.local.claimed = conn, []
+            with conn.transaction():
+                if line is not None:  # the line's row, locked: its texts are handled one at a time
+                    self._q(
+                        """INSERT INTO relay_lines (line) VALUES (%s)
+                           ON CONFLICT (line) DO UPDATE SET line = EXCLUDED.line""",
+                        (line,),
+                    )
+                yield
+        except psycopg.Error as e:
+            # Whatever the statement, nothing of the transaction is stored. A cut connection (a
+            # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
+            if conn is None or conn.broken or conn.closed:
+                self.failed = f"database unreachable: {first_line(e)}"
+                self._drop_idle()
+                raise StoreFailure(self.failed) from None
+            raise StoreFailure(f"database: {first_line(e)}") from None
+        finally:
+            self.local.conn = None
+            if conn is not None:
+                self._checkin(conn)
 
     def _q(self, sql: str, params: tuple = ()):
-        return self.conn.execute(sql, params)
+        return self.local.conn.execute(sql, params)
 
     def _docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
         return [Conversation.from_json(doc) for (doc,) in self._q(sql, params)]
@@ -1550,7 +1595,7 @@ class PgStore(Store):
             (sid, self.clock()),
         ).fetchone()
         if taken:
-            self.claimed.append(sid)
+            self.local.claimed.append(sid)
             return None
         (answer,) = self._q("SELECT answer FROM relay_messages WHERE sid = %s", (sid,)).fetchone()
         return answer or ""
@@ -1593,13 +1638,17 @@ class PgStore(Store):
         return found[0] if found else None
 
     def new_code(self, line: str) -> str:
-        (last,) = self._q("SELECT last_code FROM relay_lines WHERE line = %s FOR UPDATE", (line,)).fetchone()
-        used = {
-            code for (code,) in self._q(f"SELECT code FROM relay_conversations WHERE line = %s AND {OPEN_SQL}", (line,))
-        }
-        code, number = next_code(used, last)
+        # The transaction holds the line's row: nobody else hands out a code on the line meanwhile.
+        (last,) = self._q("SELECT last_code FROM relay_lines WHERE line = %s", (line,)).fetchone()
+        code, number = next_code(Lookup(lambda code: self._open_code(line, code)), last)
         self._q("UPDATE relay_lines SET last_code = %s WHERE line = %s", (number, line))
         return code
+
+    def _open_code(self, line: str, code: str) -> bool:
+        found = self._q(
+            f"SELECT 1 FROM relay_conversations WHERE line = %s AND code = %s AND {OPEN_SQL}", (line, code)
+        ).fetchone()
+        return found is not None
 
     def take(self, key: str, limit: int, now: float) -> bool:
         self._q("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
@@ -1671,11 +1720,11 @@ class PgStore(Store):
             ),
         )
         said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
-        for sid in [sid for sid in self.claimed if sid in said]:
+        for sid in [sid for sid in self.local.claimed if sid in said]:
             self._q(
                 "UPDATE relay_messages SET conversation = %s, answer = %s WHERE sid = %s", (conv.id, said[sid], sid)
             )
-            self.claimed.remove(sid)
+            self.local.claimed.remove(sid)
         return None
 
     def save_stray(self, sid: str, answer: str | None, now: float):
@@ -1741,7 +1790,7 @@ class PgStore(Store):
         pruned = 0
         with self.transaction():
             if time.monotonic() - self.synced_at > self.CLOCK_SYNC_EVERY:
-                self._sync_clock()
+                self._sync_clock(self.local.conn)
             if time.monotonic() - self.retained_at > self.RETENTION_EVERY:
                 self.retained_at = time.monotonic()
                 if self._q("SELECT pg_try_advisory_xact_lock(%s)", (TIDY_LOCK,)).fetchone()[0]:
@@ -2614,7 +2663,7 @@ class Relay:
         self.store = store
         self.gateway = gateway
         self.clock = store.clock
-        self.lock = threading.RLock()
+        self.lock = store.lock  # guards what the relay keeps in memory (in flight, outbox)
         self.wake = threading.Condition(self.lock)
         self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages queued or being sent now
         # Pages queued per recipient, each queue drained in order by threads of its own (up to
@@ -2677,7 +2726,7 @@ class Relay:
         answer = MessagingResponse()
         if self.store.failure:
             raise BadRequest(503, "state_unwritable", self.store.failure)
-        with self.lock, self.store.transaction(line.name):
+        with self.store.transaction(line.name):
             previous = self.store.claim(sid)
             if previous is not None:
                 INBOUND.labels("duplicate").inc()
@@ -2811,7 +2860,7 @@ class Relay:
     def key_pressed(self, conv_id: str, index: int, params: dict[str, str], repeated: bool) -> str:
         """A key pressed on a call: 1 takes it, 2 passes it on; anything else hears the prompt once more."""
         digits, now, event = params.get("Digits", "").strip(), self.clock(), None
-        with self.lock, self.store.transaction():
+        with self.store.transaction():
             conv, page = self._call_page(conv_id, index)
             if page is None:
                 return key_twiml("This message is no longer waiting. Goodbye.")
@@ -2846,7 +2895,7 @@ class Relay:
     def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
         """Twilio's progress report on a call (and its answering-machine verdict)."""
         status, answered_by = params.get("CallStatus", ""), params.get("AnsweredBy", "")
-        with self.lock, self.store.transaction():
+        with self.store.transaction():
             conv, page = self._call_page(conv_id, index)
             if page is None:
                 log("warning", "call_status_unknown", conversation=conv_id, page=index, status=status)
@@ -2888,7 +2937,7 @@ class Relay:
 
     def delivery_status(self, conv_id: str, index: int, params: dict[str, str]) -> None:
         status = params.get("MessageStatus") or params.get("SmsStatus") or ""
-        with self.lock, self.store.transaction():
+        with self.store.transaction():
             conv = self.store.get(conv_id)
             if conv is None or not 0 <= index < len(conv.pages):
                 log("warning", "status_unknown", conversation=conv_id, page=index, status=status)
@@ -2953,25 +3002,28 @@ class Relay:
                 log("error", "send_crashed", to=to, error=repr(e))
                 with self.lock:
                     self._done_sending(conv_id, index)
-                    try:
-                        with self.store.transaction():
-                            if (conv := self.store.get(conv_id)) and index < len(conv.pages):
-                                page = conv.pages[index]
-                                delay = retry_delay(max(1, page.attempts), None, self.random.random())
-                                page.retry_at = self.clock() + delay
-                                self._save(conv, changed=False)
-                    except StoreFailure:
-                        pass  # the healed store has the page pending, and the sweep takes it up
+                try:
+                    with self.store.transaction():
+                        if (conv := self.store.get(conv_id)) and index < len(conv.pages):
+                            page = conv.pages[index]
+                            page.retry_at = self.clock() + retry_delay(
+                                max(1, page.attempts), None, self.random.random()
+                            )
+                            self._save(conv, changed=False)
+                except StoreFailure:
+                    pass  # the healed store has the page pending, and the sweep takes it up
+                with self.lock:
                     self.wake.notify()
 
     def _send(self, conv_id: str, index: int) -> None:
         """One attempt at one page, its outcome stored before anything else."""
-        with self.lock, self.store.transaction():
+        with self.store.transaction():
             conv = self.store.get(conv_id)
             page = conv.pages[index] if conv and index < len(conv.pages) else None
             if page is None or page.state != "pending":
                 # Taken (or reloaded) since the sweep chose it: a page not yet with Twilio stays unsent.
-                self._done_sending(conv_id, index)
+                with self.lock:
+                    self._done_sending(conv_id, index)
                 return
             if page.kind == "call":
                 gather = self.callback_url("/api/voice/gather", conv, index) or ""
@@ -2991,8 +3043,9 @@ class Relay:
             outcome = e
         except Exception as e:  # a bug or an unexpected library error must not lose the page
             outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
-        with self.lock, self.store.transaction():
-            self._done_sending(conv_id, index)
+        with self.store.transaction():
+            with self.lock:
+                self._done_sending(conv_id, index)
             conv = self.store.get(conv_id)
             if conv is None or index >= len(conv.pages):  # the store was reloaded and has no such page
                 return
@@ -3027,14 +3080,16 @@ class Relay:
             return None
         started, now = time.thread_time(), self.clock()
         events, to_send, tickets, lag = [], [], [], 0.0
-        with self.lock, self.store.transaction():
-            for conv in self.store.due(now, self.in_flight):
+        with self.store.transaction():
+            with self.lock:
+                in_flight = {conv_id: set(pages) for conv_id, pages in self.in_flight.items()}
+            for conv in self.store.due(now, in_flight):
                 conv_id, deadline, changed = conv.id, conv.deadline, False
                 if event := expire(conv, now):
                     lag = max(lag, now - deadline)
                     events.append((conv, event))
                     changed = True
-                sending = self.in_flight.get(conv_id, ())
+                sending, claimed = in_flight.setdefault(conv_id, set()), set()
                 for index, page in enumerate(conv.pages):
                     if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
                         continue
@@ -3047,9 +3102,13 @@ class Relay:
                         page.counted = changed = True
                     if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
                         page.lease, changed = now + self.store.LEASE, True
-                    self.in_flight.setdefault(conv_id, set()).add(index)
+                    sending.add(index)
+                    claimed.add(index)
                     to_send.append((conv_id, index, page.to))
-                tickets.append(self._save(conv, changed))
+                if claimed:
+                    with self.lock:
+                        self.in_flight.setdefault(conv_id, set()).update(claimed)
+                tickets.append(self.store.save(conv, sending, changed))
             self.last_sweep = now
             SWEEP_LAG.set(lag)
             next_at = self.store.next_due()
@@ -3086,17 +3145,19 @@ class Relay:
         """Where other relays could take them: keep this relay's claim on the pages it is sending."""
         if not self.store.LEASE or time.monotonic() - self.leases_renewed < self.store.LEASE / 3:
             return
-        if not self.in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
+        with self.lock:
+            in_flight = {conv_id: set(pages) for conv_id, pages in self.in_flight.items()}
+        if not in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
             return
         self.leases_renewed = time.monotonic()
-        with self.lock, self.store.transaction():
+        with self.store.transaction():
             now = self.clock()
-            for conv_id in list(self.in_flight):
+            for conv_id, indexes in in_flight.items():
                 if conv := self.store.get(conv_id):
-                    for index in self.in_flight.get(conv_id, ()):
+                    for index in indexes:
                         if index < len(conv.pages) and conv.pages[index].state == "pending":
                             conv.pages[index].lease = now + self.store.LEASE
-                    self._save(conv)
+                    self.store.save(conv, indexes)
 
     @staticmethod
     def _call_status(conv: Conversation, call_sid: str) -> str | None:
@@ -3107,7 +3168,7 @@ class Relay:
     def release_held(self, now: float) -> None:
         """Release what the caps allow now, oldest first, and bundle the rest for the contact on duty."""
         tickets = []
-        with self.lock, self.store.transaction():
+        with self.store.transaction():
             still = []
             for conv in self.store.held():
                 changed = False
@@ -3157,20 +3218,19 @@ class Relay:
             return
         now = self.clock()
         self.release_held(now)
-        with self.lock:
-            pruned = self.store.tidy(now, self.config.retention)
+        pruned = self.store.tidy(now, self.config.retention)
         if pruned:
             log("info", "pruned", days=pruned)
 
     def heal(self) -> None:
         """After a failure to store: once the store takes writes again, carry on from what it holds."""
+        reason = self.store.failure
+        try:
+            self.store.heal()
+        except StoreFailure as e:
+            log("error", "state_unwritable", reason=str(e))
+            return
         with self.lock:
-            reason = self.store.failure
-            try:
-                self.store.heal()
-            except StoreFailure as e:
-                log("error", "state_unwritable", reason=str(e))
-                return
             self.wake.notify()
         log("warning", "state_writable_again", after=reason, open_conversations=self.store.open_count())
         self.tell_about_damage()
