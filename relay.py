@@ -68,7 +68,7 @@ import requests.adapters
 import urllib3
 import waitress
 import waitress.channel
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 from twilio.base.exceptions import TwilioException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.request_validator import RequestValidator, get_signature_algorithm
@@ -469,6 +469,7 @@ CATCH_UP_FAILURES = prometheus_client.Counter(
 # ---------------------------------------------------------------------------
 
 OPEN_STATUS = "open"
+MAX_CODE = 999_999  # six digits: codes never run out while fewer conversations than this are open
 TWO_WAY_WINDOW = 24 * 3600.0
 
 
@@ -680,8 +681,9 @@ class Store(abc.ABC):
         """None when state can be written, else the reason; cheap, and writes nothing."""
 
     @abc.abstractmethod
-    def transaction(self, line: str | None = None):
-        """A context for one change; with `line`, no other change on that line runs meanwhile."""
+    def transaction(self, key: str | None = None, reading: bool = False):
+        """A context for one change; with `key`, no other change with that key runs meanwhile.
+        `reading`: it only looks, and saves nothing."""
 
     @abc.abstractmethod
     def claim(self, sid: str) -> str | None:
@@ -1106,7 +1108,7 @@ class JsonStore(Store):
             heapq.heappush(self.timers, (when, conv.id))
         OPEN.set(len(self.open_by_sender))
 
-    def transaction(self, line: str | None = None):
+    def transaction(self, key: str | None = None, reading: bool = False):
         return self.lock
 
     def claim(self, sid: str) -> str | None:
@@ -1372,7 +1374,7 @@ SCHEMA = {
             two_way boolean NOT NULL,
             held boolean NOT NULL,
             wake_at double precision,
-            doc jsonb NOT NULL
+            doc json NOT NULL
         )""",
         "CREATE INDEX relay_conversations_wake ON relay_conversations (wake_at) WHERE wake_at IS NOT NULL",
         "CREATE INDEX relay_conversations_sender ON relay_conversations (line, sender)",
@@ -1389,7 +1391,7 @@ SCHEMA = {
             at double precision NOT NULL
         )""",
         "CREATE INDEX relay_messages_at ON relay_messages (at)",
-        "CREATE TABLE relay_lines (line text PRIMARY KEY, last_code integer NOT NULL DEFAULT 0)",
+        f"CREATE SEQUENCE relay_codes MAXVALUE {MAX_CODE} CYCLE",
         "CREATE TABLE relay_cap_uses (key text NOT NULL, at double precision NOT NULL)",
         "CREATE INDEX relay_cap_uses_key ON relay_cap_uses (key, at)",
         "CREATE TABLE relay_marks (key text PRIMARY KEY, at double precision NOT NULL)",
@@ -1549,7 +1551,7 @@ class PgStore(Store):
         return self.failed
 
     @contextlib.contextmanager
-    def transaction(self, line: str | None = None):
+    def transaction(self, key: str | None = None, reading: bool = False):
         if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
             yield
             return
@@ -1558,14 +1560,11 @@ class PgStore(Store):
         conn = None
         try:
             conn = self._checkout()
-            self.local.conn, self.local.claimed = conn, []
-            with conn.transaction():
-                if line is not None:  # the line's row, locked: its texts are handled one at a time
-                    self._q(
-                        """INSERT INTO relay_lines (line) VALUES (%s)
-                           ON CONFLICT (line) DO UPDATE SET line = EXCLUDED.line""",
-                        (line,),
-                    )
+            self.local.conn, self.local.claimed, self.local.reading = conn, [], reading
+            # Only looking: each statement on its own, with no BEGIN, COMMIT or row lock to pay for.
+            with contextlib.nullcontext() if reading else conn.transaction():
+                if key is not None:
+                    self._q("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
                 yield
         except psycopg.Error as e:
             # Whatever the statement, nothing of the transaction is stored. A cut connection (a
@@ -1605,7 +1604,8 @@ class PgStore(Store):
             return self._q("SELECT 1 FROM relay_messages WHERE sid = %s", (sid,)).fetchone() is not None
 
     def get(self, conv_id: str) -> Conversation | None:
-        found = self._docs("SELECT doc FROM relay_conversations WHERE id = %s FOR UPDATE", (conv_id,))
+        hold = "" if self.local.reading else " FOR UPDATE"
+        found = self._docs(f"SELECT doc FROM relay_conversations WHERE id = %s{hold}", (conv_id,))
         return found[0] if found else None
 
     def live(self, line: str, sender: str, now: float) -> Conversation | None:
@@ -1638,11 +1638,13 @@ class PgStore(Store):
         return found[0] if found else None
 
     def new_code(self, line: str) -> str:
-        # The transaction holds the line's row: nobody else hands out a code on the line meanwhile.
-        (last,) = self._q("SELECT last_code FROM relay_lines WHERE line = %s", (line,)).fetchone()
-        code, number = next_code(Lookup(lambda code: self._open_code(line, code)), last)
-        self._q("UPDATE relay_lines SET last_code = %s WHERE line = %s", (number, line))
-        return code
+        # A sequence hands each number out once, to one transaction, without a lock: two relays never
+        # get the same one. Past 999,999 it starts again, skipping codes still open on the line.
+        for _ in range(MAX_CODE):
+            (number,) = self._q("SELECT nextval('relay_codes')").fetchone()
+            if not self._open_code(line, str(number)):
+                return str(number)
+        raise RuntimeError(f"all {MAX_CODE} reply codes are in use on this line")
 
     def _open_code(self, line: str, code: str) -> bool:
         found = self._q(
@@ -1652,13 +1654,12 @@ class PgStore(Store):
 
     def take(self, key: str, limit: int, now: float) -> bool:
         self._q("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
-        (used,) = self._q(
-            "SELECT count(*) FROM relay_cap_uses WHERE key = %s AND at > %s", (key, now - HOUR)
+        counted = self._q(
+            """INSERT INTO relay_cap_uses (key, at) SELECT %s, %s
+               WHERE (SELECT count(*) FROM relay_cap_uses WHERE key = %s AND at > %s) < %s RETURNING 1""",
+            (key, now, key, now - HOUR, limit),
         ).fetchone()
-        if used >= limit:
-            return False
-        self._q("INSERT INTO relay_cap_uses (key, at) VALUES (%s, %s)", (key, now))
-        return True
+        return counted is not None
 
     def once_every(self, key: str, seconds: float, now: float) -> bool:
         marked = self._q(
@@ -1716,7 +1717,7 @@ class PgStore(Store):
                 conv.two_way,
                 bool(held_pages(conv)),
                 wake_at,
-                Jsonb(conv.to_dict()),
+                Json(conv.to_dict()),
             ),
         )
         said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
@@ -1761,7 +1762,6 @@ class PgStore(Store):
                     ).fetchone()
                 )
                 if clash:  # an open code already taken here: the imported one gets a new code
-                    self._q("INSERT INTO relay_lines (line) VALUES (%s) ON CONFLICT DO NOTHING", (conv.line,))
                     conv.code = self.new_code(conv.line)
                 said = {m["sid"]: (m.get("answer"), m["at"]) for m in [*conv.messages, *conv.replies]}
                 for sid, (answer, at) in said.items():
@@ -1772,11 +1772,10 @@ class PgStore(Store):
                     )
                 self.save(conv)
                 added += 1
-                if conv.code.isdigit():
+                if conv.code.isdigit():  # new codes follow the imported ones
                     self._q(
-                        """INSERT INTO relay_lines (line, last_code) VALUES (%s, %s) ON CONFLICT (line)
-                           DO UPDATE SET last_code = GREATEST(relay_lines.last_code, EXCLUDED.last_code)""",
-                        (conv.line, int(conv.code)),
+                        "SELECT setval('relay_codes', greatest(last_value, %s)) FROM relay_codes",
+                        (min(int(conv.code), MAX_CODE),),
                     )
             for stray in strays:
                 self._q(
@@ -2081,7 +2080,6 @@ RETRY_AFTER_CAP = 300.0
 # About three hours of tries at the 60 s cap: a Twilio outage delays pages (the escalation timers run on
 # meanwhile) but does not drop them. Past that the page counts as failed and the chain moves on.
 MAX_ATTEMPTS = 200
-MAX_CODE = 999_999  # six digits: codes never run out while fewer conversations than this are open
 CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,6})\b")
 BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,6})[.!]?")
 # Carrier and Twilio keywords (opt-out, help, opt-in): never an acknowledgement.
@@ -2726,7 +2724,7 @@ class Relay:
         answer = MessagingResponse()
         if self.store.failure:
             raise BadRequest(503, "state_unwritable", self.store.failure)
-        with self.store.transaction(line.name):
+        with self.store.transaction(f"{line.name} {sender}"):
             previous = self.store.claim(sid)
             if previous is not None:
                 INBOUND.labels("duplicate").inc()
@@ -3017,7 +3015,7 @@ class Relay:
 
     def _send(self, conv_id: str, index: int) -> None:
         """One attempt at one page, its outcome stored before anything else."""
-        with self.store.transaction():
+        with self.store.transaction(reading=True):
             conv = self.store.get(conv_id)
             page = conv.pages[index] if conv and index < len(conv.pages) else None
             if page is None or page.state != "pending":

@@ -49,10 +49,21 @@ def main() -> int:
         parser.error("--scenario rolling and outage need --relays 2 (a database)")
 
     fake = FakeTwilio()
-    workdir = Path(tempfile.mkdtemp(prefix="relay-kill-"))
     cluster = Postgres().start() if args.relays > 1 else None
+    relays: list[RelayProcess] = []
+    try:
+        return run(args, fake, cluster, relays)
+    finally:  # whatever happened, nothing is left running
+        for relay in relays:
+            relay.stop()
+        fake.close()
+        if cluster:
+            cluster.close()
+
+
+def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="relay-kill-"))
     env = {"DATABASE_URL": cluster.new_database()} if cluster else {}
-    relays = []
     for n in range(args.relays):
         (workdir / str(n)).mkdir()
         caps = "outbound_hourly_cap = 100000"  # the run sends thousands; the caps are another test's matter
@@ -164,9 +175,6 @@ def main() -> int:
         result["recovered_after_s"] = round(recovered_s, 2)
     result["lost_senders"] = sorted(expected - set(backup))[:10]
     print(json.dumps(result))
-    fake.close()
-    if cluster:
-        cluster.close()
     return 0 if not (result["lost_primary"] or result["lost_backup"] or unreadable) else 1
 
 
