@@ -1793,16 +1793,15 @@ class PgStore(Store):
             if time.monotonic() - self.retained_at > self.RETENTION_EVERY:
                 self.retained_at = time.monotonic()
                 if self._q("SELECT pg_try_advisory_xact_lock(%s)", (TIDY_LOCK,)).fetchone()[0]:
-                    pruned = self._q(
-                        f"""DELETE FROM relay_conversations WHERE NOT ({OPEN_SQL}) AND NOT held
-                            AND wake_at IS NULL AND finished_at < %s""",
+                    # A conversation leaves with its texts; a text that joined none, by its own age.
+                    (pruned,) = self._q(
+                        f"""WITH gone AS (DELETE FROM relay_conversations WHERE NOT ({OPEN_SQL}) AND NOT held
+                                AND wake_at IS NULL AND finished_at < %s RETURNING id),
+                            texts AS (DELETE FROM relay_messages WHERE conversation IN (SELECT id FROM gone))
+                            SELECT count(*) FROM gone""",
                         (now - retention,),
-                    ).rowcount
-                    self._q(
-                        """DELETE FROM relay_messages m WHERE at < %s AND NOT EXISTS
-                           (SELECT 1 FROM relay_conversations c WHERE c.id = m.conversation)""",
-                        (now - retention,),
-                    )
+                    ).fetchone()
+                    self._q("DELETE FROM relay_messages WHERE conversation IS NULL AND at < %s", (now - retention,))
                     self._q("DELETE FROM relay_cap_uses WHERE at < %s", (now - HOUR,))
         return pruned
 

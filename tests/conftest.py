@@ -523,6 +523,8 @@ def pytest_generate_tests(metafunc):
 
 
 class RelayProcess:
+    started: list[RelayProcess] = []  # every one started, so none outlives its test (see stop_every_relay)
+
     def __init__(self, workdir: Path, fake: FakeTwilio | None, config: str, dry_run=False, env=None):
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -552,6 +554,7 @@ class RelayProcess:
         args = ["serve", "--dry-run"] if self.dry_run else ["serve"]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(*args), cwd=self.workdir, env=self.env, stdout=log, stderr=log)
+        RelayProcess.started.append(self)
         log.close()
         if wait:
             wait_until(self.healthy, timeout=15)
@@ -612,6 +615,14 @@ class RelayProcess:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@pytest.fixture(autouse=True)
+def stop_every_relay():
+    """Whatever a test started and did not stop is stopped when it ends, pass or fail."""
+    yield
+    while RelayProcess.started:
+        RelayProcess.started.pop().stop()
 
 
 @pytest.fixture

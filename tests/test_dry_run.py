@@ -88,6 +88,11 @@ def test_serve_warns_at_start_when_the_platform_discards_its_files(start_relay):
     assert any("DYNO is set" in w and "every restart" in w for w in warnings)
 
 
+def test_serve_says_nothing_of_lost_files_on_heroku_with_a_database(start_relay, database_url):
+    relay = start_relay(config_text(), dry_run=True, env={"DYNO": "web.1", "DATABASE_URL": database_url})
+    assert not [e for e in relay.logs() if e["event"] == "startup" and e["level"] == "warning"]
+
+
 def test_serve_says_nothing_of_lost_files_off_heroku(start_relay):
     relay = start_relay(config_text(), dry_run=True)
     assert not [e for e in relay.logs() if e["event"] == "startup" and e["level"] == "warning"]

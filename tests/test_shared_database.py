@@ -21,6 +21,8 @@ from conftest import (
     wait_until,
 )
 
+import relay
+
 
 @pytest.fixture
 def store_kind() -> str:
@@ -68,6 +70,36 @@ def test_reply_codes_stay_unique_while_texts_arrive_at_two_relays_at_once(two_re
         thread.join()
     wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 24)
     assert sorted(map(int, codes_paged(fake_twilio))) == list(range(1, 25))
+
+
+def test_two_texts_of_one_new_customer_at_two_relays_at_once_open_one_conversation(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    for attempt in range(5):  # five customers, each texting both relays at the same moment
+        sender = f"+1555400{attempt:04d}"
+        threads = [threading.Thread(target=r.inbound, args=(sender, f"from {r.port}")) for r in (a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert len(a.events("inbound_accepted") + b.events("inbound_accepted")) == 5
+    assert len(a.events("inbound_joined") + b.events("inbound_joined")) == 5
+
+
+def test_retention_deletes_finished_conversations_and_their_texts_from_the_database(database_url):
+    store = relay.PgStore(database_url)
+    store.open()
+    line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
+    now = store.clock()
+    for sid, finished in ((msid("old"), now - 8 * 86400), (msid("recent"), now - 3600)):
+        with store.transaction():
+            assert store.claim(sid) is None
+            conv = relay.start_conversation(line, relay.Config(lines=(line,)), sid, CUSTOMER, "hi", "1", finished)
+            conv.status, conv.finished_at, conv.pages[0].state = "unanswered", finished, "sent"
+            store.save(conv)
+    assert store.tidy(now, 7 * 86400) == 1
+    assert not store.knows(msid("old")) and store.knows(msid("recent"))
+    with store.transaction():
+        assert store.get(msid("old")) is None and store.get(msid("recent")) is not None
 
 
 def test_each_due_step_is_taken_by_exactly_one_relay(two_relays, fake_twilio):
