@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,6 +202,7 @@ def summarise(results: list, seconds: float) -> dict:
         "rps": round(ok / seconds, 1),
         "p50_ms": round(percentile(latencies, 50) * 1000, 2),
         "p99_ms": round(percentile(latencies, 99) * 1000, 2),
+        "not_ok": dict(Counter(str(r[3]) for r in results if r[3] != 200)),
     }
 
 
