@@ -34,6 +34,7 @@ import gc
 import hashlib
 import heapq
 import html
+import itertools
 import json
 import logging
 import math
@@ -55,7 +56,7 @@ import urllib.parse
 import urllib.request
 import zoneinfo
 from collections import deque
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -821,12 +822,12 @@ def append_durably(path: Path, data: bytes) -> None:
     _write_synced(path, data, os.O_APPEND)
 
 
-def read_json_lines(path: Path) -> tuple[list[dict], int]:
-    """The complete lines of a JSON-lines file, and how many complete lines could not be read.
+def json_lines(path: Path) -> Iterator[dict | None]:
+    """Each complete line of a JSON-lines file, decoded, or None for one that cannot be read.
 
-    A torn last line (a crash mid-append) is no damage: it was never acknowledged.
+    One at a time, so a large file is never all in memory at once. A torn last line (a crash
+    mid-append) is no damage: it was never acknowledged.
     """
-    records, damaged = [], 0
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
@@ -834,13 +835,13 @@ def read_json_lines(path: Path) -> tuple[list[dict], int]:
             try:
                 record = json.loads(raw)
             except ValueError:
-                damaged += 1
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-            else:
-                damaged += 1
-    return records, damaged
+                record = None
+            yield record if isinstance(record, dict) else None
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The readable lines of a (small) JSON-lines file."""
+    return [record for record in json_lines(path) if record is not None]
 
 
 def archived_sids(path: Path):
@@ -992,23 +993,27 @@ class JsonStore(Store):
         snapshot_path = self.dir / self.SNAPSHOT
         first_journal = 0
         if snapshot_path.exists():  # a header line, then one record a line
-            records, damaged = read_json_lines(snapshot_path)
-            if records and "generation" in records[0]:
-                first_journal = records.pop(0)["generation"]
-            else:
-                damaged += 1
+            records = json_lines(snapshot_path)
+            header = next(records, None)
+            if header is not None and "generation" in header:
+                first_journal, damaged = header["generation"], 0
+            else:  # no header: a damaged file, and the first line may be a record
+                records, damaged = itertools.chain([header] if header else [], records), 1
             self._read_records(snapshot_path, records, damaged, quarantine)
         self.generation = first_journal
         for gen, path in self._journals():
             self.generation = max(self.generation, gen)
             if gen >= first_journal:
-                self._read_records(path, *read_json_lines(path), quarantine)
+                self._read_records(path, json_lines(path), 0, quarantine)
         for path in sorted(self.dir.glob("archive-*.jsonl")) if archive else ():
             day = path.name[len("archive-") : -len(".jsonl")]
             self.archive_days[day] = array.array("q", sorted(hash(sid) for sid in archived_sids(path)))
 
-    def _read_records(self, path: Path, records: list[dict], damaged: int, quarantine: bool) -> None:
+    def _read_records(self, path: Path, records: Iterator[dict | None], damaged: int, quarantine: bool) -> None:
         for data in records:
+            if data is None:
+                damaged += 1
+                continue
             try:
                 if "stray" in data:
                     self.strays[data["stray"]["sid"]] = data["stray"]
@@ -3719,7 +3724,7 @@ def cmd_press(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ), dry_run=True)
     outbox = settings.state_dir / "outbox.jsonl"
-    calls = [r for r in read_json_lines(outbox)[0] if r.get("kind") == "call"] if outbox.exists() else []
+    calls = [r for r in read_json_lines(outbox) if r.get("kind") == "call"] if outbox.exists() else []
     call = next((r for r in reversed(calls) if args.call in (None, r["sid"])), None)
     if call is None:
         print(f"relay: no call {args.call or ''} in {outbox}; a dry-run call step writes one there", file=sys.stderr)
@@ -3903,8 +3908,7 @@ def cmd_import_state(args) -> int:
     source = read_store_while_running(directory)
     convs = list(source.conversations.values())
     for path in sorted(directory.glob("archive-*.jsonl")):
-        records, _ = read_json_lines(path)
-        convs.extend(Conversation.from_json(r["conversation"]) for r in records if "conversation" in r)
+        convs.extend(Conversation.from_json(r["conversation"]) for r in json_lines(path) if r and "conversation" in r)
     store = reachable_database(settings.database_url)
     added = store.import_state(convs, list(source.strays.values()))
     print(f"imported {added} of {len(convs)} conversation(s) and {len(source.strays)} other text(s) from {directory}")
