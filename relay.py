@@ -56,7 +56,7 @@ import urllib.parse
 import urllib.request
 import zoneinfo
 from collections import deque
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -784,13 +784,32 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _write_synced(path: Path, data: bytes, mode: int) -> None:
-    """Write and fsync; a write that fails is undone, so no half line is left for the next one to follow."""
+WRITE_CHUNK = 1024 * 1024
+
+
+def write_lines(fd: int, lines: Iterable[str]) -> None:
+    """Write lines as they come, a megabyte at a time: a fold of a flood is never all in memory at once."""
+    buffer = bytearray()
+    for line in lines:
+        buffer += line.encode()
+        buffer += b"\n"
+        if len(buffer) >= WRITE_CHUNK:
+            write_all(fd, buffer)
+            buffer.clear()
+    write_all(fd, buffer)
+
+
+def _write_synced(path: Path, data: bytes | Iterable[str], mode: int) -> None:
+    """Write (bytes, or lines) and fsync; a write that fails is undone, so no half line is left for the
+    next one to follow."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
     try:
         size = os.fstat(fd).st_size
         try:
-            write_all(fd, data)
+            if isinstance(data, bytes):
+                write_all(fd, data)
+            else:
+                write_lines(fd, data)
             os.fsync(fd)
         except OSError:
             _truncate_quietly(fd, size)
@@ -806,7 +825,7 @@ def _truncate_quietly(fd: int, size: int) -> None:
         pass  # what is past `size` is a torn line, and reading skips it
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | Iterable[str]) -> None:
     """Temp file, fsync, rename, fsync the directory: the file is the old one or the new, never half."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -818,7 +837,7 @@ def write_atomically(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def append_durably(path: Path, data: bytes) -> None:
+def append_durably(path: Path, data: bytes | Iterable[str]) -> None:
     _write_synced(path, data, os.O_APPEND)
 
 
@@ -1287,12 +1306,13 @@ class JsonStore(Store):
             for conv in self.conversations.values()
             if conv.is_settled(now)
         ]
-        by_day: dict[str, list[bytes]] = {}
-        for conv, day, sids in settled:
-            line = json.dumps({"sids": sids, "conversation": conv.to_dict()}, ensure_ascii=False)
-            by_day.setdefault(day, []).append((line + "\n").encode())
-        for day, lines in by_day.items():
-            append_durably(self.dir / f"archive-{day}.jsonl", b"".join(lines))
+        for day in sorted({day for _, day, _ in settled}):
+            lines = (
+                json.dumps({"sids": sids, "conversation": conv.to_dict()}, ensure_ascii=False)
+                for conv, settled_on, sids in settled
+                if settled_on == day
+            )
+            append_durably(self.dir / f"archive-{day}.jsonl", lines)
         # Only once the archive is on disk do the conversations leave the snapshot.
         hashes: dict[str, list[int]] = {}
         for conv, day, sids in settled:
@@ -1303,10 +1323,12 @@ class JsonStore(Store):
             self.written.pop(conv.id, None)
         for day, more in hashes.items():
             self.archive_days[day] = array.array("q", sorted([*self.archive_days.get(day, ()), *more]))
-        lines = [json.dumps({"generation": self.generation + 1})]
-        lines.extend(c.to_json() for c in self.conversations.values())
-        lines.extend(json.dumps({"stray": stray}, ensure_ascii=False) for stray in self.strays.values())
-        write_atomically(self.dir / self.SNAPSHOT, ("\n".join(lines) + "\n").encode())
+        lines = itertools.chain(
+            [json.dumps({"generation": self.generation + 1})],
+            (c.to_json() for c in self.conversations.values()),
+            (json.dumps({"stray": stray}, ensure_ascii=False) for stray in self.strays.values()),
+        )
+        write_atomically(self.dir / self.SNAPSHOT, lines)
         self.written = {cid: conv.written_mark() for cid, conv in self.conversations.items()}
         self.generation += 1
         for gen, path in self._journals():
