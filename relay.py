@@ -3114,15 +3114,14 @@ class Relay:
         started, now = time.thread_time(), self.clock()
         events, to_send, tickets, lag = [], [], [], 0.0
         with self.store.transaction():
-            with self.lock:
-                in_flight = {conv_id: set(pages) for conv_id, pages in self.in_flight.items()}
-            for conv in self.store.due(now, in_flight):
+            for conv in self.store.due(now, self.in_flight):
                 conv_id, deadline, changed = conv.id, conv.deadline, False
                 if event := expire(conv, now):
                     lag = max(lag, now - deadline)
                     events.append((conv, event))
                     changed = True
-                sending, claimed = in_flight.setdefault(conv_id, set()), set()
+                with self.lock:  # only this conversation's: a flood's outbox may hold thousands
+                    sending, claimed = set(self.in_flight.get(conv_id, ())), set()
                 for index, page in enumerate(conv.pages):
                     if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
                         continue
