@@ -1414,7 +1414,7 @@ SCHEMA = {
         "CREATE INDEX relay_conversations_wake ON relay_conversations (wake_at) WHERE wake_at IS NOT NULL",
         "CREATE INDEX relay_conversations_sender ON relay_conversations (line, sender)",
         "CREATE INDEX relay_conversations_code ON relay_conversations (line, code, created)",
-        # Codes are handed out under the line's row lock; this only makes a slip impossible to store.
+        # Codes come from the relay_codes sequence, skipping open ones; this makes a slip impossible to store.
         """CREATE UNIQUE INDEX relay_conversations_open_code ON relay_conversations (line, code)
             WHERE status IN ('open', 'held')""",
         "CREATE INDEX relay_conversations_held ON relay_conversations (created) WHERE held",
@@ -1426,6 +1426,7 @@ SCHEMA = {
             at double precision NOT NULL
         )""",
         "CREATE INDEX relay_messages_at ON relay_messages (at)",
+        "CREATE INDEX relay_messages_conversation ON relay_messages (conversation)",  # retention
         f"CREATE SEQUENCE relay_codes MAXVALUE {MAX_CODE} CYCLE",
         "CREATE TABLE relay_cap_uses (key text NOT NULL, at double precision NOT NULL)",
         "CREATE INDEX relay_cap_uses_key ON relay_cap_uses (key, at)",
@@ -1458,10 +1459,10 @@ def schema_version(conn) -> int:
 class PgStore(Store):
     """Conversations in PostgreSQL, shared by any number of relays; the database is the truth.
 
-    Nothing is cached between transactions: each change reads the rows it needs under a row lock
-    (a line's row while a text on it is handled, a conversation's row while it changes), due work
-    is claimed with SKIP LOCKED, and a page to send is claimed under a short lease, renewed while
-    the send is in flight, so another relay takes it up if this one dies.
+    Nothing is cached between transactions: each change reads the conversations it needs under row
+    locks (and a customer's texts are taken one at a time under an advisory lock on line and sender),
+    due work is claimed with SKIP LOCKED, and a page to send is claimed under a short lease, renewed
+    while the send is in flight, so another relay takes it up if this one dies.
     """
 
     LEASE = 1.2
@@ -1636,7 +1637,7 @@ class PgStore(Store):
         return answer or ""
 
     def knows(self, sid: str) -> bool:
-        with self.transaction():
+        with self.transaction(reading=True):
             return self._q("SELECT 1 FROM relay_messages WHERE sid = %s", (sid,)).fetchone() is not None
 
     def get(self, conv_id: str) -> Conversation | None:
@@ -1722,7 +1723,7 @@ class PgStore(Store):
         return self._docs("SELECT doc FROM relay_conversations WHERE held ORDER BY created FOR UPDATE SKIP LOCKED")
 
     def unfinished(self) -> list[Conversation]:
-        with self.transaction():
+        with self.transaction(reading=True):
             return self._docs(f"SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR held ORDER BY created")
 
     def open_count(self) -> int:
@@ -1779,7 +1780,7 @@ class PgStore(Store):
             )
 
     def last_catch_up(self) -> tuple[float, bool] | None:
-        with self.transaction():
+        with self.transaction(reading=True):
             row = self._q("SELECT key, at FROM relay_marks WHERE key LIKE 'catch_up:%%' ORDER BY at DESC").fetchone()
         return (row[1], row[0] == "catch_up:ok") if row else None
 
@@ -2722,7 +2723,7 @@ class Relay:
             return None
 
     def _save(self, conv: Conversation, changed: bool = True):
-        """(lock held, in a transaction)"""
+        """(in a transaction)"""
         return self.store.save(conv, self.in_flight.get(conv.id, frozenset()), changed)
 
     def _ids(self, conv: Conversation, **more) -> dict:
@@ -2884,7 +2885,7 @@ class Relay:
     # -- calls ---------------------------------------------------------------
 
     def _call_page(self, conv_id: str, index: int) -> tuple[Conversation | None, Page | None]:
-        """(lock held, in a transaction)"""
+        """(in a transaction)"""
         conv = self.store.get(conv_id)
         if conv is None or not 0 <= index < len(conv.pages) or conv.pages[index].kind != "call":
             return None, None
@@ -2943,7 +2944,7 @@ class Relay:
             self.wake.notify()
 
     def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
-        """A text was held by a cost cap: tell the operator once an hour, not once a text (lock held)."""
+        """A text was held by a cost cap: tell the operator once an hour, not once a text (in a transaction)."""
         HELD.labels(cap).inc()
         if not self.store.once_every(f"cap_told:{cap}", HOUR, now):
             return
@@ -3966,8 +3967,9 @@ def main(argv: list[str] | None = None) -> int:
         "press": cmd_press,
         "check": cmd_check,
         "setup": cmd_setup,
+        "import-state": cmd_import_state,
     }
-    handler = {**commands_by_name, "status": cmd_status, "import-state": cmd_import_state}[args.command]
+    handler = {**commands_by_name, "status": cmd_status}[args.command]
     try:
         return handler(args)
     except (ConfigError, StateLocked) as e:
