@@ -680,9 +680,11 @@ class Store(abc.ABC):
         """None when state can be written, else the reason; cheap, and writes nothing."""
 
     @abc.abstractmethod
-    def transaction(self, key: str | None = None, reading: bool = False):
+    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
         """A context for one change; with `key`, no other change with that key runs meanwhile.
-        `reading`: it only looks, and saves nothing."""
+        `reading`: it only looks, and saves nothing. `redone`: nobody is answered on the strength
+        of it, so if the store itself crashes and loses it, the work is simply done again (a
+        page sent twice at worst); the store need not wait for the disk before it returns."""
 
     @abc.abstractmethod
     def claim(self, sid: str) -> str | None:
@@ -1130,7 +1132,7 @@ class JsonStore(Store):
             heapq.heappush(self.timers, (when, conv.id))
         OPEN.set(len(self.open_by_sender))
 
-    def transaction(self, key: str | None = None, reading: bool = False):
+    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
         return self.lock
 
     def claim(self, sid: str) -> str | None:
@@ -1300,7 +1302,7 @@ class JsonStore(Store):
             self.journal.close()
             self.journal = None
         self.folded_at = time.monotonic()
-        now = time.time()
+        now = self.clock()
         settled = [
             (conv, time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at)), conv.sids())
             for conv in self.conversations.values()
@@ -1377,6 +1379,7 @@ def import_psycopg() -> None:
     """psycopg, imported only where a database is used: it costs 13 MB a relay on files never uses."""
     global psycopg, Json
     import psycopg
+    import psycopg.sql
     from psycopg.types.json import Json
 
 
@@ -1588,7 +1591,7 @@ class PgStore(Store):
         return self.failed
 
     @contextlib.contextmanager
-    def transaction(self, key: str | None = None, reading: bool = False):
+    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
         if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
             yield
             return
@@ -1598,11 +1601,17 @@ class PgStore(Store):
         try:
             conn = self._checkout()
             self.local.conn, self.local.claimed, self.local.reading = conn, [], reading
-            # Only looking: each statement on its own, with no BEGIN, COMMIT or row lock to pay for.
-            with contextlib.nullcontext() if reading else conn.transaction():
-                if key is not None:
-                    self._q("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+            if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
                 yield
+            else:
+                conn.execute(self._opening(key, redone))
+                try:
+                    yield
+                except BaseException:
+                    with contextlib.suppress(psycopg.Error):  # else the connection is closed at check-in
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
         except psycopg.Error as e:
             # Whatever the statement, nothing of the transaction is stored. A cut connection (a
             # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
@@ -1615,6 +1624,23 @@ class PgStore(Store):
             self.local.conn = None
             if conn is not None:
                 self._checkin(conn)
+
+    @staticmethod
+    def _opening(key: str | None, redone: bool) -> psycopg.sql.Composable:
+        """BEGIN, and what comes with it, in one round trip (each one costs the relay CPU, too).
+
+        A change that can be redone commits without waiting for its WAL record to reach the disk:
+        it is as visible to every relay at once, and outlives any relay's death; only a crash of
+        the database itself could lose it (its last 0.6 s or so). So a text waits for one fsync,
+        its webhook's, not for the sweep's and the send's queued before it.
+        """
+        sql = psycopg.sql
+        opening = [sql.SQL("BEGIN")]
+        if redone:
+            opening.append(sql.SQL("SET LOCAL synchronous_commit TO off"))
+        if key is not None:
+            opening.append(sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(sql.Literal(key)))
+        return sql.SQL("; ").join(opening)
 
     def _q(self, sql: str, params: tuple = ()):
         return self.local.conn.execute(sql, params)
@@ -1678,16 +1704,15 @@ class PgStore(Store):
         # A sequence hands each number out once, to one transaction, without a lock: two relays never
         # get the same one. Past 999,999 it starts again, skipping codes still open on the line.
         for _ in range(MAX_CODE):
-            (number,) = self._q("SELECT nextval('relay_codes')").fetchone()
-            if not self._open_code(line, str(number)):
-                return str(number)
+            free = self._q(
+                f"""SELECT code FROM (SELECT nextval('relay_codes')::text AS code) AS next
+                    WHERE NOT EXISTS (SELECT 1 FROM relay_conversations AS c
+                                      WHERE c.line = %s AND c.code = next.code AND {OPEN_SQL})""",
+                (line,),
+            ).fetchone()
+            if free:
+                return free[0]
         raise RuntimeError(f"all {MAX_CODE} reply codes are in use on this line")
-
-    def _open_code(self, line: str, code: str) -> bool:
-        found = self._q(
-            f"SELECT 1 FROM relay_conversations WHERE line = %s AND code = %s AND {OPEN_SQL}", (line, code)
-        ).fetchone()
-        return found is not None
 
     def take(self, key: str, limit: int, now: float) -> bool:
         self._q("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
@@ -1727,6 +1752,9 @@ class PgStore(Store):
             return self._docs(f"SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR held ORDER BY created")
 
     def open_count(self) -> int:
+        # Counted afresh: the sweep's count may be a poll old, and texts no longer wait for a sweep.
+        with contextlib.suppress(StoreFailure), self.transaction(reading=True):
+            (self.open_now,) = self._q(f"SELECT count(*) FROM relay_conversations WHERE {OPEN_SQL}").fetchone()
         return self.open_now
 
     # -- writing (in a transaction; the commit at its end is the durable point) -----
@@ -1737,12 +1765,20 @@ class PgStore(Store):
         if not changed:
             self._q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (wake_at, conv.id))
             return None
+        said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
+        texts = [sid for sid in self.local.claimed if sid in said]  # claimed in this transaction
+        self.local.claimed = [sid for sid in self.local.claimed if sid not in said]
+        upsert = """INSERT INTO relay_conversations
+            (id, line, sender, code, status, created, finished_at, two_way, held, wake_at, doc)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+            held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc"""
+        if texts:  # in the same statement, the texts it took are marked as its own, with their answers
+            upsert = f"""WITH saved AS ({upsert})
+                UPDATE relay_messages AS m SET conversation = %s, answer = t.answer
+                FROM unnest(%s::text[], %s::text[]) AS t (sid, answer) WHERE m.sid = t.sid"""
         self._q(
-            """INSERT INTO relay_conversations
-               (id, line, sender, code, status, created, finished_at, two_way, held, wake_at, doc)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-               ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
-               held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc""",
+            upsert,
             (
                 conv.id,
                 conv.line,
@@ -1755,14 +1791,9 @@ class PgStore(Store):
                 bool(held_pages(conv)),
                 wake_at,
                 Json(conv.to_dict()),
+                *((conv.id, texts, [said[sid] for sid in texts]) if texts else ()),
             ),
         )
-        said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
-        for sid in [sid for sid in self.local.claimed if sid in said]:
-            self._q(
-                "UPDATE relay_messages SET conversation = %s, answer = %s WHERE sid = %s", (conv.id, said[sid], sid)
-            )
-            self.local.claimed.remove(sid)
         return None
 
     def save_stray(self, sid: str, answer: str | None, now: float):
@@ -1824,7 +1855,7 @@ class PgStore(Store):
     def tidy(self, now: float, retention: int) -> int:
         """Keep the clock in step, and (one relay at a time) apply retention."""
         pruned = 0
-        with self.transaction():
+        with self.transaction(redone=True):
             if time.monotonic() - self.synced_at > self.CLOCK_SYNC_EVERY:
                 self._sync_clock(self.local.conn)
             if time.monotonic() - self.retained_at > self.RETENTION_EVERY:
@@ -2707,6 +2738,7 @@ class Relay:
         self.stopping = False
         self.senders = SendThreads()
         self.last_sweep = 0.0
+        self.sweep_at = math.inf  # when the sweep looks next (inf: it is looking now)
         self.leases_renewed = 0.0
         self.random = random.Random()
 
@@ -2760,57 +2792,60 @@ class Relay:
         answer = MessagingResponse()
         if self.store.failure:
             raise BadRequest(503, "state_unwritable", self.store.failure)
-        with self.store.transaction(f"{line.name} {sender}"):
-            previous = self.store.claim(sid)
-            if previous is not None:
-                INBOUND.labels("duplicate").inc()
-                log("info", "inbound_duplicate", message_sid=sid, line=line.name)
-                if previous:
-                    answer.message(previous)
-                return str(answer)
-            contact = line.contact(sender)
-            if contact is not None:
-                conv, event, fields = self._reply(line, contact, sid, body, now, answer)
-            elif (conv := self.store.live(line.name, sender, now)) is not None:
-                event, fields = "inbound_joined", self._ids(conv)
-                # A customer talking with a contact on a two-way line is never cut off by the sender cap.
-                if conv.status == HELD_STATUS:
-                    held = "sender cap"
-                elif conv.is_live_two_way(now) or self.store.take(
-                    sender_cap(line.name, sender), config.sender_hourly_cap, now
-                ):
-                    held = None
+        to_send: list = []
+        with self._sending_once_stored(to_send):
+            with self.store.transaction(f"{line.name} {sender}"):
+                previous = self.store.claim(sid)
+                if previous is not None:
+                    INBOUND.labels("duplicate").inc()
+                    log("info", "inbound_duplicate", message_sid=sid, line=line.name)
+                    if previous:
+                        answer.message(previous)
+                    return str(answer)
+                contact = line.contact(sender)
+                if contact is not None:
+                    conv, event, fields = self._reply(line, contact, sid, body, now, answer)
+                elif (conv := self.store.live(line.name, sender, now)) is not None:
+                    event, fields = "inbound_joined", self._ids(conv)
+                    # A customer talking with a contact on a two-way line is never cut off by the sender cap.
+                    if conv.status == HELD_STATUS:
+                        held = "sender cap"
+                    elif conv.is_live_two_way(now) or self.store.take(
+                        sender_cap(line.name, sender), config.sender_hourly_cap, now
+                    ):
+                        held = None
+                    else:
+                        held = "sender cap"
+                        self._cap_reached("sender", conv, now)
+                    join(conv, sid, body, now, held, media)
+                    if held:
+                        event = "inbound_held"
                 else:
-                    held = "sender cap"
-                    self._cap_reached("sender", conv, now)
-                join(conv, sid, body, now, held, media)
-                if held:
-                    event = "inbound_held"
-            else:
-                code = self.store.new_code(line.name)
-                conv = start_conversation(line, config, sid, sender, body, code, now, media, received_at)
-                event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
-                if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
-                    hold(conv, "sender cap", now)
-                    self._cap_reached("sender", conv, now)
-                    event = "inbound_held"
-                elif line.received_text:
-                    conv.messages[0]["answer"] = fit_sms(line.received_text.format(line=line.name, contact=""))
-                    answer.message(conv.messages[0]["answer"])
-                if conv.step:
-                    fields["skipped_off_duty"] = conv.step
-            said = answer.verbs[0].value if answer.verbs else None
-            confirm = said if received_at is not None and contact is not None else None
-            if conv is not None:
-                if confirm:
-                    conv.pages.append(Page(to=sender, body=confirm, kind="confirmation", retry_at=now))
-                    confirm = None
-                ticket = self._save(conv)
-            else:  # remembered all the same, so a retry of it is known and answered alike
-                ticket = self.store.save_stray(sid, said, now)
-        self.store.wait(ticket)
-        with self.lock:
-            self.wake.notify()
+                    code = self.store.new_code(line.name)
+                    conv = start_conversation(line, config, sid, sender, body, code, now, media, received_at)
+                    event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
+                    if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
+                        hold(conv, "sender cap", now)
+                        self._cap_reached("sender", conv, now)
+                        event = "inbound_held"
+                    elif line.received_text:
+                        conv.messages[0]["answer"] = fit_sms(line.received_text.format(line=line.name, contact=""))
+                        answer.message(conv.messages[0]["answer"])
+                    if conv.step:
+                        fields["skipped_off_duty"] = conv.step
+                said = answer.verbs[0].value if answer.verbs else None
+                confirm = said if received_at is not None and contact is not None else None
+                if conv is not None:
+                    if confirm:
+                        conv.pages.append(Page(to=sender, body=confirm, kind="confirmation", retry_at=now))
+                        confirm = None
+                    self._claim_pages(conv, now, to_send)  # sent at once, with no sweep between
+                    ticket = self._save(conv)
+                else:  # remembered all the same, so a retry of it is known and answered alike
+                    ticket = self.store.save_stray(sid, said, now)
+            self.store.wait(ticket)
+        if conv is not None:
+            self._wake_sweep(self._next_look(conv))
         if confirm:  # a caught-up reply that matched nothing: no conversation to carry the answer
             self.senders.submit(self._send_direct, line.number, sender, confirm)
         if received_at is not None:
@@ -2997,6 +3032,18 @@ class Relay:
         with self.lock:
             self.wake.notify()
 
+    def _next_look(self, conv: Conversation) -> float | None:
+        with self.lock:
+            return next_wakeup(conv, self.in_flight.get(conv.id, frozenset()))
+
+    def _wake_sweep(self, at: float | None) -> None:
+        """Have the sweep look again by `at`, if it would not anyway (a text's page is sent with no
+        sweep at all; on a shared database each needless pass is a transaction)."""
+        with self.lock:
+            if at is not None and at < self.sweep_at:
+                self.sweep_at = -math.inf  # a sweep under way looks again before it sleeps
+                self.wake.notify()
+
     # -- sending ---------------------------------------------------------------
 
     def callback_url(self, route: str, conv: Conversation, index: int, **more) -> str | None:
@@ -3037,7 +3084,7 @@ class Relay:
                 with self.lock:
                     self._done_sending(conv_id, index)
                 try:
-                    with self.store.transaction():
+                    with self.store.transaction(redone=True):
                         if (conv := self.store.get(conv_id)) and index < len(conv.pages):
                             page = conv.pages[index]
                             page.retry_at = self.clock() + retry_delay(
@@ -3077,7 +3124,7 @@ class Relay:
             outcome = e
         except Exception as e:  # a bug or an unexpected library error must not lose the page
             outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
-        with self.store.transaction():
+        with self.store.transaction(redone=True):
             with self.lock:
                 self._done_sending(conv_id, index)
             conv = self.store.get(conv_id)
@@ -3103,8 +3150,7 @@ class Relay:
             log(level, "send_failed", result=result, reason=outcome.reason, error_code=outcome.code, **ids)
             if event != "retry":
                 self._after_change(conv, event, reason=outcome.reason)
-        with self.lock:
-            self.wake.notify()
+        self._wake_sweep(self._next_look(conv))
 
     # -- the sweep -----------------------------------------------------------
 
@@ -3114,47 +3160,65 @@ class Relay:
             return None
         started, now = time.thread_time(), self.clock()
         events, to_send, tickets, lag = [], [], [], 0.0
-        with self.store.transaction():
-            for conv in self.store.due(now, self.in_flight):
-                conv_id, deadline, changed = conv.id, conv.deadline, False
-                if event := expire(conv, now):
-                    lag = max(lag, now - deadline)
-                    events.append((conv, event))
-                    changed = True
-                with self.lock:  # only this conversation's: a flood's outbox may hold thousands
-                    sending, claimed = set(self.in_flight.get(conv_id, ())), set()
-                for index, page in enumerate(conv.pages):
-                    if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
-                        continue
-                    if not page.counted and page.kind not in NEVER_HELD:
-                        if not self._outbound_take(page, now):
-                            hold_page(page, "outbound cap")
-                            self._cap_reached("outbound", conv, now)
-                            changed = True
-                            continue
-                        page.counted = changed = True
-                    if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
-                        page.lease, changed = now + self.store.LEASE, True
-                    sending.add(index)
-                    claimed.add(index)
-                    to_send.append((conv_id, index, page.to))
-                if claimed:
-                    with self.lock:
-                        self.in_flight.setdefault(conv_id, set()).update(claimed)
-                tickets.append(self.store.save(conv, sending, changed))
-            self.last_sweep = now
-            SWEEP_LAG.set(lag)
-            next_at = self.store.next_due()
-        try:
+        with self._sending_once_stored(to_send):
+            with self.store.transaction(redone=True):
+                for conv in self.store.due(now, self.in_flight):
+                    deadline, changed = conv.deadline, False
+                    if event := expire(conv, now):
+                        lag = max(lag, now - deadline)
+                        events.append((conv, event))
+                        changed = True
+                    changed |= self._claim_pages(conv, now, to_send)
+                    tickets.append(self._save(conv, changed))
+                self.last_sweep = now
+                SWEEP_LAG.set(lag)
+                next_at = self.store.next_due()
             for ticket in tickets:
                 self.store.wait(ticket)
-        except StoreFailure:
-            with self.lock:  # nothing is sent that is not stored; the healed store pages again
+        for conv, event in events:
+            self._after_change(conv, event, reason="wait ran out")
+        SWEEP_SECONDS.set(time.thread_time() - started)
+        return next_at
+
+    def _claim_pages(self, conv: Conversation, now: float, to_send: list) -> bool:
+        """Claim the conversation's pages due now for this relay to send (in a transaction).
+
+        Each is counted against the outbound cap (or held by it), leased where other relays could
+        take it, marked in flight, and added to `to_send`; returns whether the conversation changed.
+        """
+        changed, claimed = False, set()
+        with self.lock:  # only this conversation's: a flood's outbox may hold thousands
+            sending = set(self.in_flight.get(conv.id, ()))
+        for index, page in enumerate(conv.pages):
+            if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
+                continue
+            if not page.counted and page.kind not in NEVER_HELD:
+                if not self._outbound_take(page, now):
+                    hold_page(page, "outbound cap")
+                    self._cap_reached("outbound", conv, now)
+                    changed = True
+                    continue
+                page.counted = changed = True
+            if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
+                page.lease, changed = now + self.store.LEASE, True
+            claimed.add(index)
+            to_send.append((conv.id, index, page.to))
+        if claimed:
+            with self.lock:
+                self.in_flight.setdefault(conv.id, set()).update(claimed)
+        return changed
+
+    @contextlib.contextmanager
+    def _sending_once_stored(self, to_send: list):
+        """Queue the pages claimed into `to_send` once what claimed them is stored; if it is not,
+        none is sent and each stays pending in the store, for the sweep of a healed store."""
+        try:
+            yield
+        except BaseException:
+            with self.lock:
                 for conv_id, index, _ in to_send:
                     self._done_sending(conv_id, index)
             raise
-        for conv, event in events:
-            self._after_change(conv, event, reason="wait ran out")
         with self.lock:
             workers = []
             for conv_id, index, to in to_send:
@@ -3164,8 +3228,6 @@ class Relay:
                     workers.append(to)
         for to in workers:
             self.senders.submit(self._send_queued, to)
-        SWEEP_SECONDS.set(time.thread_time() - started)
-        return next_at
 
     def _outbound_take(self, page: Page, now: float) -> bool:
         if page.kind == "call":
@@ -3183,7 +3245,7 @@ class Relay:
         if not in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
             return
         self.leases_renewed = time.monotonic()
-        with self.store.transaction():
+        with self.store.transaction(redone=True):
             now = self.clock()
             for conv_id, indexes in in_flight.items():
                 if conv := self.store.get(conv_id):
@@ -3201,7 +3263,7 @@ class Relay:
     def release_held(self, now: float) -> None:
         """Release what the caps allow now, oldest first, and bundle the rest for the contact on duty."""
         tickets = []
-        with self.store.transaction():
+        with self.store.transaction(redone=True):
             still = []
             for conv in self.store.held():
                 changed = False
@@ -3453,6 +3515,8 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
     """Sleep until the next deadline or retry, or until new work wakes us; never a fixed tick."""
     next_housekeeping = 0.0
     while not stop.is_set():
+        with relay.lock:
+            relay.sweep_at = math.inf
         try:
             relay.renew_leases()
             next_at = relay.sweep()
@@ -3463,9 +3527,10 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
             log("error", "sweep_failed", error=repr(e))
             next_at = None
         with relay.lock:
-            timeout = HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock()
-            if timeout > 0:
-                relay.wake.wait(min(timeout, relay.store.POLL))
+            timeout = min(HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock(), relay.store.POLL)
+            if timeout > 0 and relay.sweep_at == math.inf:  # else it was asked to look again meanwhile
+                relay.sweep_at = relay.clock() + timeout
+                relay.wake.wait(timeout)
 
 
 # ---------------------------------------------------------------------------

@@ -6,6 +6,11 @@ more than once for the same conversation), and how late each backup page was
 against its deadline (measured from before the text was posted, so an upper
 bound). Everything runs on 127.0.0.1.
 
+On a database, duplicates are set against the sends in flight at the kills:
+right after each SIGKILL, the pages the database holds as claimed and not yet
+sent that the fake Twilio has already taken. Each is a page Twilio had whose
+"sent" was never stored, so another relay sends it again (at least once).
+
     python bench/kill_test.py [--kills 20] [--rate 40]          one relay, JSON files
     python bench/kill_test.py --relays 2 [--kills 20]           two relays on one PostgreSQL
     python bench/kill_test.py --relays 2 --scenario rolling     SIGTERM and restart each in turn
@@ -30,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import psycopg  # noqa: E402
 from conftest import BACKUP, SERGIO, FakeTwilio, Postgres, RelayProcess, config_text, wait_until  # noqa: E402
 
 SENDER = re.compile(r"from (\+1555[0-9]{7})")
@@ -69,6 +75,7 @@ def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
         caps = "outbound_hourly_cap = 100000"  # the run sends thousands; the caps are another test's matter
         config = config_text(primary_wait=f"{PRIMARY_WAIT:g}s", backup_wait="1h", extra_relay=caps)
         relays.append(RelayProcess(workdir / str(n), fake, config, env=env).start())
+    in_flight_at_kills = 0
     posted_at: dict[str, float] = {}  # sender -> when its text was posted (the deadline counts from after)
     accepted: list[str] = []
     refused = Counter()
@@ -102,6 +109,8 @@ def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
             time.sleep(args.uptime)
             victim = relays[n % len(relays)]
             victim.kill()
+            if cluster:
+                in_flight_at_kills += len(with_twilio_not_stored(env["DATABASE_URL"], fake))
             victim.start()
     elif args.scenario == "rolling":
         for n in range(args.kills * len(relays)):
@@ -166,6 +175,7 @@ def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
         "lost_backup": len(expected - set(backup)),
         "duplicate_primary_pages": sum(c - 1 for c in primary.values() if c > 1),
         "duplicate_backup_pages": sum(c - 1 for c in backup.values() if c > 1),
+        "sends_in_flight_at_kills": in_flight_at_kills if cluster and args.scenario == "kill" else None,
         "backup_late_p50_s": round(late[len(late) // 2], 3) if late else None,
         "backup_late_p99_s": round(late[int(len(late) * 0.99)], 3) if late else None,
         "backup_late_max_s": round(late[-1], 3) if late else None,
@@ -176,6 +186,17 @@ def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
     result["lost_senders"] = sorted(expected - set(backup))[:10]
     print(json.dumps(result))
     return 0 if not (result["lost_primary"] or result["lost_backup"] or unreadable) else 1
+
+
+def with_twilio_not_stored(database_url: str, fake: FakeTwilio) -> set[tuple[str, str]]:
+    """(recipient, customer) of the pages claimed and not stored as sent that Twilio has already taken."""
+    with psycopg.connect(database_url, autocommit=True) as db:
+        claimed = db.execute(
+            """SELECT p->>'to', p->>'body' FROM relay_conversations, json_array_elements(doc->'pages') AS p
+               WHERE p->>'state' = 'pending' AND (p->>'lease')::float8 > 0"""
+        ).fetchall()
+    taken = {(form["To"], form["Body"]) for form in fake.delivered()}
+    return {(to, SENDER.search(body)[1]) for to, body in claimed if (to, body) in taken and SENDER.search(body)}
 
 
 if __name__ == "__main__":

@@ -185,6 +185,32 @@ def test_webhooks_answer_503_while_the_database_is_down_and_carry_on_by_themselv
         cluster.close()
 
 
+def test_a_transaction_cut_half_way_stores_nothing_of_the_text_and_its_retry_is_relayed(
+    start_relay, fake_twilio, database_url
+):
+    relay_ = start_relay(config_text())
+    sid, answers = msid("cut"), []
+    with psycopg.connect(database_url, autocommit=True) as db:
+        # Held here, the webhook's transaction has claimed the MessageSid and drawn a code: it waits
+        # for the sender cap's lock, and its connection is cut while it waits.
+        cap_lock = (relay.sender_cap("QDN", CUSTOMER),)
+        db.execute("SELECT pg_advisory_lock(hashtext(%s))", cap_lock)
+        post = threading.Thread(target=lambda: answers.append(relay_.inbound(CUSTOMER, "cut", sid=sid)))
+        post.start()
+        waiting = "SELECT pid FROM pg_stat_activity WHERE application_name = 'relay' AND wait_event = 'advisory'"
+        (pid,) = wait_until(lambda: db.execute(waiting).fetchone())
+        db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        post.join(10)
+        assert answers[0][0] == 503
+        assert db.execute("SELECT count(*) FROM relay_messages").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM relay_conversations").fetchone() == (0,)
+        db.execute("SELECT pg_advisory_unlock(hashtext(%s))", cap_lock)
+    wait_until(lambda: relay_.get("/healthz")[0] == 200, timeout=5)
+    assert relay_.inbound(CUSTOMER, "cut", sid=sid)[0] == 200  # Twilio's fallback, or a retry
+    (page,) = wait_until(lambda: fake_twilio.delivered(SERGIO))
+    assert "cut" in page["Body"]
+
+
 def test_serve_says_in_one_line_that_the_database_is_unreachable_and_starts_once_it_is_there(tmp_path, fake_twilio):
     cluster = Postgres()
     url = f"postgresql://postgres@127.0.0.1:{cluster.port}/postgres"
