@@ -2688,17 +2688,43 @@ def give_memory_back() -> None:
 
 
 class SendThreads:
-    """A thread per send in flight: one recipient's stalled send never holds up another's page."""
+    """A thread per send in flight: one recipient's stalled send never holds up another's page.
+
+    The threads are started by a starter thread of their own. `Thread.start` waits until the new
+    thread runs, so a webhook that started one would hand it the interpreter lock, and the send's
+    own work, before its answer went out.
+    """
+
+    IDLE_SECONDS = 5.0  # the starter leaves after this long with nothing to start
 
     def __init__(self):
         self.active: set[threading.Thread] = set()
+        self.waiting: deque[tuple[Callable, tuple]] = deque()
         self.lock = threading.Lock()
+        self.ready = threading.Condition(self.lock)
+        self.starter: threading.Thread | None = None
 
     def submit(self, fn, *args) -> None:
-        thread = threading.Thread(target=self._run, args=(fn, args), name="send", daemon=True)
         with self.lock:
-            self.active.add(thread)
-        thread.start()
+            self.waiting.append((fn, args))
+            self.ready.notify()
+            if self.starter is not None:
+                return
+            self.starter = threading.Thread(target=self._start_waiting, name="send-starter", daemon=True)
+        self.starter.start()
+
+    def _start_waiting(self) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    self.ready.wait(self.IDLE_SECONDS)
+                if not self.waiting:
+                    self.starter = None
+                    return
+                fn, args = self.waiting.popleft()
+                thread = threading.Thread(target=self._run, args=(fn, args), name="send", daemon=True)
+                self.active.add(thread)
+                thread.start()  # under the lock: what shutdown finds in `active` can be joined
 
     def _run(self, fn, args) -> None:
         try:
@@ -2712,12 +2738,19 @@ class SendThreads:
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> int:
         """Wait for the sends in flight (up to `timeout`); returns how many were still going."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        while wait:
+            with self.lock:
+                threads, waiting = list(self.active), bool(self.waiting)
+            if not threads and not waiting:
+                break
+            for thread in threads:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if not threads:
+                time.sleep(0.01)  # the starter is starting what waits
+            if deadline is not None and time.monotonic() >= deadline:
+                break
         with self.lock:
-            threads = list(self.active)
-        for thread in threads if wait else ():
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        with self.lock:
-            return len(self.active)
+            return len(self.active) + len(self.waiting)
 
 
 class Relay:
