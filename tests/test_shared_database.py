@@ -152,6 +152,21 @@ def test_the_sender_cap_counts_across_relays(two_relays, fake_twilio):
     assert len(a.events("inbound_held") + b.events("inbound_held")) == 1
 
 
+def test_the_outbound_cap_holds_across_relays_under_concurrent_texts(two_relays, fake_twilio):
+    a, b = two_relays(config_text(extra_relay="outbound_hourly_cap = 5"))
+    threads = [
+        threading.Thread(target=(a, b)[n % 2].inbound, args=(f"+1555300{n:04d}", f"text {n}")) for n in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_until(lambda: len(a.events("inbound_accepted") + b.events("inbound_accepted")) == 20)
+    wait_until(lambda: len(codes_paged(fake_twilio)) >= 5)
+    time.sleep(1)  # a page over the cap would be on its way by now
+    assert len(codes_paged(fake_twilio)) == 5
+
+
 def test_deadlines_follow_the_database_clock_when_the_relays_clocks_disagree(start_relay, fake_twilio, tmp_path):
     env, offset = clock_shim(tmp_path, "time")
     offset.write_text(str(-1800))  # this relay's wall clock is half an hour behind the other's
