@@ -3332,6 +3332,9 @@ class Relay:
 
     def housekeeping(self) -> None:
         """Cheap checks done about once a second: config edits, held texts, tidying, healing."""
+        with self.lock:
+            if not self.in_flight:  # a dict keeps the table of its busiest moment, a flood's queue
+                self.in_flight = {}
         mtime = self._config_mtime()
         if mtime != self.config_mtime:
             self.config_mtime = mtime
