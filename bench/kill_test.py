@@ -22,6 +22,7 @@ database is a throwaway cluster started for the run.
 """
 
 import argparse
+import http.client
 import itertools
 import json
 import re
@@ -91,8 +92,8 @@ def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
             for relay in relays[n % len(relays) :] + relays[: n % len(relays)]:
                 try:
                     status = relay.inbound(sender, f"text {n}", sid=f"SM{0xC0FFEE:08x}{n:024x}")[0]
-                except OSError:
-                    status = "down"  # nobody answered: Twilio's fallback URL would take it
+                except (OSError, http.client.HTTPException):  # killed before or while answering
+                    status = "down"  # nobody answered in full: Twilio's fallback URL would take it
                 if status == 200:
                     break
             if status == 200:
