@@ -9,7 +9,7 @@ import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, make_relay, msid, sign
+from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, RunAtOnce, make_relay, msid, sign
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -137,6 +137,13 @@ def test_dry_run_still_checks_signatures_with_the_dry_run_token(tmp_path):
     params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
     assert signed_post(app, "/api/sms/inbound", params, token=TOKEN)[0] == 403
     assert signed_post(app, "/api/sms/inbound", params, token="dry-run")[0] == 200
+
+
+def test_a_texts_page_is_sent_from_its_own_webhook_with_no_sweep_pass(service):
+    service.senders = RunAtOnce()  # no sweeper runs here: only the webhook can have sent it
+    params = {"MessageSid": msid("direct"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 200
+    assert [to for _, to, _ in service.gateway.sent] == [SERGIO]
 
 
 def test_the_journal_is_written_and_synced_before_the_answer(service, monkeypatch):
