@@ -1130,7 +1130,6 @@ class JsonStore(Store):
         when = next_wakeup(conv, in_flight)
         if when is not None:
             heapq.heappush(self.timers, (when, conv.id))
-        OPEN.set(len(self.open_by_sender))
 
     def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
         return self.lock
@@ -1381,16 +1380,6 @@ def import_psycopg() -> None:
     import psycopg
     import psycopg.sql
     from psycopg.types.json import Json
-
-
-class Lookup:
-    """A container whose `in` asks a function: a set too large to fetch, asked one value at a time."""
-
-    def __init__(self, contains: Callable[[object], bool]):
-        self.contains = contains
-
-    def __contains__(self, value: object) -> bool:
-        return self.contains(value)
 
 
 class SchemaTooNew(Exception):
@@ -1738,11 +1727,7 @@ class PgStore(Store):
         )
 
     def next_due(self) -> float | None:
-        next_at, self.open_now = self._q(
-            f"""SELECT min(wake_at), count(*) FILTER (WHERE {OPEN_SQL}) FROM relay_conversations
-                WHERE wake_at IS NOT NULL OR {OPEN_SQL}"""
-        ).fetchone()
-        return next_at
+        return self._q("SELECT min(wake_at) FROM relay_conversations WHERE wake_at IS NOT NULL").fetchone()[0]
 
     def held(self) -> list[Conversation]:
         return self._docs("SELECT doc FROM relay_conversations WHERE held ORDER BY created FOR UPDATE SKIP LOCKED")
@@ -1752,7 +1737,7 @@ class PgStore(Store):
             return self._docs(f"SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR held ORDER BY created")
 
     def open_count(self) -> int:
-        # Counted afresh: the sweep's count may be a poll old, and texts no longer wait for a sweep.
+        # Counted afresh (other relays change it too); the last count stands while the database is away.
         with contextlib.suppress(StoreFailure), self.transaction(reading=True):
             (self.open_now,) = self._q(f"SELECT count(*) FROM relay_conversations WHERE {OPEN_SQL}").fetchone()
         return self.open_now
@@ -3522,6 +3507,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
     @app.get("/metrics")
     def metrics():
         bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
+        OPEN.set(relay.store.open_count())  # the store's count, which other relays' changes move too
         return prometheus_client.generate_latest(METRICS)
 
     @app.error(404)

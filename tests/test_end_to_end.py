@@ -136,6 +136,14 @@ def test_healthz_and_metrics_answer(start_relay, fake_twilio):
     assert wait_until(lambda: 'relay_sends_total{result="sent"} 1.0' in relay.get("/metrics")[1])
 
 
+def test_metrics_count_the_open_conversations(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    relay.inbound("+15551230002", "hi")
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2)
+    assert "relay_open_conversations 2.0" in relay.get("/metrics")[1]
+
+
 def test_status_lists_who_was_paged_when_and_the_next_escalation(start_relay, fake_twilio):
     relay = start_relay(config_text())
     relay.inbound(CUSTOMER, "hello")
