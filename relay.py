@@ -2975,8 +2975,7 @@ class Relay:
         log("info", "call_key", **self._ids(conv, to=contact.phone, digits=digits))
         if event:
             self._after_change(conv, event, reason=f"passed on by {contact.name}")
-        with self.lock:
-            self.wake.notify()
+        self._wake_sweep()
         return key_twiml(words + " Goodbye.")
 
     def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
@@ -2993,8 +2992,7 @@ class Relay:
         log("info", "call_status", **self._ids(conv, to=page.to, status=status, answered_by=answered_by or None))
         if event:
             self._after_change(conv, event, reason=f"call {answered_by or status}")
-        with self.lock:
-            self.wake.notify()
+        self._wake_sweep()
 
     def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
         """A text was held by a cost cap: tell the operator once an hour, not once a text (in a transaction)."""
@@ -3047,16 +3045,15 @@ class Relay:
         elif event == "unanswered":
             UNANSWERED.inc()
             log("error", "unanswered", **self._ids(conv, sender=conv.sender), **fields)
-        with self.lock:
-            self.wake.notify()
+        self._wake_sweep()
 
     def _next_look(self, conv: Conversation) -> float | None:
         with self.lock:
             return next_wakeup(conv, self.in_flight.get(conv.id, frozenset()))
 
-    def _wake_sweep(self, at: float | None) -> None:
-        """Have the sweep look again by `at`, if it would not anyway (a text's page is sent with no
-        sweep at all; on a shared database each needless pass is a transaction)."""
+    def _wake_sweep(self, at: float | None = -math.inf) -> None:
+        """Have the sweep look again by `at` (at once, by default), if it would not anyway (a text's
+        page is sent with no sweep at all; on a shared database each needless pass is a transaction)."""
         with self.lock:
             if at is not None and at < self.sweep_at:
                 self.sweep_at = -math.inf  # a sweep under way looks again before it sleeps
@@ -3111,8 +3108,7 @@ class Relay:
                             self._save(conv, changed=False)
                 except StoreFailure:
                     pass  # the healed store has the page pending, and the sweep takes it up
-                with self.lock:
-                    self.wake.notify()
+                self._wake_sweep()
 
     def _send(self, conv_id: str, index: int) -> None:
         """One attempt at one page, its outcome stored before anything else."""
@@ -3312,8 +3308,7 @@ class Relay:
         for ticket in tickets:
             self.store.wait(ticket)
         if tickets:
-            with self.lock:
-                self.wake.notify()
+            self._wake_sweep()
 
     def housekeeping(self) -> None:
         """Cheap checks done about once a second: config edits, held texts, tidying, healing."""
@@ -3346,8 +3341,7 @@ class Relay:
         except StoreFailure as e:
             log("error", "state_unwritable", reason=str(e))
             return
-        with self.lock:
-            self.wake.notify()
+        self._wake_sweep()
         log("warning", "state_writable_again", after=reason, open_conversations=self.store.open_count())
         self.tell_about_damage()
 
