@@ -962,7 +962,7 @@ class JsonStore(Store):
         self.dir = directory
         self.lock_fd: int | None = None
         self.journal: Journal | None = None
-        self.failed: str | None = None  # why the state could not be written, until it is reopened
+        self.failed: str | None = "state not open"  # why the state cannot be written, until it is (re)opened
         self.lock = threading.RLock()  # everything is memory: a change holds it from first read to save
         self.clock = steady_clock()
         self.caps = HourlyWindow()  # cost caps: what was sent this past hour, per cap
@@ -1248,12 +1248,13 @@ class JsonStore(Store):
 
     @property
     def failure(self) -> str | None:
+        # Read without the lock: a fold or a heal may be between journals, and a text or a health
+        # check that comes then waits for the lock (or finds `failed` set), never "no journal".
         if self.failed:
             return self.failed
-        if self.journal is None:
-            return "state not open"
-        if self.journal.failure:
-            return f"cannot write {self.journal.path.name}: {self.journal.failure.strerror}"
+        journal = self.journal
+        if journal is not None and journal.failure:
+            return f"cannot write {journal.path.name}: {journal.failure.strerror}"
         return None
 
     def needs_fold(self) -> bool:

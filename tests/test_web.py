@@ -1,15 +1,19 @@
 """The WSGI app in-process: health, and hostile or broken input thrown at every route."""
 
+import contextlib
 import dataclasses
+import inspect
 import io
 import json
 import shutil
+import sys
+import threading
 import time
 import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, RunAtOnce, make_relay, msid, sign
+from conftest import CUSTOMER, LINE, PUBLIC_URL, SERGIO, TOKEN, RunAtOnce, make_relay, msid, sign, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -204,6 +208,68 @@ def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
     assert msid("1") not in service.store.conversations
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
     assert service.store.conversations == {} and service.store.open_by_sender == {}
+
+
+@contextlib.contextmanager
+def fold_between_journals(service, monkeypatch):
+    """A fold in a thread of its own, held as it writes the snapshot: the old journal is closed then,
+    and the new one not yet opened. Yields the event that lets it finish."""
+    writing, finish = threading.Event(), threading.Event()
+    write = relay.write_atomically
+
+    def held_write(path, data):
+        if path.name == relay.JsonStore.SNAPSHOT:
+            writing.set()
+            finish.wait(10)
+        write(path, data)
+
+    def fold():
+        with service.lock:
+            service.store.fold()
+
+    monkeypatch.setattr(relay, "write_atomically", held_write)
+    folder = threading.Thread(target=fold)
+    folder.start()
+    try:
+        assert writing.wait(10)
+        yield finish
+    finally:
+        finish.set()
+        folder.join(10)
+
+
+def waiting_for_its_transaction(thread) -> bool:
+    """The thread's webhook is past its checks, at the line that opens its transaction."""
+    source, first = inspect.getsourcelines(relay.Relay.receive)
+    line = first + next(n for n, text in enumerate(source) if "self.store.transaction(" in text)
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code is relay.Relay.receive.__code__:
+            return frame.f_lineno == line
+        frame = frame.f_back
+    return False
+
+
+def test_a_health_check_during_a_fold_answers_200(service, monkeypatch):
+    app = relay.make_app(service)
+    service.last_sweep = service.clock()
+    with fold_between_journals(service, monkeypatch):
+        status, body = call(app, "GET", "/healthz")
+    assert status == 200, body
+
+
+def test_a_text_that_comes_during_a_fold_waits_for_it_and_is_answered_200(service, monkeypatch):
+    app = relay.make_app(service)
+    params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    answers = []
+    with fold_between_journals(service, monkeypatch) as finish:
+        webhook = threading.Thread(target=lambda: answers.append(signed_post(app, "/api/sms/inbound", params)))
+        webhook.start()
+        wait_until(lambda: answers or waiting_for_its_transaction(webhook))
+        finish.set()
+        webhook.join(10)
+    assert answers[0][0] == 200, answers
+    assert service.store.knows(msid("1"))
 
 
 # -- thousands of malformed requests ---------------------------------------
