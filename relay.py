@@ -2649,11 +2649,15 @@ class BadRequest(Exception):
 # arena only when every object in it has gone, and a few survivors pin most of them; glibc keeps an
 # arena per thread and raises its trim threshold as it goes. So the server runs its objects on
 # malloc, in two arenas, with fixed thresholds, and malloc_trim can then return every free page.
+# Nor does glibc keep a per-thread cache of freed chunks: a long-lived thread's cached chunks count
+# as in use, so they neither merge with their free neighbours nor let malloc_trim return their
+# pages (measured after a flood of 20,000 senders: 20 MB kept with the cache, 13 MB without).
 RETURNABLE_MEMORY = {
     "PYTHONMALLOC": "malloc",
     "MALLOC_ARENA_MAX": "2",
     "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024),
     "MALLOC_MMAP_THRESHOLD_": str(256 * 1024),
+    "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
 }
 
 

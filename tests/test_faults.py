@@ -351,6 +351,7 @@ def test_the_server_runs_on_an_allocator_that_can_give_a_flood_s_memory_back(sta
     environment = Path(f"/proc/{process.proc.pid}/environ").read_bytes().split(b"\0")
     assert b"PYTHONMALLOC=malloc" in environment
     assert b"MALLOC_ARENA_MAX=2" in environment
+    assert b"GLIBC_TUNABLES=glibc.malloc.tcache_count=0" in environment
 
 
 def test_a_password_in_the_public_url_is_never_logged(tmp_path, fake_twilio):
