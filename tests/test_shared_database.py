@@ -152,8 +152,14 @@ def test_the_sender_cap_counts_across_relays(two_relays, fake_twilio):
     assert len(a.events("inbound_held") + b.events("inbound_held")) == 1
 
 
-def test_the_outbound_cap_holds_across_relays_under_concurrent_texts(two_relays, fake_twilio):
+def test_the_outbound_cap_holds_across_relays_under_concurrent_texts(two_relays, fake_twilio, database_url):
     a, b = two_relays(config_text(extra_relay="outbound_hourly_cap = 5"))
+    with psycopg.connect(database_url, autocommit=True) as conn:  # each page counted takes 0.1 s: a race shows
+        conn.execute(
+            """CREATE FUNCTION slowly() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+               IF NEW.key LIKE 'outbound:%' THEN PERFORM pg_sleep(0.1); END IF; RETURN NEW; END $$"""
+        )
+        conn.execute("CREATE TRIGGER slowly BEFORE INSERT ON relay_cap_uses FOR EACH ROW EXECUTE FUNCTION slowly()")
     threads = [
         threading.Thread(target=(a, b)[n % 2].inbound, args=(f"+1555300{n:04d}", f"text {n}")) for n in range(20)
     ]
