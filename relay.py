@@ -1077,9 +1077,9 @@ class JsonStore(Store):
             self._heal()
 
     def _heal(self) -> None:
-        if self.journal:
-            self.journal.close(flush=False)
-            self.journal = None
+        journal, self.journal = self.journal, None  # taken out first: closed, it reads as failed
+        if journal:
+            journal.close(flush=False)
         self._forget()
         try:
             self._start()
@@ -1298,9 +1298,9 @@ class JsonStore(Store):
         return pruned
 
     def _fold(self) -> None:
-        if self.journal:
-            self.journal.close()
-            self.journal = None
+        journal, self.journal = self.journal, None  # taken out first: closed, it reads as failed
+        if journal:
+            journal.close()
         self.folded_at = time.monotonic()
         now = self.clock()
         settled = [

@@ -211,27 +211,28 @@ def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
 
 
 @contextlib.contextmanager
-def fold_between_journals(service, monkeypatch):
-    """A fold in a thread of its own, held as it writes the snapshot: the old journal is closed then,
-    and the new one not yet opened. Yields the event that lets it finish."""
-    writing, finish = threading.Event(), threading.Event()
-    write = relay.write_atomically
+def fold_between_journals(service, monkeypatch, moment):
+    """A fold in a thread of its own, held between journals: just after it closed the old one
+    (`moment` "closed"), or after it wrote the snapshot ("snapshot"). Yields the event that lets it finish."""
+    reached, finish = threading.Event(), threading.Event()
+    owner, name = (relay.Journal, "close") if moment == "closed" else (relay, "write_atomically")
+    original = getattr(owner, name)
 
-    def held_write(path, data):
-        if path.name == relay.JsonStore.SNAPSHOT:
-            writing.set()
+    def held(*args, **kwargs):
+        original(*args, **kwargs)
+        if moment == "closed" or args[0].name == relay.JsonStore.SNAPSHOT:
+            reached.set()
             finish.wait(10)
-        write(path, data)
 
     def fold():
         with service.lock:
             service.store.fold()
 
-    monkeypatch.setattr(relay, "write_atomically", held_write)
+    monkeypatch.setattr(owner, name, held)
     folder = threading.Thread(target=fold)
     folder.start()
     try:
-        assert writing.wait(10)
+        assert reached.wait(10)
         yield finish
     finally:
         finish.set()
@@ -250,19 +251,21 @@ def waiting_for_its_transaction(thread) -> bool:
     return False
 
 
-def test_a_health_check_during_a_fold_answers_200(service, monkeypatch):
+@pytest.mark.parametrize("moment", ["closed", "snapshot"])
+def test_a_health_check_during_a_fold_answers_200(service, monkeypatch, moment):
     app = relay.make_app(service)
     service.last_sweep = service.clock()
-    with fold_between_journals(service, monkeypatch):
+    with fold_between_journals(service, monkeypatch, moment):
         status, body = call(app, "GET", "/healthz")
     assert status == 200, body
 
 
-def test_a_text_that_comes_during_a_fold_waits_for_it_and_is_answered_200(service, monkeypatch):
+@pytest.mark.parametrize("moment", ["closed", "snapshot"])
+def test_a_text_that_comes_during_a_fold_waits_for_it_and_is_answered_200(service, monkeypatch, moment):
     app = relay.make_app(service)
     params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
     answers = []
-    with fold_between_journals(service, monkeypatch) as finish:
+    with fold_between_journals(service, monkeypatch, moment) as finish:
         webhook = threading.Thread(target=lambda: answers.append(signed_post(app, "/api/sms/inbound", params)))
         webhook.start()
         wait_until(lambda: answers or waiting_for_its_transaction(webhook))
