@@ -1077,15 +1077,20 @@ class JsonStore(Store):
             self._heal()
 
     def _heal(self) -> None:
-        journal, self.journal = self.journal, None  # taken out first: closed, it reads as failed
-        if journal:
-            journal.close(flush=False)
+        self._close_journal(flush=False)
         self._forget()
         try:
             self._start()
         except OSError as e:
             self.failed = f"cannot write {self.dir}: {e.strerror}"
             raise StoreFailure(self.failed) from None
+
+    def _close_journal(self, flush: bool) -> None:
+        """Take the journal out, then close it: closed and still in place, it would read as failed
+        to a text or health check that looks without the lock (see `failure`)."""
+        journal, self.journal = self.journal, None
+        if journal:
+            journal.close(flush=flush)
 
     def _journals(self) -> list[tuple[int, Path]]:
         found = []
@@ -1298,9 +1303,7 @@ class JsonStore(Store):
         return pruned
 
     def _fold(self) -> None:
-        journal, self.journal = self.journal, None  # taken out first: closed, it reads as failed
-        if journal:
-            journal.close()
+        self._close_journal(flush=True)
         self.folded_at = time.monotonic()
         now = self.clock()
         settled = [
