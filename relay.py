@@ -1390,6 +1390,8 @@ class SchemaTooNew(Exception):
     """The database holds a schema from a newer relay than this one."""
 
 
+OPEN_SQL = "status IN ('open', 'held')"
+
 # Each version's statements bring the schema from the version before it. Times are seconds since the
 # epoch on the database's clock (PgStore.clock), as the JSON store keeps them on the local one.
 SCHEMA = {
@@ -1428,11 +1430,68 @@ SCHEMA = {
         "CREATE INDEX relay_cap_uses_key ON relay_cap_uses (key, at)",
         "CREATE TABLE relay_marks (key text PRIMARY KEY, at double precision NOT NULL)",
     ],
+    2: [
+        # Each of these runs in the caller's transaction, in one round trip. Every statement in a
+        # volatile function sees what was committed before it began: after a lock, the last holder's work.
+        f"""CREATE FUNCTION relay_new_code(on_line text) RETURNS text LANGUAGE plpgsql AS $$
+            DECLARE
+                candidate text;
+            BEGIN
+                FOR i IN 1..{MAX_CODE} LOOP
+                    candidate := nextval('relay_codes')::text;
+                    IF NOT EXISTS (SELECT FROM relay_conversations
+                                   WHERE line = on_line AND code = candidate AND {OPEN_SQL}) THEN
+                        RETURN candidate;
+                    END IF;
+                END LOOP;
+                RAISE 'all {MAX_CODE} reply codes are in use on line %', on_line;
+            END $$""",
+        # A cap's uses in the past hour are counted beside them, so a take costs the same however many
+        # the hour holds (thousands, with caps lifted). Its rows are touched only under its lock, which
+        # a take waits for and a clean-up only tries: neither ever waits for the other.
+        "CREATE TABLE relay_caps (key text PRIMARY KEY, used bigint NOT NULL, last_at double precision NOT NULL)",
+        "CREATE INDEX relay_caps_last ON relay_caps (last_at)",
+        "INSERT INTO relay_caps SELECT key, count(*), max(at) FROM relay_cap_uses GROUP BY key",
+        f"""CREATE FUNCTION relay_take(cap text, cap_limit bigint, at_time double precision) RETURNS boolean
+            LANGUAGE plpgsql AS $$
+            DECLARE
+                expired bigint;
+                in_use bigint;
+            BEGIN
+                PERFORM pg_advisory_xact_lock(hashtext(cap));
+                DELETE FROM relay_cap_uses WHERE key = cap AND at <= at_time - {HOUR};
+                GET DIAGNOSTICS expired = ROW_COUNT;
+                UPDATE relay_caps SET used = used - expired WHERE key = cap RETURNING used INTO in_use;
+                IF coalesce(in_use, 0) >= cap_limit THEN
+                    RETURN false;
+                END IF;
+                INSERT INTO relay_cap_uses (key, at) VALUES (cap, at_time);
+                INSERT INTO relay_caps (key, used, last_at) VALUES (cap, 1, at_time) ON CONFLICT (key)
+                    DO UPDATE SET used = relay_caps.used + 1, last_at = greatest(relay_caps.last_at, at_time);
+                RETURN true;
+            END $$""",
+        # Caps with no use in the past hour (a sender's, long after their texts), a batch at a time.
+        """CREATE FUNCTION relay_forget_caps(cutoff double precision, batch integer) RETURNS integer
+            LANGUAGE plpgsql AS $$
+            DECLARE
+                cap text;
+                forgotten integer := 0;
+            BEGIN
+                FOR cap IN SELECT key FROM relay_caps WHERE last_at <= cutoff ORDER BY last_at LIMIT batch LOOP
+                    CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext(cap));  -- in use: next time
+                    DELETE FROM relay_caps WHERE key = cap AND last_at <= cutoff;
+                    IF FOUND THEN
+                        DELETE FROM relay_cap_uses WHERE key = cap;
+                        forgotten := forgotten + 1;
+                    END IF;
+                END LOOP;
+                RETURN forgotten;
+            END $$""",
+    ],
 }
 SCHEMA_VERSION = max(SCHEMA)
 SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through PgBouncer too)
 TIDY_LOCK = 7_301_002
-OPEN_SQL = "status IN ('open', 'held')"
 
 
 def database_dsn(url: str) -> str:
@@ -1468,6 +1527,7 @@ class PgStore(Store):
     CONNECTIONS = 8  # at most, per relay: Heroku's smallest Postgres allows 20 in all
     CLOCK_SYNC_EVERY = 10.0
     RETENTION_EVERY = 60.0
+    FORGET_CAPS = 500  # idle caps forgotten a minute, at most: each holds its lock to the commit
 
     def __init__(self, url: str):
         import_psycopg()
@@ -1594,6 +1654,7 @@ class PgStore(Store):
         try:
             conn = self._checkout()
             self.local.conn, self.local.claimed, self.local.reading = conn, [], reading
+            self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
             if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
                 yield
             else:
@@ -1614,7 +1675,7 @@ class PgStore(Store):
                 raise StoreFailure(self.failed) from None
             raise StoreFailure(f"database: {first_line(e)}") from None
         finally:
-            self.local.conn = None
+            self.local.conn = self.local.cursor = None
             if conn is not None:
                 self._checkin(conn)
 
@@ -1636,7 +1697,7 @@ class PgStore(Store):
         return sql.SQL("; ").join(opening)
 
     def _q(self, sql: str, params: tuple = ()):
-        return self.local.conn.execute(sql, params)
+        return self.local.cursor.execute(sql, params)
 
     def _docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
         return [Conversation.from_json(doc) for (doc,) in self._q(sql, params)]
@@ -1696,25 +1757,10 @@ class PgStore(Store):
     def new_code(self, line: str) -> str:
         # A sequence hands each number out once, to one transaction, without a lock: two relays never
         # get the same one. Past 999,999 it starts again, skipping codes still open on the line.
-        for _ in range(MAX_CODE):
-            free = self._q(
-                f"""SELECT code FROM (SELECT nextval('relay_codes')::text AS code) AS next
-                    WHERE NOT EXISTS (SELECT 1 FROM relay_conversations AS c
-                                      WHERE c.line = %s AND c.code = next.code AND {OPEN_SQL})""",
-                (line,),
-            ).fetchone()
-            if free:
-                return free[0]
-        raise RuntimeError(f"all {MAX_CODE} reply codes are in use on this line")
+        return self._q("SELECT relay_new_code(%s)", (line,)).fetchone()[0]
 
     def take(self, key: str, limit: int, now: float) -> bool:
-        self._q("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
-        counted = self._q(
-            """INSERT INTO relay_cap_uses (key, at) SELECT %s, %s
-               WHERE (SELECT count(*) FROM relay_cap_uses WHERE key = %s AND at > %s) < %s RETURNING 1""",
-            (key, now, key, now - HOUR, limit),
-        ).fetchone()
-        return counted is not None
+        return self._q("SELECT relay_take(%s, %s, %s)", (key, limit, now)).fetchone()[0]
 
     def once_every(self, key: str, seconds: float, now: float) -> bool:
         marked = self._q(
@@ -1859,7 +1905,7 @@ class PgStore(Store):
                         (now - retention,),
                     ).fetchone()
                     self._q("DELETE FROM relay_messages WHERE conversation IS NULL AND at < %s", (now - retention,))
-                    self._q("DELETE FROM relay_cap_uses WHERE at < %s", (now - HOUR,))
+                    self._q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_CAPS))
         return pruned
 
 

@@ -102,6 +102,35 @@ def test_retention_deletes_finished_conversations_and_their_texts_from_the_datab
         assert store.get(msid("old")) is None and store.get(msid("recent")) is not None
 
 
+def take(store: relay.PgStore, key: str, limit: int, at: float) -> bool:
+    with store.transaction():
+        return store.take(key, limit, at)
+
+
+def test_a_cap_counted_in_the_database_allows_again_as_its_uses_leave_the_hour(database_url):
+    store = relay.PgStore(database_url)
+    store.open()
+    start = store.clock()
+    assert [take(store, "outbound:texts", 2, start + s) for s in (0, 10, 20)] == [True, True, False]
+    assert not take(store, "outbound:texts", 2, start + 3599)
+    assert take(store, "outbound:texts", 2, start + 3600.5)  # the first use has left the hour
+    assert not take(store, "outbound:texts", 2, start + 3601)
+    assert take(store, "outbound:texts", 2, start + 3611)
+
+
+def test_a_cap_idle_for_an_hour_is_forgotten_and_counts_afresh(database_url):
+    store = relay.PgStore(database_url)
+    store.open()
+    start = store.clock()
+    assert take(store, "sender:QDN:+15551230001", 1, start) and take(store, "busy", 5, start + 3000)
+    store.tidy(start + 3600, 7 * 86400)  # its one use has just left the hour
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert [key for (key,) in conn.execute("SELECT key FROM relay_caps")] == ["busy"]
+        assert [key for (key,) in conn.execute("SELECT key FROM relay_cap_uses")] == ["busy"]
+    assert take(store, "sender:QDN:+15551230001", 1, start + 3602)
+    assert not take(store, "sender:QDN:+15551230001", 1, start + 3603)
+
+
 def test_each_due_step_is_taken_by_exactly_one_relay(two_relays, fake_twilio):
     a, b = two_relays(config_text(primary_wait="2s"))
     for n in range(6):
@@ -260,6 +289,28 @@ def test_a_database_with_a_newer_schema_is_refused_in_one_line(tmp_path, databas
     result = relay.run("serve", "--dry-run")
     assert result.returncode == 1
     assert "newer than this relay's" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_database_with_an_older_schema_is_upgraded_and_its_caps_count_on(tmp_path, fake_twilio, database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:  # as the first version of the relay left it
+        for statement in relay.SCHEMA[1]:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE relay_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO relay_schema VALUES (1)")
+        conn.execute("INSERT INTO relay_cap_uses (key, at) VALUES ('outbound:texts', extract(epoch FROM now()))")
+    upgraded = RelayProcess(tmp_path, fake_twilio, config_text(extra_relay="outbound_hourly_cap = 2"))
+    upgraded.env["DATABASE_URL"] = database_url
+    try:
+        upgraded.start()
+        assert [(e["from_version"], e["to_version"]) for e in upgraded.events("schema_upgraded")] == [
+            (1, relay.SCHEMA_VERSION)
+        ]
+        upgraded.inbound(CUSTOMER, "first")
+        upgraded.inbound("+15551230002", "second")  # the use the old schema counted leaves room for one
+        assert [e["cap"] for e in wait_until(lambda: upgraded.events("cap_reached"))] == ["outbound"]
+        wait_until(lambda: fake_twilio.delivered(SERGIO))
+    finally:
+        upgraded.stop()
 
 
 def test_import_state_copies_a_state_directory_and_a_second_run_changes_nothing(tmp_path, fake_twilio, database_url):
