@@ -732,6 +732,14 @@ class Store(abc.ABC):
         this relay is sending now. Returns a ticket for `wait`."""
 
     @abc.abstractmethod
+    def change(
+        self, conv_id: str, apply: Callable[[Conversation], bool], in_flight: Callable[[], Container[int]]
+    ) -> Conversation | None:
+        """A redone change of one conversation, a transaction of its own: `apply` changes it (False:
+        nothing to store), then `in_flight()` says which of its pages this relay is sending. Returns
+        it once durable. `apply` may run twice, each time on a fresh copy: it changes only the copy."""
+
+    @abc.abstractmethod
     def save_stray(self, sid: str, answer: str | None, now: float):
         """Remember a text that joined no conversation, with its answer. Returns a ticket."""
 
@@ -1242,6 +1250,15 @@ class JsonStore(Store):
         self.written[conv.id] = conv.written_mark()
         return ticket
 
+    def change(self, conv_id, apply, in_flight) -> Conversation | None:
+        with self.lock:
+            conv = self.get(conv_id)
+            if conv is None or not apply(conv):
+                return conv
+            ticket = self.save(conv, in_flight())
+        self.wait(ticket)
+        return conv
+
     def save_stray(self, sid: str, answer: str | None, now: float) -> tuple[Journal, int]:
         self.strays[sid] = stray = {"sid": sid, "answer": answer, "at": now}
         return self._append(json.dumps({"stray": stray}, ensure_ascii=False))
@@ -1573,7 +1590,7 @@ class PgStore(Store):
             self.dsn,
             autocommit=True,
             connect_timeout=self.CONNECT_SECONDS,
-            options=f"-c statement_timeout={self.STATEMENT_MS}",
+            options=f"-c statement_timeout={self.STATEMENT_MS} -c synchronous_commit=off",
             application_name="relay",
             keepalives=1,
             keepalives_idle=5,
@@ -1683,15 +1700,16 @@ class PgStore(Store):
     def _opening(key: str | None, redone: bool) -> psycopg.sql.Composable:
         """BEGIN, and what comes with it, in one round trip (each one costs the relay CPU, too).
 
-        A change that can be redone commits without waiting for its WAL record to reach the disk:
-        it is as visible to every relay at once, and outlives any relay's death; only a crash of
-        the database itself could lose it (its last 0.6 s or so). So a text waits for one fsync,
-        its webhook's, not for the sweep's and the send's queued before it.
+        A change that can be redone (the connection's default) commits without waiting for its WAL
+        record to reach the disk: it is as visible to every relay at once, and outlives any relay's
+        death; only a crash of the database itself could lose it (its last 0.6 s or so). So a text
+        waits for one fsync, its webhook's, not for the sweep's and the send's queued before it.
+        Any commit that waits writes all the log before it too.
         """
         sql = psycopg.sql
         opening = [sql.SQL("BEGIN")]
-        if redone:
-            opening.append(sql.SQL("SET LOCAL synchronous_commit TO off"))
+        if not redone:
+            opening.append(sql.SQL("SET LOCAL synchronous_commit TO on"))
         if key is not None:
             opening.append(sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(sql.Literal(key)))
         return sql.SQL("; ").join(opening)
@@ -1721,9 +1739,14 @@ class PgStore(Store):
             return self._q("SELECT 1 FROM relay_messages WHERE sid = %s", (sid,)).fetchone() is not None
 
     def get(self, conv_id: str) -> Conversation | None:
-        hold = "" if self.local.reading else " FOR UPDATE"
-        found = self._docs(f"SELECT doc FROM relay_conversations WHERE id = %s{hold}", (conv_id,))
-        return found[0] if found else None
+        if not self.local.reading:
+            found = self._docs("SELECT doc FROM relay_conversations WHERE id = %s FOR UPDATE", (conv_id,))
+            return found[0] if found else None
+        # Only looking: remembered with its row version, for a `change` that may follow.
+        row = self._q("SELECT doc, xmin::text FROM relay_conversations WHERE id = %s", (conv_id,)).fetchone()
+        conv = Conversation.from_json(row[0]) if row else None
+        self.local.seen = (conv_id, row[1], conv) if row else None
+        return conv
 
     def live(self, line: str, sender: str, now: float) -> Conversation | None:
         found = self._docs(
@@ -1796,15 +1819,14 @@ class PgStore(Store):
 
     def save(self, conv: Conversation, in_flight: Container[int] = frozenset(), changed: bool = True):
         # The wake-up counts the leases, not this relay's own sends: if it dies, another takes them up.
-        wake_at = next_wakeup(conv)
         if not changed:
-            self._q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (wake_at, conv.id))
+            self._q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (next_wakeup(conv), conv.id))
             return None
         said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
         texts = [sid for sid in self.local.claimed if sid in said]  # claimed in this transaction
         self.local.claimed = [sid for sid in self.local.claimed if sid not in said]
         upsert = """INSERT INTO relay_conversations
-            (id, line, sender, code, status, created, finished_at, two_way, held, wake_at, doc)
+            (id, line, sender, code, created, two_way, status, finished_at, held, wake_at, doc)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
             held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc"""
@@ -1819,17 +1841,41 @@ class PgStore(Store):
                 conv.line,
                 conv.sender,
                 conv.code,
-                conv.status,
                 conv.created,
-                conv.finished_at,
                 conv.two_way,
-                bool(held_pages(conv)),
-                wake_at,
-                Json(conv.to_dict()),
+                *self._changing(conv),
                 *((conv.id, texts, [said[sid] for sid in texts]) if texts else ()),
             ),
         )
         return None
+
+    @staticmethod
+    def _changing(conv: Conversation) -> tuple:
+        """The columns a save may change: status, finished_at, held, wake_at, doc."""
+        return conv.status, conv.finished_at, bool(held_pages(conv)), next_wakeup(conv), Json(conv.to_dict())
+
+    def change(self, conv_id, apply, in_flight) -> Conversation | None:
+        seen, self.local.seen = getattr(self.local, "seen", None), None
+        if seen and seen[0] == conv_id:
+            # Read just before (for a send): stored if nobody changed it since, in one statement
+            # that commits as it runs, without a lock held across a round trip.
+            _, version, conv = seen
+            if not apply(conv):
+                return conv
+            with self.transaction(reading=True):
+                stored = self._q(
+                    """UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s,
+                       doc = %s WHERE id = %s AND xmin = %s::xid RETURNING 1""",
+                    (*self._changing(conv), conv_id, version),
+                ).fetchone()
+            if stored:
+                return conv
+        with self.transaction(redone=True):
+            conv = self.get(conv_id)
+            if conv is None or not apply(conv):
+                return conv
+            self.save(conv)
+        return conv
 
     def save_stray(self, sid: str, answer: str | None, now: float):
         self._q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))
@@ -3192,12 +3238,15 @@ class Relay:
             outcome = e
         except Exception as e:  # a bug or an unexpected library error must not lose the page
             outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
-        with self.store.transaction(redone=True):
+        event = result = None
+
+        def record(conv: Conversation) -> bool:
+            nonlocal event, result
+            event = result = None
             with self.lock:
                 self._done_sending(conv_id, index)
-            conv = self.store.get(conv_id)
-            if conv is None or index >= len(conv.pages):  # the store was reloaded and has no such page
-                return
+            if index >= len(conv.pages):  # the store was reloaded and has no such page
+                return False
             page = conv.pages[index]
             page.attempts += 1
             page.lease = 0.0
@@ -3207,8 +3256,14 @@ class Relay:
             else:
                 record_sent(conv, index, outcome, self.clock())
                 event, result = None, "sent"
-            ticket = self._save(conv)
-        self.store.wait(ticket)
+            return True
+
+        conv = self.store.change(conv_id, record, lambda: self.in_flight.get(conv_id, frozenset()))
+        if conv is None or result is None:  # the store was reloaded and has no such page
+            with self.lock:
+                self._done_sending(conv_id, index)
+            return
+        page = conv.pages[index]
         SENDS.labels(result).inc()
         ids = self._ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
         if result == "sent":

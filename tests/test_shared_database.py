@@ -174,6 +174,20 @@ def test_a_slow_send_keeps_its_claim_so_the_other_relay_never_sends_it_too(two_r
     assert fake_twilio.attempts(SERGIO) == 1 and not b.events("relay_sent")
 
 
+def test_an_acknowledgement_made_while_its_page_is_with_twilio_outlasts_the_send_s_outcome(
+    two_relays, fake_twilio, database_url
+):
+    a, b = two_relays(config_text())
+    fake_twilio.faults.append(("hang", 2))  # Sergio's page takes 2 s to be taken
+    a.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    assert "Nobody else is paged" in b.inbound(SERGIO, "#1 on it")[1]
+    wait_until(lambda: a.events("relay_sent"), timeout=10)  # logged once the outcome is stored
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (doc,) = conn.execute("SELECT doc FROM relay_conversations").fetchone()
+    assert doc["status"] == "acknowledged" and doc["pages"][0]["state"] == "sent"
+
+
 def test_the_sender_cap_counts_across_relays(two_relays, fake_twilio):
     a, b = two_relays(config_text(extra_relay="sender_hourly_cap = 2"))
     for n in range(3):
