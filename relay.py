@@ -739,6 +739,11 @@ class Store(abc.ABC):
         nothing to store), then `in_flight()` says which of its pages this relay is sending. Returns
         it once durable. `apply` may run twice, each time on a fresh copy: it changes only the copy."""
 
+    def renew(self, in_flight: dict[str, set[int]], until: float) -> None:
+        """Where other relays could take them (LEASE set): hold this relay's claim on the pages it is
+        sending or has queued, conversation id -> page indexes, until `until`."""
+        raise NotImplementedError("only a store shared by relays has leases")
+
     @abc.abstractmethod
     def save_stray(self, sid: str, answer: str | None, now: float):
         """Remember a text that joined no conversation, with its answer. Returns a ticket."""
@@ -1876,6 +1881,23 @@ class PgStore(Store):
                 return conv
             self.save(conv)
         return conv
+
+    def renew(self, in_flight: dict[str, set[int]], until: float) -> None:
+        # Two statements however many pages are queued (a flood's, with the caps lifted). A
+        # conversation another change holds now is left for the next renewal: this one waits for none.
+        with self.transaction(redone=True):
+            convs = self._docs(
+                "SELECT doc FROM relay_conversations WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED", (list(in_flight),)
+            )
+            for conv in convs:
+                for index in in_flight[conv.id]:
+                    if index < len(conv.pages) and conv.pages[index].state == "pending":
+                        conv.pages[index].lease = until
+            self._q(
+                """UPDATE relay_conversations AS c SET wake_at = t.wake_at, doc = t.doc
+                   FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json) WHERE c.id = t.id""",
+                (Json([{"id": c.id, "wake_at": next_wakeup(c), "doc": c.to_dict()} for c in convs]),),
+            )
 
     def save_stray(self, sid: str, answer: str | None, now: float):
         self._q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))
@@ -3368,14 +3390,7 @@ class Relay:
         if not in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
             return
         self.leases_renewed = time.monotonic()
-        with self.store.transaction(redone=True):
-            now = self.clock()
-            for conv_id, indexes in in_flight.items():
-                if conv := self.store.get(conv_id):
-                    for index in indexes:
-                        if index < len(conv.pages) and conv.pages[index].state == "pending":
-                            conv.pages[index].lease = now + self.store.LEASE
-                    self.store.save(conv, indexes)
+        self.store.renew(in_flight, self.clock() + self.store.LEASE)
 
     @staticmethod
     def _call_status(conv: Conversation, call_sid: str) -> str | None:

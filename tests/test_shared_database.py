@@ -174,6 +174,15 @@ def test_a_slow_send_keeps_its_claim_so_the_other_relay_never_sends_it_too(two_r
     assert fake_twilio.attempts(SERGIO) == 1 and not b.events("relay_sent")
 
 
+def test_a_page_queued_behind_slow_sends_keeps_its_claim_so_the_other_relay_never_sends_it(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    fake_twilio.faults.extend([("hang", 3)] * relay.SENDS_PER_RECIPIENT)  # Sergio's sends all take 3 s
+    for n in range(relay.SENDS_PER_RECIPIENT + 1):  # so the last page waits its turn, 3 s, at relay a
+        a.inbound(f"+1555300{n:04d}", f"boat {n}")
+    wait_until(lambda: len(a.events("relay_sent")) == relay.SENDS_PER_RECIPIENT + 1, timeout=15)
+    assert fake_twilio.attempts(SERGIO) == relay.SENDS_PER_RECIPIENT + 1 and not b.events("relay_sent")
+
+
 def test_an_acknowledgement_made_while_its_page_is_with_twilio_outlasts_the_send_s_outcome(
     two_relays, fake_twilio, database_url
 ):
