@@ -703,8 +703,12 @@ class Store(abc.ABC):
         """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
 
     @abc.abstractmethod
-    def open_on(self, line: str) -> list[Conversation]:
-        """The line's open and held conversations."""
+    def open_on(self, line: str, code: str | None = None) -> list[Conversation]:
+        """The line's open and held conversations, oldest first (with `code`: the one holding it)."""
+
+    @abc.abstractmethod
+    def newest_paged(self, line: str, phone: str) -> Conversation | None:
+        """The line's newest open or held conversation paged to `phone` (see reached_phones)."""
 
     @abc.abstractmethod
     def talking(self, line: str, now: float) -> list[Conversation]:
@@ -1181,8 +1185,14 @@ class JsonStore(Store):
                 return conv
         return None
 
-    def open_on(self, line: str) -> list[Conversation]:
-        return [self.conversations[cid] for cid in self.open_codes.get(line, {}).values()]
+    def open_on(self, line: str, code: str | None = None) -> list[Conversation]:
+        codes = self.open_codes.get(line, {})
+        ids = codes.values() if code is None else [codes[code]] if code in codes else []
+        return sorted((self.conversations[cid] for cid in ids), key=lambda c: c.created)
+
+    def newest_paged(self, line: str, phone: str) -> Conversation | None:
+        open_ = (self.conversations[cid] for cid in self.open_codes.get(line, {}).values())
+        return max((c for c in open_ if phone in reached_phones(c)), key=lambda c: c.created, default=None)
 
     def talking(self, line: str, now: float) -> list[Conversation]:
         return [
@@ -1549,6 +1559,7 @@ class PgStore(Store):
     CONNECTIONS = 8  # at most, per relay: Heroku's smallest Postgres allows 20 in all
     CLOCK_SYNC_EVERY = 10.0
     RETENTION_EVERY = 60.0
+    NEWEST_BATCH = 20
     FORGET_CAPS = 500  # idle caps forgotten a minute, at most: each holds its lock to the commit
 
     def __init__(self, url: str):
@@ -1762,11 +1773,29 @@ class PgStore(Store):
         )
         return found[0] if found else None
 
-    def open_on(self, line: str) -> list[Conversation]:
+    def open_on(self, line: str, code: str | None = None) -> list[Conversation]:
+        which, params = ("", (line,)) if code is None else (" AND code = %s", (line, code))
         return self._docs(
-            f"SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL} ORDER BY created FOR UPDATE",
-            (line,),
+            f"SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL}{which} ORDER BY created FOR UPDATE",
+            params,
         )
+
+    def newest_paged(self, line: str, phone: str) -> Conversation | None:
+        # Looked for newest first, a few at a time and without locks; only the one found is held.
+        # A flood may have left thousands open, and a contact's reply reads and holds none of them.
+        for offset in itertools.count(0, self.NEWEST_BATCH):
+            batch = self._docs(
+                f"""SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL}
+                    ORDER BY created DESC, id LIMIT %s OFFSET %s""",
+                (line, self.NEWEST_BATCH, offset),
+            )
+            for conv in batch:
+                if phone in reached_phones(conv) and (held := self.get(conv.id)):
+                    if held.status in (OPEN_STATUS, HELD_STATUS) and phone in reached_phones(held):
+                        return held  # still as it was read, now held for this change
+            if len(batch) < self.NEWEST_BATCH:
+                return None
+        return None
 
     def talking(self, line: str, now: float) -> list[Conversation]:
         return self._docs(
@@ -2704,13 +2733,19 @@ def is_keyword(body: str) -> bool:
     return body.strip().strip(".!").upper() in KEYWORDS
 
 
-def named_code(body: str, open_codes: set[str]) -> str | None:
-    """The code a reply names: `#7 on it`, or a bare `7` (codes are numbers), or a bare word that is open."""
+def code_candidate(body: str) -> str | None:
+    """What a reply could name as a code: `#7` in it, or the whole reply one bare word (`7`, `ok`)."""
     if m := CODE_IN_TEXT.search(body):
         return m[1].upper()
     m = BARE_CODE.fullmatch(body.strip())
-    if m and (m[1].isdigit() or m[1].upper() in open_codes):
-        return m[1].upper()
+    return m[1].upper() if m else None
+
+
+def named_code(body: str, open_codes: set[str]) -> str | None:
+    """The code a reply names: `#7 on it`, or a bare `7` (codes are numbers), or a bare word that is open."""
+    candidate = code_candidate(body)
+    if candidate is None or CODE_IN_TEXT.search(body) or candidate.isdigit() or candidate in open_codes:
+        return candidate
     return None
 
 
@@ -3012,12 +3047,11 @@ class Relay:
         word = reply_word(body)
         if word == "list":
             mine = [c for c in self.store.open_on(line.name) if contact.phone in reached_phones(c)]
-            mine.sort(key=lambda c: c.created)
             answer.message(listing(f"{line.name}: {len(mine)} open for you", mine))
             return None, "reply_list", fields
         if word == "pass":
             talking = []  # only an open conversation can be passed on
-        conv, code = choose_acknowledged(self.store.open_on(line.name), contact.phone, body, talking)
+        conv, code = choose_acknowledged(self._open_for_reply(line, contact, body), contact.phone, body, talking)
         if conv is None:
             answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
@@ -3050,6 +3084,17 @@ class Relay:
         reply["answer"] = text
         answer.message(text)
         return conv, event, self._ids(conv, contact=contact.name)
+
+    def _open_for_reply(self, line: Line, contact: Contact, body: str) -> list[Conversation]:
+        """The open conversations a reply may be about: the one holding the code it names, else the
+        newest paged to its sender. Not all the line's open ones: a flood may have left thousands."""
+        candidate = code_candidate(body)
+        if candidate is not None:
+            holding = self.store.open_on(line.name, candidate)
+            if holding or named_code(body, set()) is not None:  # named as a code, open or not
+                return holding
+        newest = self.store.newest_paged(line.name, contact.phone)
+        return [newest] if newest else []
 
     @staticmethod
     def _next_paged(conv: Conversation) -> str:

@@ -197,6 +197,29 @@ def test_an_acknowledgement_made_while_its_page_is_with_twilio_outlasts_the_send
     assert doc["status"] == "acknowledged" and doc["pages"][0]["state"] == "sent"
 
 
+@pytest.fixture
+def an_older_conversation_held(start_relay, fake_twilio, database_url):
+    """A relay with two conversations paged to Sergio (#1, #2), and #1's row locked by another
+    transaction, as a change to it would hold it. A reply that read every open conversation of the
+    line under lock would wait for it (for the 5 s statement timeout, then 503)."""
+    relay_ = start_relay(config_text())
+    relay_.inbound(CUSTOMER, "first")
+    relay_.inbound("+15551230002", "second")
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SELECT 1 FROM relay_conversations WHERE code = '1' FOR UPDATE")
+        yield relay_
+        conn.rollback()
+
+
+@pytest.mark.parametrize("reply", ["#2 on it", "2", "on it"])
+def test_a_reply_waits_for_no_other_open_conversation(an_older_conversation_held, reply):
+    began = time.monotonic()
+    status, answer = an_older_conversation_held.inbound(SERGIO, reply)
+    assert status == 200 and "QDN #2 from +15551230002 is yours" in answer
+    assert time.monotonic() - began < 2
+
+
 def test_the_sender_cap_counts_across_relays(two_relays, fake_twilio):
     a, b = two_relays(config_text(extra_relay="sender_hourly_cap = 2"))
     for n in range(3):
