@@ -745,7 +745,7 @@ class Store(abc.ABC):
 
     def renew(self, in_flight: dict[str, set[int]], until: float) -> None:
         """Where other relays could take them (LEASE set): hold this relay's claim on the pages it is
-        sending or has queued, conversation id -> page indexes, until `until`."""
+        sending or has queued, conversation id -> page indexes, until `until` (0: give it up)."""
         raise NotImplementedError("only a store shared by relays has leases")
 
     @abc.abstractmethod
@@ -3426,6 +3426,22 @@ class Relay:
         limit = cap if page.kind in ("page", "notice") else max(1, int(cap * FOLLOWUP_SHARE))
         return self.store.take("outbound:texts", limit, now)
 
+    def hand_back(self) -> int:
+        """Stopping: give up the pages queued here and not yet started; returns how many. Where other
+        relays could send them, they are told at once (their claims cleared), not when claims lapse."""
+        given_up: dict[str, set[int]] = {}
+        with self.lock:
+            self.stopping = True
+            for queue in self.outbox.values():
+                while queue:
+                    conv_id, index = queue.popleft()
+                    self._done_sending(conv_id, index)
+                    given_up.setdefault(conv_id, set()).add(index)
+        if given_up and self.store.LEASE and not self.store.failure:
+            with contextlib.suppress(StoreFailure):
+                self.store.renew(given_up, 0.0)
+        return sum(map(len, given_up.values()))
+
     def renew_leases(self) -> None:
         """Where other relays could take them: keep this relay's claim on the pages it is sending."""
         if not self.store.LEASE or time.monotonic() - self.leases_renewed < self.store.LEASE / 3:
@@ -3833,6 +3849,7 @@ def describe(settings: Settings, config: Config) -> list[str]:
 IDLE_CONNECTION_SECONDS = 25  # closed by waitress's cleanup within IDLE + CLEANUP seconds: under 30
 CLEANUP_EVERY = 2
 DRAIN_SECONDS = 8.0  # SIGTERM: answer what was read and finish sends, then exit, well within 10 s
+DRAIN_RENEW_EVERY = 0.2
 
 
 def open_files_allowed() -> int:
@@ -3883,10 +3900,21 @@ def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:
     """After SIGTERM: answer what was read, let sends in flight finish (the rest stay pending), exit 0."""
     deadline = time.monotonic() + DRAIN_SECONDS
     sweeper.join(timeout=2)
+    handed_back = relay.hand_back()
     while requests_in_progress(server) and time.monotonic() < deadline:
         time.sleep(0.02)
-    unfinished = relay.senders.shutdown(wait=True, timeout=max(0.0, deadline - time.monotonic()))
-    log("info", "stopped", requests_unanswered=requests_in_progress(server), sends_handed_back=unfinished)
+    while True:  # the sends in flight keep their claims while they finish, so no other relay sends them too
+        left = deadline - time.monotonic()
+        unfinished = relay.senders.shutdown(wait=True, timeout=max(0.0, min(left, DRAIN_RENEW_EVERY)))
+        if not unfinished or left <= DRAIN_RENEW_EVERY:
+            break
+        relay.renew_leases()
+    log(
+        "info",
+        "stopped",
+        requests_unanswered=requests_in_progress(server),
+        sends_handed_back=handed_back + unfinished,
+    )
     os._exit(0)
 
 

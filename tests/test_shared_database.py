@@ -183,6 +183,32 @@ def test_a_page_queued_behind_slow_sends_keeps_its_claim_so_the_other_relay_neve
     assert fake_twilio.attempts(SERGIO) == relay.SENDS_PER_RECIPIENT + 1 and not b.events("relay_sent")
 
 
+def test_a_send_still_with_twilio_when_its_relay_is_stopped_keeps_its_claim(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    fake_twilio.faults.append(("hang", 3))  # longer than a claim lasts unrenewed
+    a.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    a.stop()  # SIGTERM: the send is finished, and its claim kept meanwhile
+    assert a.events("relay_sent") and fake_twilio.attempts(SERGIO) == 1
+    b.inbound("+15551230002", "barrier")  # pages to one contact go out in order
+    wait_until(lambda: b.events("relay_sent"))
+    assert fake_twilio.attempts(SERGIO) == 2 and len(b.events("relay_sent")) == 1
+
+
+def test_a_page_queued_when_its_relay_is_stopped_is_sent_by_the_other_at_once(two_relays, fake_twilio):
+    a, b = two_relays(config_text())
+    fake_twilio.faults.append(("hang", 3))
+    a.inbound(CUSTOMER, "first")
+    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
+    a.inbound("+15551230002", "second")  # its page waits at relay a behind the first, 3 s
+    stopped = time.monotonic()
+    threading.Thread(target=a.stop).start()  # SIGTERM: a hands the queued page back
+    wait_until(lambda: b.events("relay_sent"), timeout=10)
+    assert time.monotonic() - stopped < 0.7  # not a lapsed claim (0.8 to 1.45 s) taken up by the poll
+    wait_until(lambda: a.proc.poll() is not None)
+    assert fake_twilio.attempts(SERGIO) == 2 and [e["code"] for e in b.events("relay_sent")] == ["2"]
+
+
 def test_an_acknowledgement_made_while_its_page_is_with_twilio_outlasts_the_send_s_outcome(
     two_relays, fake_twilio, database_url
 ):
