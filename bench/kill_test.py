@@ -15,6 +15,7 @@ sent that the fake Twilio has already taken. Each is a page Twilio had whose
     python bench/kill_test.py --relays 2 [--kills 20]           two relays on one PostgreSQL
     python bench/kill_test.py --relays 2 --scenario rolling     SIGTERM and restart each in turn
     python bench/kill_test.py --relays 2 --scenario outage      PostgreSQL stopped for 10 s
+    python bench/kill_test.py ... --twilio-latency 1.5 --rate 2  a slow Twilio: sends in flight at each stop
 
 With --relays 2, texts go alternately to the two relays (to the other when
 one is down, as a router would), and the one killed alternates too; the
@@ -51,11 +52,13 @@ def main() -> int:
     parser.add_argument("--relays", type=int, default=1, help="2 or more: relays sharing one PostgreSQL")
     parser.add_argument("--scenario", choices=["kill", "rolling", "outage"], default="kill")
     parser.add_argument("--outage", type=float, default=10.0, help="seconds the database is down (outage)")
+    parser.add_argument("--twilio-latency", type=float, default=0.0, help="seconds the fake Twilio takes to answer")
     args = parser.parse_args()
     if args.scenario != "kill" and args.relays < 2:
         parser.error("--scenario rolling and outage need --relays 2 (a database)")
 
     fake = FakeTwilio()
+    fake.latency = args.twilio_latency
     cluster = Postgres().start() if args.relays > 1 else None
     relays: list[RelayProcess] = []
     try:
@@ -162,6 +165,7 @@ def run(args, fake: FakeTwilio, cluster, relays: list) -> int:
         "relays": args.relays,
         "store": "postgresql" if cluster else "json",
         "scenario": args.scenario,
+        "twilio_latency_s": args.twilio_latency,
         "kills" if args.scenario == "kill" else "restarts" if args.scenario == "rolling" else "outage_s": (
             args.kills
             if args.scenario == "kill"
