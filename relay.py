@@ -1795,7 +1795,6 @@ class PgStore(Store):
                         return held  # still as it was read, now held for this change
             if len(batch) < self.NEWEST_BATCH:
                 return None
-        return None
 
     def talking(self, line: str, now: float) -> list[Conversation]:
         return self._docs(
@@ -3849,7 +3848,7 @@ def describe(settings: Settings, config: Config) -> list[str]:
 IDLE_CONNECTION_SECONDS = 25  # closed by waitress's cleanup within IDLE + CLEANUP seconds: under 30
 CLEANUP_EVERY = 2
 DRAIN_SECONDS = 8.0  # SIGTERM: answer what was read and finish sends, then exit, well within 10 s
-DRAIN_RENEW_EVERY = 0.2
+DRAIN_RENEW_EVERY = 0.2  # how often the drain looks to renew claims (renew_leases keeps its own pace)
 
 
 def open_files_allowed() -> int:
