@@ -703,8 +703,12 @@ class Store(abc.ABC):
         """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
 
     @abc.abstractmethod
-    def open_on(self, line: str, code: str | None = None) -> list[Conversation]:
-        """The line's open and held conversations, oldest first (with `code`: the one holding it)."""
+    def open_on(self, line: str) -> list[Conversation]:
+        """The line's open and held conversations, oldest first, to look at only (none is held)."""
+
+    @abc.abstractmethod
+    def holding_code(self, line: str, code: str) -> Conversation | None:
+        """The line's open or held conversation with this code, held for this change."""
 
     @abc.abstractmethod
     def newest_paged(self, line: str, phone: str) -> Conversation | None:
@@ -1185,10 +1189,12 @@ class JsonStore(Store):
                 return conv
         return None
 
-    def open_on(self, line: str, code: str | None = None) -> list[Conversation]:
-        codes = self.open_codes.get(line, {})
-        ids = codes.values() if code is None else [codes[code]] if code in codes else []
+    def open_on(self, line: str) -> list[Conversation]:
+        ids = self.open_codes.get(line, {}).values()
         return sorted((self.conversations[cid] for cid in ids), key=lambda c: c.created)
+
+    def holding_code(self, line: str, code: str) -> Conversation | None:
+        return self.conversations.get(self.open_codes.get(line, {}).get(code, ""))
 
     def newest_paged(self, line: str, phone: str) -> Conversation | None:
         open_ = (self.conversations[cid] for cid in self.open_codes.get(line, {}).values())
@@ -1773,12 +1779,16 @@ class PgStore(Store):
         )
         return found[0] if found else None
 
-    def open_on(self, line: str, code: str | None = None) -> list[Conversation]:
-        which, params = ("", (line,)) if code is None else (" AND code = %s", (line, code))
+    def open_on(self, line: str) -> list[Conversation]:
         return self._docs(
-            f"SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL}{which} ORDER BY created FOR UPDATE",
-            params,
+            f"SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL} ORDER BY created", (line,)
         )
+
+    def holding_code(self, line: str, code: str) -> Conversation | None:
+        found = self._docs(
+            f"SELECT doc FROM relay_conversations WHERE line = %s AND code = %s AND {OPEN_SQL} FOR UPDATE", (line, code)
+        )
+        return found[0] if found else None
 
     def newest_paged(self, line: str, phone: str) -> Conversation | None:
         # Looked for newest first, a few at a time and without locks; only the one found is held.
@@ -3089,9 +3099,9 @@ class Relay:
         newest paged to its sender. Not all the line's open ones: a flood may have left thousands."""
         candidate = code_candidate(body)
         if candidate is not None:
-            holding = self.store.open_on(line.name, candidate)
+            holding = self.store.holding_code(line.name, candidate)
             if holding or named_code(body, set()) is not None:  # named as a code, open or not
-                return holding
+                return [holding] if holding else []
         newest = self.store.newest_paged(line.name, contact.phone)
         return [newest] if newest else []
 

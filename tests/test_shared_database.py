@@ -247,6 +247,13 @@ def test_a_reply_waits_for_no_other_open_conversation(an_older_conversation_held
     assert time.monotonic() - began < 2
 
 
+def test_a_list_reply_waits_for_no_open_conversation_it_lists(an_older_conversation_held):
+    began = time.monotonic()
+    status, answer = an_older_conversation_held.inbound(SERGIO, "list")
+    assert status == 200 and "2 open for you" in answer and "#1 " in answer and "#2 " in answer
+    assert time.monotonic() - began < 2
+
+
 def test_the_sender_cap_counts_across_relays(two_relays, fake_twilio):
     a, b = two_relays(config_text(extra_relay="sender_hourly_cap = 2"))
     for n in range(3):
