@@ -174,12 +174,22 @@ def test_a_slow_send_keeps_its_claim_so_the_other_relay_never_sends_it_too(two_r
     assert fake_twilio.attempts(SERGIO) == 1 and not b.events("relay_sent")
 
 
-def test_a_page_queued_behind_a_slow_send_keeps_its_claim_so_the_other_relay_never_sends_it(two_relays, fake_twilio):
+@pytest.fixture
+def queued_behind_a_slow_send(two_relays, fake_twilio):
+    """Relays a and b. At a, Sergio's first page is with Twilio for 2 s (longer than a claim lasts
+    unrenewed), and the second page waits behind it."""
     a, b = two_relays(config_text())
-    fake_twilio.faults.append(("hang", 2))  # longer than a claim lasts unrenewed
+    fake_twilio.faults.append(("hang", 2))
     a.inbound(CUSTOMER, "first")
     wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
-    a.inbound("+15551230002", "second")  # its page waits at relay a behind the first
+    a.inbound("+15551230002", "second")
+    return a, b
+
+
+def test_a_page_queued_behind_a_slow_send_keeps_its_claim_so_the_other_relay_never_sends_it(
+    queued_behind_a_slow_send, fake_twilio
+):
+    a, b = queued_behind_a_slow_send
     wait_until(lambda: len(a.events("relay_sent")) == 2, timeout=10)
     assert fake_twilio.attempts(SERGIO) == 2 and not b.events("relay_sent")
 
@@ -196,12 +206,8 @@ def test_a_send_still_with_twilio_when_its_relay_is_stopped_keeps_its_claim(two_
     assert fake_twilio.attempts(SERGIO) == 2 and len(b.events("relay_sent")) == 1
 
 
-def test_a_page_queued_when_its_relay_is_stopped_is_sent_by_the_other_at_once(two_relays, fake_twilio):
-    a, b = two_relays(config_text())
-    fake_twilio.faults.append(("hang", 2))
-    a.inbound(CUSTOMER, "first")
-    wait_until(lambda: fake_twilio.attempts(SERGIO) == 1)
-    a.inbound("+15551230002", "second")  # its page waits at relay a behind the first, 2 s
+def test_a_page_queued_when_its_relay_is_stopped_is_sent_by_the_other_at_once(queued_behind_a_slow_send, fake_twilio):
+    a, b = queued_behind_a_slow_send
     stopped = time.monotonic()
     threading.Thread(target=a.stop).start()  # SIGTERM: a hands the queued page back
     wait_until(lambda: b.events("relay_sent"), timeout=10)
