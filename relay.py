@@ -1189,16 +1189,18 @@ class JsonStore(Store):
                 return conv
         return None
 
+    def _open(self, line: str) -> Iterator[Conversation]:
+        return (self.conversations[cid] for cid in self.open_codes.get(line, {}).values())
+
     def open_on(self, line: str) -> list[Conversation]:
-        ids = self.open_codes.get(line, {}).values()
-        return sorted((self.conversations[cid] for cid in ids), key=lambda c: c.created)
+        return sorted(self._open(line), key=lambda c: c.created)
 
     def holding_code(self, line: str, code: str) -> Conversation | None:
         return self.conversations.get(self.open_codes.get(line, {}).get(code, ""))
 
     def newest_paged(self, line: str, phone: str) -> Conversation | None:
-        open_ = (self.conversations[cid] for cid in self.open_codes.get(line, {}).values())
-        return max((c for c in open_ if phone in reached_phones(c)), key=lambda c: c.created, default=None)
+        paged = (c for c in self._open(line) if phone in reached_phones(c))
+        return max(paged, key=lambda c: c.created, default=None)
 
     def talking(self, line: str, now: float) -> list[Conversation]:
         return [
