@@ -106,6 +106,15 @@ def test_reply_from_primary_stops_the_escalation(start_relay, fake_twilio):
     assert relay.events("acknowledged")[0]["contact"] == "Sergio"
 
 
+def test_a_reply_without_a_code_acknowledges_the_newest_conversation_paged_to_that_contact(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "need a ride")
+    relay.inbound(OTHER_CUSTOMER, "me too")
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == 2)
+    status, twiml = relay.inbound(SERGIO, "on it")
+    assert status == 200 and f"QDN #2 from {OTHER_CUSTOMER} is yours" in twiml
+
+
 def test_follow_up_from_customer_joins_the_open_conversation(start_relay, fake_twilio):
     relay = start_relay(config_text())
     relay.inbound(CUSTOMER, "first")
