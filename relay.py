@@ -2527,6 +2527,8 @@ def call_progress(conv: Conversation, index: int, status: str, answered_by: str,
     page = conv.pages[index]
     page.call_status = status or ("in-progress" if answered_by else page.call_status)  # a verdict means answered
     machine = answered_by.startswith("machine_") or answered_by == "fax"
+    if page.state == "pending":  # reported on before its REST answer was stored: Twilio placed it all the same
+        page.state = "sent"
     if page.state != "sent":
         return None  # already taken, passed or given up
     if machine or status in NOT_TAKEN_STATUSES or status == "completed":
@@ -2674,6 +2676,9 @@ def record_sent(conv: Conversation, index: int, sid: str | None, now: float) -> 
     """Twilio took the page. One taken meanwhile by somebody else gets its contact the "taken by" text,
     and a call placed meanwhile is ended."""
     page = conv.pages[index]
+    if page.state not in ("pending", "cancelled"):  # a report came first and moved it on: it stands
+        page.sid, page.sent_at = page.sid or sid, page.sent_at or now
+        return
     overtaken = page.state == "cancelled" and page.kind in STEP_KINDS and page.to != conv.acknowledged_phone
     page.state, page.sid, page.error, page.sent_at = "sent", sid, None, now
     if overtaken and conv.status == "acknowledged":

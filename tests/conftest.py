@@ -293,6 +293,7 @@ class FakeTwilio:
                     else:
                         sid = f"CA{len(fake.calls) + 1:032x}"
                         fake.calls.append({"sid": sid, "at": time.time(), **form})
+                time.sleep(fake.latency)
                 self._answer(201 if not form.get("Status") else 200, {"sid": sid, "status": "queued"})
 
             def _list_messages(self, query):

@@ -290,6 +290,21 @@ def test_an_unanswered_call_pages_the_backup_at_once(start_relay, fake_twilio):
     assert next(r["at"] for r in fake_twilio.requests if r["form"]["To"] == BACKUP) - reported < 1
 
 
+def test_a_call_reported_unanswered_before_its_rest_answer_still_pages_the_backup_at_once(start_relay, fake_twilio):
+    fake_twilio.latency = 1.5  # Twilio's answer to the REST request comes after its status callback
+    process = start_relay(call_config())
+    process.inbound(CUSTOMER, "anyone?")
+    status, _ = call_callbacks(fake_twilio)
+    reported = time.time()
+    sid = fake_twilio.calls[0]["sid"]
+    assert process.post_form("/" + status, {"CallSid": sid, "CallStatus": "no-answer"})[0] == 200
+    backup = wait_until(lambda: [r for r in fake_twilio.requests if r["form"]["To"] == BACKUP], timeout=5)
+    assert backup[0]["at"] - reported < 1
+    sent = wait_until(lambda: process.events("relay_sent"), timeout=5)  # the REST answer, stored after it
+    assert [e["kind"] for e in sent if e["to"] == SERGIO] == ["call"] and len(fake_twilio.calls) == 1
+    assert f"{SERGIO} call not_taken" in process.run("status").stdout  # the REST answer did not undo the report
+
+
 def test_voicemail_counts_as_unanswered_and_the_call_is_ended(start_relay, fake_twilio):
     process = start_relay(call_config())
     process.inbound(CUSTOMER, "anyone?")

@@ -121,6 +121,14 @@ def test_contacts_already_paged_are_told_who_took_it(clock):
     assert "taken by Backup" in notices[0].body
 
 
+def test_a_delivery_failure_reported_before_the_rest_answer_is_stored_stands(clock):
+    conv = new_conversation()
+    assert relay.record_status(conv, 0, "undelivered", "30003", time.time()) == "escalated"
+    relay.record_sent(conv, 0, msid("1"), time.time())  # Twilio's answer to the send, stored after its callback
+    assert conv.pages[0].state == "undelivered" and conv.pages[0].sid == msid("1")
+    assert conv.step == 1
+
+
 def test_nobody_is_told_when_the_only_contact_paged_takes_it(clock):
     conv = new_conversation()
     relay.record_sent(conv, 0, msid("1"), time.time())
