@@ -2522,13 +2522,13 @@ def ask(response: VoiceResponse, gather_url: str, *prompts: str) -> None:
 NOT_TAKEN_STATUSES = {"no-answer", "busy", "failed", "canceled"}
 
 
-def call_progress(conv: Conversation, index: int, status: str, answered_by: str, now: float) -> str | None:
+def call_progress(conv: Conversation, index: int, status: str, answered_by: str, sid: str, now: float) -> str | None:
     """Twilio's report on a call: one not taken (or taken by a machine) moves the chain on at once."""
     page = conv.pages[index]
     page.call_status = status or ("in-progress" if answered_by else page.call_status)  # a verdict means answered
     machine = answered_by.startswith("machine_") or answered_by == "fax"
     if page.state == "pending":  # reported on before its REST answer was stored: Twilio placed it all the same
-        page.state = "sent"
+        page.state, page.sid = "sent", sid
     if page.state != "sent":
         return None  # already taken, passed or given up
     if machine or status in NOT_TAKEN_STATUSES or status == "completed":
@@ -3163,13 +3163,13 @@ class Relay:
 
     def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
         """Twilio's progress report on a call (and its answering-machine verdict)."""
-        status, answered_by = params.get("CallStatus", ""), params.get("AnsweredBy", "")
+        status, answered_by, sid = params.get("CallStatus", ""), params.get("AnsweredBy", ""), params.get("CallSid", "")
         with self.store.transaction():
             conv, page = self._call_page(conv_id, index)
             if page is None:
                 log("warning", "call_status_unknown", conversation=conv_id, page=index, status=status)
                 return
-            event = call_progress(conv, index, status, answered_by, self.clock())
+            event = call_progress(conv, index, status, answered_by, sid, self.clock())
             ticket = self._save(conv)
         self.store.wait(ticket)
         log("info", "call_status", **self._ids(conv, to=page.to, status=status, answered_by=answered_by or None))

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.both_stores  # the shared behaviour suite: run on each 
 SERGIO_CALL = relay.Contact("Sergio", SERGIO, 120, via="call")
 SERGIO_BOTH = relay.Contact("Sergio", SERGIO, 120, via="sms+call")
 BACKUP_C = relay.Contact("Backup", BACKUP, 300)
+CALL_SID = "CA" + "1" * 32
 
 
 @pytest.fixture
@@ -56,47 +57,53 @@ def test_a_call_step_calls_and_an_sms_and_call_step_does_both(clock):
 @pytest.mark.parametrize("status", ["no-answer", "busy", "failed", "canceled", "completed"])
 def test_a_call_not_taken_moves_the_chain_on_at_once(clock, status):
     conv = start()
-    relay.record_sent(conv, 0, "CA" + "1" * 32, time.time())
-    assert relay.call_progress(conv, 0, status, "", time.time()) == "escalated"
+    relay.record_sent(conv, 0, CALL_SID, time.time())
+    assert relay.call_progress(conv, 0, status, "", CALL_SID, time.time()) == "escalated"
     assert kinds_to(conv, BACKUP) == ["page"] and conv.pages[0].state == "not_taken"
 
 
 @pytest.mark.parametrize("answered_by", ["machine_start", "machine_end_beep", "fax"])
 def test_a_call_answered_by_a_machine_moves_on_and_is_ended(clock, answered_by):
     conv = start()
-    relay.record_sent(conv, 0, "CA" + "1" * 32, time.time())
-    assert relay.call_progress(conv, 0, "in-progress", answered_by, time.time()) == "escalated"
-    assert [(p.kind, p.body) for p in conv.pages if p.kind == "end_call"] == [("end_call", "CA" + "1" * 32)]
+    relay.record_sent(conv, 0, CALL_SID, time.time())
+    assert relay.call_progress(conv, 0, "in-progress", answered_by, CALL_SID, time.time()) == "escalated"
+    assert [(p.kind, p.body) for p in conv.pages if p.kind == "end_call"] == [("end_call", CALL_SID)]
+
+
+def test_a_machine_verdict_reported_before_the_rest_answer_ends_the_call_it_names(clock):
+    conv = start()  # the call's page is still pending: Twilio's REST answer has not been stored
+    assert relay.call_progress(conv, 0, "in-progress", "machine_start", CALL_SID, time.time()) == "escalated"
+    assert [(p.kind, p.body) for p in conv.pages if p.kind == "end_call"] == [("end_call", CALL_SID)]
 
 
 def test_a_machine_verdict_on_a_call_already_over_ends_nothing(clock):
     conv = start()
-    relay.record_sent(conv, 0, "CA" + "1" * 32, time.time())
-    assert relay.call_progress(conv, 0, "completed", "machine_end_beep", time.time()) == "escalated"
+    relay.record_sent(conv, 0, CALL_SID, time.time())
+    assert relay.call_progress(conv, 0, "completed", "machine_end_beep", CALL_SID, time.time()) == "escalated"
     assert kinds_to(conv, SERGIO) == ["call"]
 
 
 def test_ringing_and_a_person_answering_do_not_move_the_chain(clock):
     conv = start()
-    relay.record_sent(conv, 0, "CA" + "1" * 32, time.time())
+    relay.record_sent(conv, 0, CALL_SID, time.time())
     for status, answered_by in (("ringing", ""), ("in-progress", "human"), ("in-progress", "unknown")):
-        assert relay.call_progress(conv, 0, status, answered_by, time.time()) is None
+        assert relay.call_progress(conv, 0, status, answered_by, CALL_SID, time.time()) is None
     assert conv.step == 0 and conv.pages[0].call_status == "in-progress"
 
 
 def test_on_an_sms_and_call_step_one_failed_channel_alone_does_not_move_on(clock):
     conv = start(SERGIO_BOTH)
     relay.record_sent(conv, 0, msid("sms"), time.time())
-    relay.record_sent(conv, 1, "CA" + "1" * 32, time.time())
-    assert relay.call_progress(conv, 1, "no-answer", "", time.time()) is None
+    relay.record_sent(conv, 1, CALL_SID, time.time())
+    assert relay.call_progress(conv, 1, "no-answer", "", CALL_SID, time.time()) is None
     assert relay.record_status(conv, 0, "undelivered", "30003", time.time()) == "escalated"
 
 
 def test_on_an_sms_and_call_step_a_failed_text_alone_does_not_move_on(clock):
     conv = start(SERGIO_BOTH)
-    relay.record_sent(conv, 1, "CA" + "1" * 32, time.time())
+    relay.record_sent(conv, 1, CALL_SID, time.time())
     assert relay.record_status(conv, 0, "failed", "30003", time.time()) is None
-    assert relay.call_progress(conv, 1, "busy", "", time.time()) == "escalated"
+    assert relay.call_progress(conv, 1, "busy", "", CALL_SID, time.time()) == "escalated"
 
 
 def test_pass_moves_on_only_for_the_contact_holding_the_step(clock):
@@ -201,7 +208,7 @@ class CallsHangUntilReleased:
     def call(self, from_, to, twiml, status_callback):
         self.calls.append(to)
         self.released.wait(10)
-        return "CA" + "1" * 32
+        return CALL_SID
 
 
 def test_a_call_still_in_flight_is_not_placed_again_when_its_text_went_first(tmp_path, clock):
@@ -228,7 +235,7 @@ def test_a_key_pressed_on_a_call_is_logged_with_the_key(tmp_path, clock, capsys)
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
     service.sweep()
     conv = next(iter(service.store.conversations.values()))
-    service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": "CA" + "1" * 32}, repeated=False)
+    service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
     logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["to"], e["digits"]) for e in logged if e["event"] == "call_key"] == [(SERGIO, "1")]
 
@@ -312,6 +319,16 @@ def test_voicemail_counts_as_unanswered_and_the_call_is_ended(start_relay, fake_
     sid = fake_twilio.calls[0]["sid"]
     process.post_form("/" + status, {"CallSid": sid, "AnsweredBy": "machine_end_beep", "CallStatus": "in-progress"})
     wait_until(lambda: fake_twilio.delivered(BACKUP), timeout=2)
+    assert wait_until(lambda: fake_twilio.call_updates)[0] == {"sid": sid, "Status": "completed"}
+
+
+def test_voicemail_reported_before_the_rest_answer_still_ends_the_call(start_relay, fake_twilio):
+    fake_twilio.latency = 1.5  # Twilio's answer to the REST request comes after its status callback
+    process = start_relay(call_config())
+    process.inbound(CUSTOMER, "anyone?")
+    status, _ = call_callbacks(fake_twilio)
+    sid = fake_twilio.calls[0]["sid"]
+    process.post_form("/" + status, {"CallSid": sid, "AnsweredBy": "machine_end_beep", "CallStatus": "in-progress"})
     assert wait_until(lambda: fake_twilio.call_updates)[0] == {"sid": sid, "Status": "completed"}
 
 
