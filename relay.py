@@ -749,8 +749,13 @@ class Store(abc.ABC):
 
     def renew(self, in_flight: dict[str, set[int]], until: float) -> None:
         """Where other relays could take them (LEASE set): hold this relay's claim on the pages it is
-        sending or has queued, conversation id -> page indexes, until `until` (0: give it up)."""
+        sending or has queued, conversation id -> page indexes, until `until` (0: give it up, and
+        wake the other relays' sweeps)."""
         raise NotImplementedError("only a store shared by relays has leases")
+
+    def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Until `stop`: call `wake` when another relay gives up pages for the others to send."""
+        return  # a store no other relay shares has nobody to hear from
 
     @abc.abstractmethod
     def save_stray(self, sid: str, answer: str | None, now: float):
@@ -1564,7 +1569,9 @@ class PgStore(Store):
     POLL = 0.25
     CONNECT_SECONDS = 3
     STATEMENT_MS = 5000
-    CONNECTIONS = 8  # at most, per relay: Heroku's smallest Postgres allows 20 in all
+    CONNECTIONS = 8  # at most, per relay, the listening one included: Heroku's smallest Postgres allows 20
+    LISTEN_RETRY = 1.0
+    CHANNEL = "relay_pages_given_up"
     CLOCK_SYNC_EVERY = 10.0
     RETENTION_EVERY = 60.0
     NEWEST_BATCH = 20
@@ -1583,7 +1590,7 @@ class PgStore(Store):
         # the sends each run their own, so none waits behind another's round trips.
         self.idle: list[psycopg.Connection] = []
         self.idle_lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(self.CONNECTIONS)
+        self.slots = threading.BoundedSemaphore(self.CONNECTIONS - 1)
         self.local = threading.local()  # this thread's transaction: its connection and the sids it claimed
         self.heal_lock = threading.Lock()
 
@@ -1938,6 +1945,24 @@ class PgStore(Store):
                    FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json) WHERE c.id = t.id""",
                 (Json([{"id": c.id, "wake_at": next_wakeup(c), "doc": c.to_dict()} for c in convs]),),
             )
+            if not until and convs:
+                self._q(f"NOTIFY {self.CHANNEL}")  # delivered at the commit, to every relay listening
+
+    def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        # The poll finds given-up pages too, within POLL: this only saves that wait. It needs a session
+        # of its own, which a pooler in transaction mode (PgBouncer's) does not keep; there nothing
+        # arrives, and the poll does it all. A database that is down is tried again, quietly: the
+        # transactions already report it.
+        while not stop.is_set():
+            try:
+                with self._connect() as conn:
+                    conn.execute(f"LISTEN {self.CHANNEL}")
+                    wake()  # what was given up while nobody here listened
+                    while not stop.is_set():
+                        for _ in conn.notifies(timeout=self.LISTEN_RETRY):
+                            wake()
+            except psycopg.Error:
+                stop.wait(self.LISTEN_RETRY)
 
     def save_stray(self, sid: str, answer: str | None, now: float):
         self._q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))
@@ -3036,7 +3061,7 @@ class Relay:
                     ticket = self.store.save_stray(sid, said, now)
             self.store.wait(ticket)
         if conv is not None:
-            self._wake_sweep(self._next_look(conv))
+            self.wake_sweep(self._next_look(conv))
         if confirm:  # a caught-up reply that matched nothing: no conversation to carry the answer
             self.senders.submit(self._send_direct, line.number, sender, confirm)
         if received_at is not None:
@@ -3158,7 +3183,7 @@ class Relay:
         log("info", "call_key", **self._ids(conv, to=contact.phone, digits=digits))
         if event:
             self._after_change(conv, event, reason=f"passed on by {contact.name}")
-        self._wake_sweep()
+        self.wake_sweep()
         return key_twiml(words + " Goodbye.")
 
     def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
@@ -3175,7 +3200,7 @@ class Relay:
         log("info", "call_status", **self._ids(conv, to=page.to, status=status, answered_by=answered_by or None))
         if event:
             self._after_change(conv, event, reason=f"call {answered_by or status}")
-        self._wake_sweep()
+        self.wake_sweep()
 
     def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
         """A text was held by a cost cap: tell the operator once an hour, not once a text (in a transaction)."""
@@ -3228,13 +3253,13 @@ class Relay:
         elif event == "unanswered":
             UNANSWERED.inc()
             log("error", "unanswered", **self._ids(conv, sender=conv.sender), **fields)
-        self._wake_sweep()
+        self.wake_sweep()
 
     def _next_look(self, conv: Conversation) -> float | None:
         with self.lock:
             return next_wakeup(conv, self.in_flight.get(conv.id, frozenset()))
 
-    def _wake_sweep(self, at: float | None = -math.inf) -> None:
+    def wake_sweep(self, at: float | None = -math.inf) -> None:
         """Have the sweep look again by `at` (at once, by default), if it would not anyway (a text's
         page is sent with no sweep at all; on a shared database each needless pass is a transaction)."""
         with self.lock:
@@ -3291,7 +3316,7 @@ class Relay:
                             self._save(conv, changed=False)
                 except StoreFailure:
                     pass  # the healed store has the page pending, and the sweep takes it up
-                self._wake_sweep()
+                self.wake_sweep()
 
     def _send(self, conv_id: str, index: int) -> None:
         """One attempt at one page, its outcome stored before anything else."""
@@ -3356,7 +3381,7 @@ class Relay:
             log(level, "send_failed", result=result, reason=outcome.reason, error_code=outcome.code, **ids)
             if event != "retry":
                 self._after_change(conv, event, reason=outcome.reason)
-        self._wake_sweep(self._next_look(conv))
+        self.wake_sweep(self._next_look(conv))
 
     # -- the sweep -----------------------------------------------------------
 
@@ -3509,7 +3534,7 @@ class Relay:
         for ticket in tickets:
             self.store.wait(ticket)
         if tickets:
-            self._wake_sweep()
+            self.wake_sweep()
 
     def housekeeping(self) -> None:
         """Cheap checks done about once a second: config edits, held texts, tidying, healing."""
@@ -3542,7 +3567,7 @@ class Relay:
         except StoreFailure as e:
             log("error", "state_unwritable", reason=str(e))
             return
-        self._wake_sweep()
+        self.wake_sweep()
         log("warning", "state_writable_again", after=reason, open_conversations=self.store.open_count())
         self.tell_about_damage()
 
@@ -3915,6 +3940,7 @@ def unread_bytes(sock: socket.socket) -> int:
 def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:
     """After SIGTERM: answer what was read, let sends in flight finish (the rest stay pending), exit 0."""
     deadline = time.monotonic() + DRAIN_SECONDS
+    relay.wake_sweep()  # from its sleep, to see the stop: the queued pages are handed back after it
     sweeper.join(timeout=2)
     handed_back = relay.hand_back()
     while requests_in_progress(server) and time.monotonic() < deadline:
@@ -3965,6 +3991,7 @@ def cmd_serve(args) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_gracefully)
     sweeper.start()
+    threading.Thread(target=store.listen, args=(relay.wake_sweep, stop), name="listener", daemon=True).start()
     if not settings.dry_run and config.catch_up:
         threading.Thread(target=run_catch_up, args=(relay, stop), name="catch-up", daemon=True).start()
     server.run()

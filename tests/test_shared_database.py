@@ -102,6 +102,29 @@ def test_retention_deletes_finished_conversations_and_their_texts_from_the_datab
         assert store.get(msid("old")) is None and store.get(msid("recent")) is not None
 
 
+def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
+    giver, listener = relay.PgStore(database_url), relay.PgStore(database_url)
+    giver.open()
+    listener.open()
+    line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
+    conv = relay.start_conversation(line, relay.Config(lines=(line,)), msid("q"), CUSTOMER, "hi", "1", giver.clock())
+    with giver.transaction():
+        giver.claim(msid("q"))
+        giver.save(conv, in_flight={0})
+    wakes, stop = [], threading.Event()
+    listening = threading.Thread(target=listener.listen, args=(lambda: wakes.append(time.monotonic()), stop))
+    listening.start()
+    try:
+        wait_until(lambda: wakes)  # one on connecting: what was given up while nobody listened
+        given_up = time.monotonic()
+        giver.renew({conv.id: {0}}, 0.0)
+        woken = wait_until(lambda: wakes[1:], timeout=5)
+        assert woken[0] - given_up < relay.PgStore.POLL  # sooner than the poll would have looked
+    finally:
+        stop.set()
+        listening.join()
+
+
 def take(store: relay.PgStore, key: str, limit: int, at: float) -> bool:
     with store.transaction():
         return store.take(key, limit, at)
