@@ -125,6 +125,14 @@ def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
         listening.join()
 
 
+def test_a_running_relay_listens_for_the_pages_other_relays_give_up(start_relay, database_url):
+    start_relay(config_text())
+    listening = """SELECT count(*) FROM pg_stat_activity
+                   WHERE datname = current_database() AND state = 'idle' AND query = %s"""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        wait_until(lambda: conn.execute(listening, (f"LISTEN {relay.PgStore.CHANNEL}",)).fetchone()[0] == 1)
+
+
 def take(store: relay.PgStore, key: str, limit: int, at: float) -> bool:
     with store.transaction():
         return store.take(key, limit, at)
