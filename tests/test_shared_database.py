@@ -112,14 +112,12 @@ def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
         giver.claim(msid("q"))
         giver.save(conv, in_flight={0})
     wakes, stop = [], threading.Event()
-    listening = threading.Thread(target=listener.listen, args=(lambda: wakes.append(time.monotonic()), stop))
+    listening = threading.Thread(target=listener.listen, args=(lambda: wakes.append("woken"), stop))
     listening.start()
     try:
         wait_until(lambda: wakes)  # one on connecting: what was given up while nobody listened
-        given_up = time.monotonic()
         giver.renew({conv.id: {0}}, 0.0)
-        woken = wait_until(lambda: wakes[1:], timeout=5)
-        assert woken[0] - given_up < relay.PgStore.POLL  # sooner than the poll would have looked
+        wait_until(lambda: len(wakes) == 2, timeout=5)  # the listener's only other wake: a notification
     finally:
         stop.set()
         listening.join()
