@@ -346,7 +346,8 @@ class FakeTwilio:
         self.server.daemon_threads = True
         self.server.handle_error = lambda request, address: None  # a client killed mid-request is expected here
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # shutdown() waits out one poll: the default half second, at every test's end, adds up
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def receive(self, sender: str, to: str, body: str, ago: float = 0.0, media: int = 0, direction="inbound") -> str:
         """A text Twilio got `ago` seconds back (whether or not any webhook was called); returns its sid."""
