@@ -231,10 +231,12 @@ def main() -> int:
         earlier = {"commit": args.at, "count": args.count, "seed": args.seed} | json.loads(args.again.read_text())
         mutants = survivors_again(earlier, text)
     else:
-        mutants = sample(find_mutants(text), args.count, args.seed)
-    if args.lines:
+        mutants = find_mutants(text)
+    if args.lines:  # before the sample, so that it is drawn from those lines
         low, _, high = args.lines.partition("-")
         mutants = [m for m in mutants if int(low) <= m.line <= int(high or low)]
+    if not args.again:
+        mutants = sample(mutants, args.count, args.seed)
     if args.list:
         for mutant in mutants:
             print(f"relay.py:{mutant.line}: {mutant.description}")

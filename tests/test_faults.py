@@ -1,6 +1,7 @@
 """Under faults, end to end: each promise of the contract's "Under faults" tried against the real process."""
 
 import http.client
+import math
 import resource
 import signal
 import socket
@@ -9,6 +10,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import (
@@ -22,10 +24,13 @@ from conftest import (
     RelayProcess,
     clock_shim,
     config_text,
+    make_relay,
     msid,
     sign,
     wait_until,
 )
+
+from relay import drain_and_exit, run_sweeper
 
 # -- 1. caps defer; a flood cannot starve a new customer --------------------------------------------
 
@@ -331,6 +336,24 @@ def test_sigterm_answers_every_request_already_sent_and_exits_0(start_relay):
     assert relay.proc.wait(timeout=10) == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", relay.port), timeout=1)
+
+
+def test_the_drain_wakes_the_sweeper_instead_of_waiting_out_its_sleep(tmp_path, monkeypatch):
+    # The sweeper hands nothing back while it sleeps, so the drain's hand-back waits for it: however
+    # long it would sleep (an hour here), the drain's wake ends it before the drain gives up on it.
+    monkeypatch.setattr("relay.HOUSEKEEPING_EVERY", 3600.0)
+    service = make_relay(tmp_path / "state")
+    monkeypatch.setattr(service.store, "POLL", 3600.0)
+    stop = threading.Event()
+    sweeper = threading.Thread(target=run_sweeper, args=(service, stop), daemon=True)
+    sweeper.start()
+    wait_until(lambda: service.sweep_at != math.inf)  # asleep
+    exits = []
+    monkeypatch.setattr("relay.os._exit", exits.append)
+    stop.set()
+    drain_and_exit(SimpleNamespace(_map={}), service, sweeper)  # a server with no request left
+    assert exits == [0]
+    assert not sweeper.is_alive()
 
 
 # -- 10. bounded cost: the logs ---------------------------------------------------------------------
