@@ -102,6 +102,24 @@ def test_retention_deletes_finished_conversations_and_their_texts_from_the_datab
         assert store.get(msid("old")) is None and store.get(msid("recent")) is not None
 
 
+def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_newer_ones(database_url):
+    # The newest open conversations are read a batch at a time: a full batch with none paged to the
+    # contact means read on, not "none".
+    store = relay.PgStore(database_url)
+    store.open()
+    backup_first = relay.Line("QDN", LINE, (relay.Contact("Backup", BACKUP, 60),))
+    sergio_first = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
+    now = store.clock()
+    for n, line in enumerate([backup_first] + [sergio_first] * relay.PgStore.NEWEST_BATCH):
+        with store.transaction():
+            store.claim(msid(n))
+            config = relay.Config(lines=(line,))
+            store.save(relay.start_conversation(line, config, msid(n), f"+1555000{n:04d}", "hi", str(n), now + n))
+    with store.transaction():
+        found = store.newest_paged("QDN", BACKUP)
+    assert found is not None and found.id == msid(0)
+
+
 def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
     giver, listener = relay.PgStore(database_url), relay.PgStore(database_url)
     giver.open()
