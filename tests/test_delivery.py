@@ -204,3 +204,32 @@ def test_a_text_to_the_operator_is_retried_after_twilio_s_wait_and_logged_once_s
     service._send_direct(LINE, ALARM, "a state file was damaged")
     assert len(waits) == 2 and min(waits) >= 3.0 and service.gateway.tries == 3
     assert '"event": "direct_sent"' in capsys.readouterr().out
+
+
+class HeldSends:
+    """Sender threads that start nothing until `run()`: what was queued meanwhile then goes in order."""
+
+    def __init__(self):
+        self.queued = []
+
+    def submit(self, fn, *args):
+        self.queued.append((fn, args))
+
+    def run(self):
+        while self.queued:
+            fn, args = self.queued.pop(0)
+            fn(*args)
+
+    def shutdown(self, wait=True):
+        pass
+
+
+def test_a_page_acknowledged_before_its_send_starts_is_never_sent_and_leaves_no_claim(tmp_path):
+    service = make_relay(tmp_path / "state")
+    service.senders = held = HeldSends()
+    service.receive({"MessageSid": msid("text"), "From": CUSTOMER, "To": LINE, "Body": "need a tow"})
+    assert service.in_flight  # the page is claimed for its send
+    service.receive({"MessageSid": msid("reply"), "From": SERGIO, "To": LINE, "Body": "#1 on it"})
+    held.run()
+    assert service.gateway.sent == []
+    assert service.in_flight == {}  # else it stays this relay's, as long as the relay runs
