@@ -120,6 +120,19 @@ def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_ne
     assert found is not None and found.id == msid(0)
 
 
+def test_the_database_clock_is_read_again_while_the_relay_runs(database_url, monkeypatch):
+    # Read at start, then moved on by this process's own clock: if that clock runs off (a suspended
+    # machine's stops, a faulty one drifts), the next read puts the deadlines back on the database's.
+    store = relay.PgStore(database_url)
+    store.open()
+    own_clock = time.monotonic
+    monkeypatch.setattr(relay.time, "monotonic", lambda: own_clock() + 3600)
+    store.tidy(store.clock(), 7 * 86400)
+    with psycopg.connect(database_url) as conn:
+        (database_now,) = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
+    assert abs(store.clock() - database_now) < 1
+
+
 def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
     giver, listener = relay.PgStore(database_url), relay.PgStore(database_url)
     giver.open()
