@@ -299,11 +299,12 @@ def incomplete(form: dict) -> bool:
 # more than the request it draws.
 # Mostly POSTs to the relay's own paths, where the parsing that could break is.
 methods = st.sampled_from(["POST"] * 6 + ["GET", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"])
-paths = st.sampled_from(PATHS * 4 + [None]).flatmap(
-    lambda path: st.just(path) if path else st.text(max_size=30).map(lambda t: "/" + urllib.parse.quote(t))
-)
+random_paths = st.text(max_size=30).map(lambda t: "/" + urllib.parse.quote(t))
+paths = st.sampled_from(PATHS * 4 + [None]).flatmap(lambda path: st.just(path) if path else random_paths)
+content_types = st.sampled_from(CONTENT_TYPES)
 signed_forms = forms.filter(incomplete)
 body_kinds = st.sampled_from(["form", "binary", "json", "bad-percent"])
+binary_bodies, percent_runs, garbage_signatures = st.binary(max_size=300), st.integers(0, 30000), st.text(max_size=40)
 content_lengths = st.sampled_from([None, None, None, "abc", "-5", "99999999", ""])
 signature_kinds = st.sampled_from(["valid", "none", "garbage", "other-token"])
 
@@ -313,21 +314,21 @@ def malformed_requests(draw):
     method, path, content_type, form = (
         draw(methods),
         draw(paths),
-        draw(st.sampled_from(CONTENT_TYPES)),
+        draw(content_types),
         draw(signed_forms),
     )
     body = {
         "form": lambda: urllib.parse.urlencode(form).encode(),
-        "binary": lambda: draw(st.binary(max_size=300)),
+        "binary": lambda: draw(binary_bodies),
         "json": lambda: json.dumps(form).encode(),
-        "bad-percent": lambda: b"Body=" + b"%FF" * draw(st.integers(0, 30000)),
+        "bad-percent": lambda: b"Body=" + b"%FF" * draw(percent_runs),
     }[draw(body_kinds)]()
     signature = draw(signature_kinds)
     headers = {"Content-Type": content_type}
     if signature != "none":
         url = PUBLIC_URL + path
         token = {"valid": TOKEN, "other-token": "nope"}.get(signature, TOKEN)
-        headers["X-Twilio-Signature"] = sign(url, form, token) if signature != "garbage" else draw(st.text(max_size=40))
+        headers["X-Twilio-Signature"] = sign(url, form, token) if signature != "garbage" else draw(garbage_signatures)
     return method, path, body, headers, draw(content_lengths)
 
 
