@@ -297,13 +297,22 @@ def test_an_unanswered_call_pages_the_backup_at_once(start_relay, fake_twilio):
     assert next(r["at"] for r in fake_twilio.requests if r["form"]["To"] == BACKUP) - reported < 1
 
 
-def test_a_call_reported_unanswered_before_its_rest_answer_still_pages_the_backup_at_once(start_relay, fake_twilio):
-    fake_twilio.latency = 1.5  # Twilio's answer to the REST request comes after its status callback
+@pytest.fixture
+def call_answered_late(start_relay, fake_twilio):
+    """A call placed whose REST answer Twilio holds back 1.5 s, so that its status callback can come
+    first: the relay, the call's status callback (a path on the relay) and its sid."""
+    fake_twilio.latency = 1.5
     process = start_relay(call_config())
     process.inbound(CUSTOMER, "anyone?")
     status, _ = call_callbacks(fake_twilio)
+    return process, status, fake_twilio.calls[0]["sid"]
+
+
+def test_a_call_reported_unanswered_before_its_rest_answer_still_pages_the_backup_at_once(
+    call_answered_late, fake_twilio
+):
+    process, status, sid = call_answered_late
     reported = time.time()
-    sid = fake_twilio.calls[0]["sid"]
     assert process.post_form("/" + status, {"CallSid": sid, "CallStatus": "no-answer"})[0] == 200
     backup = wait_until(lambda: [r for r in fake_twilio.requests if r["form"]["To"] == BACKUP], timeout=5)
     assert backup[0]["at"] - reported < 1
@@ -322,12 +331,8 @@ def test_voicemail_counts_as_unanswered_and_the_call_is_ended(start_relay, fake_
     assert wait_until(lambda: fake_twilio.call_updates)[0] == {"sid": sid, "Status": "completed"}
 
 
-def test_voicemail_reported_before_the_rest_answer_still_ends_the_call(start_relay, fake_twilio):
-    fake_twilio.latency = 1.5  # Twilio's answer to the REST request comes after its status callback
-    process = start_relay(call_config())
-    process.inbound(CUSTOMER, "anyone?")
-    status, _ = call_callbacks(fake_twilio)
-    sid = fake_twilio.calls[0]["sid"]
+def test_voicemail_reported_before_the_rest_answer_still_ends_the_call(call_answered_late, fake_twilio):
+    process, status, sid = call_answered_late
     process.post_form("/" + status, {"CallSid": sid, "AnsweredBy": "machine_end_beep", "CallStatus": "in-progress"})
     assert wait_until(lambda: fake_twilio.call_updates)[0] == {"sid": sid, "Status": "completed"}
 

@@ -37,6 +37,12 @@ def two_relays(start_relay):
     return start
 
 
+def opened_store(database_url: str) -> relay.PgStore:
+    store = relay.PgStore(database_url)
+    store.open()
+    return store
+
+
 def codes_paged(fake, to=SERGIO) -> list[str]:
     return [re.match(r"QDN #(\w+) ", m["Body"])[1] for m in fake.delivered(to) if re.match(r"QDN #\w+ from", m["Body"])]
 
@@ -86,8 +92,7 @@ def test_two_texts_of_one_new_customer_at_two_relays_at_once_open_one_conversati
 
 
 def test_retention_deletes_finished_conversations_and_their_texts_from_the_database(database_url):
-    store = relay.PgStore(database_url)
-    store.open()
+    store = opened_store(database_url)
     line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
     now = store.clock()
     for sid, finished in ((msid("old"), now - 8 * 86400), (msid("recent"), now - 3600)):
@@ -105,8 +110,7 @@ def test_retention_deletes_finished_conversations_and_their_texts_from_the_datab
 def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_newer_ones(database_url):
     # The newest open conversations are read a batch at a time: a full batch with none paged to the
     # contact means read on, not "none".
-    store = relay.PgStore(database_url)
-    store.open()
+    store = opened_store(database_url)
     backup_first = relay.Line("QDN", LINE, (relay.Contact("Backup", BACKUP, 60),))
     sergio_first = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
     now = store.clock()
@@ -123,8 +127,7 @@ def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_ne
 def test_the_database_clock_is_read_again_while_the_relay_runs(database_url, monkeypatch):
     # Read at start, then moved on by this process's own clock: if that clock runs off (a suspended
     # machine's stops, a faulty one drifts), the next read puts the deadlines back on the database's.
-    store = relay.PgStore(database_url)
-    store.open()
+    store = opened_store(database_url)
     own_clock = time.monotonic
     monkeypatch.setattr(relay.time, "monotonic", lambda: own_clock() + 3600)
     store.tidy(store.clock(), 7 * 86400)
@@ -134,9 +137,7 @@ def test_the_database_clock_is_read_again_while_the_relay_runs(database_url, mon
 
 
 def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
-    giver, listener = relay.PgStore(database_url), relay.PgStore(database_url)
-    giver.open()
-    listener.open()
+    giver, listener = opened_store(database_url), opened_store(database_url)
     line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
     conv = relay.start_conversation(line, relay.Config(lines=(line,)), msid("q"), CUSTOMER, "hi", "1", giver.clock())
     with giver.transaction():
@@ -168,8 +169,7 @@ def take(store: relay.PgStore, key: str, limit: int, at: float) -> bool:
 
 
 def test_a_cap_counted_in_the_database_allows_again_as_its_uses_leave_the_hour(database_url):
-    store = relay.PgStore(database_url)
-    store.open()
+    store = opened_store(database_url)
     start = store.clock()
     assert [take(store, "outbound:texts", 2, start + s) for s in (0, 10, 20)] == [True, True, False]
     assert not take(store, "outbound:texts", 2, start + 3599)
@@ -179,8 +179,7 @@ def test_a_cap_counted_in_the_database_allows_again_as_its_uses_leave_the_hour(d
 
 
 def test_a_cap_idle_for_an_hour_is_forgotten_and_counts_afresh(database_url):
-    store = relay.PgStore(database_url)
-    store.open()
+    store = opened_store(database_url)
     start = store.clock()
     assert take(store, "sender:QDN:+15551230001", 1, start) and take(store, "busy", 5, start + 3000)
     store.tidy(start + 3600, 7 * 86400)  # its one use has just left the hour
