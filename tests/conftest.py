@@ -72,10 +72,37 @@ def msid(tag: object) -> str:
     return "SM" + hashlib.md5(str(tag).encode()).hexdigest()
 
 
+def _port_block() -> range:
+    """This worker's own share of the ports below the kernel's ephemeral range.
+
+    A port the kernel hands out for binding to 0 is in the ephemeral range, where any outgoing
+    connection (to PostgreSQL, to the fake Twilio) may take it as its local port between the test
+    choosing it and the relay listening on it: CI once saw "Address already in use" that way.
+    Below the range only a listener takes a port, and each xdist worker has a block of its own.
+    """
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    size = (ephemeral_low - 20000) // workers
+    return range(20000 + worker * size, 20000 + (worker + 1) * size)
+
+
+PORT_BLOCK = _port_block()
+_next_port = itertools.cycle(PORT_BLOCK)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no other worker hands out and nothing listens on (tried as the relay binds it)."""
+    for _ in PORT_BLOCK:
+        port = next(_next_port)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"every port in {PORT_BLOCK} is taken")
 
 
 _real_monotonic = time.monotonic  # taken before any test freezes time, so waits run out under freezegun too

@@ -11,7 +11,19 @@ import subprocess
 import time
 
 import pytest
-from conftest import ALARM, BACKUP, CUSTOMER, OTHER_CUSTOMER, ROOT, SERGIO, TOKEN, RelayProcess, config_text, wait_until
+from conftest import (
+    ALARM,
+    BACKUP,
+    CUSTOMER,
+    OTHER_CUSTOMER,
+    ROOT,
+    SERGIO,
+    TOKEN,
+    RelayProcess,
+    config_text,
+    free_port,
+    wait_until,
+)
 
 PRISM = ROOT / ".prism" / "node_modules" / ".bin" / "prism"
 SPEC = ROOT.parent / "shared" / "twilio-oai" / "twilio_api_v2010.json"
@@ -28,9 +40,7 @@ def prism_url(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"Prism ({PRISM}) or the API description ({SPEC}) is missing in CI")
         pytest.skip("Prism is not installed here (.ci/run installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path_factory.mktemp("prism") / "prism.log", "wb")
     proc = subprocess.Popen([str(PRISM), "mock", "-h", "127.0.0.1", "-p", str(port), str(SPEC)], stdout=log, stderr=log)
     try:
