@@ -3680,30 +3680,28 @@ def make_app(relay: Relay) -> bottle.Bottle:
     def inbound(params):
         return relay.receive(params)
 
+    def callback_page(kind: str) -> tuple[str, int]:
+        """The conversation and page that the relay wrote into a callback's URL."""
+        conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
+        if not conv_id or not index.isdigit():
+            raise BadRequest(400, "bad_callback", f"{kind} callback without c and p")
+        return conv_id, int(index)
+
     @app.post("/api/sms/status")
     @twilio_webhook
     def status_callback(params):
-        conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
-        if not conv_id or not index.isdigit():
-            raise BadRequest(400, "bad_callback", "status callback without c and p")
-        relay.delivery_status(conv_id, int(index), params)
+        relay.delivery_status(*callback_page("status"), params)
         return str(MessagingResponse())
-
-    def call_page() -> tuple[str, int]:
-        conv_id, index = bottle.request.query.get("c", ""), bottle.request.query.get("p", "")
-        if not conv_id or not index.isdigit():
-            raise BadRequest(400, "bad_callback", "call callback without c and p")
-        return conv_id, int(index)
 
     @app.post("/api/voice/gather")
     @twilio_webhook
     def voice_gather(params):
-        return relay.key_pressed(*call_page(), params, repeated=bottle.request.query.get("r") == "1")
+        return relay.key_pressed(*callback_page("call"), params, repeated=bottle.request.query.get("r") == "1")
 
     @app.post("/api/voice/status")
     @twilio_webhook
     def voice_status(params):
-        relay.call_report(*call_page(), params)
+        relay.call_report(*callback_page("call"), params)
         return str(VoiceResponse())
 
     @app.get("/healthz")

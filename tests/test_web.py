@@ -116,6 +116,18 @@ def test_absurdly_long_from_gets_400(service):
     assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 400
 
 
+@pytest.mark.parametrize("path", ["/api/sms/status", "/api/voice/gather", "/api/voice/status"])
+@pytest.mark.parametrize("query", ["p=0", "c={conv}&p=x", "c={conv}"], ids=["no-c", "p-not-a-number", "no-p"])
+def test_a_callback_that_does_not_name_its_conversation_and_page_gets_400_and_changes_nothing(service, path, query):
+    app = relay.make_app(service)
+    signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    # As Twilio reports a failed text or an unanswered call: either would end this one-contact chain.
+    report = {"MessageSid": msid("x"), "MessageStatus": "failed", "CallSid": "CA" + "1" * 32, "CallStatus": "busy"}
+    status, _ = signed_post(app, f"{path}?{query.format(conv=msid('1'))}", report | {"Digits": "2"})
+    assert status == 400
+    assert service.store.conversations[msid("1")].is_open
+
+
 def test_reply_naming_a_closed_code_says_who_took_it(service):
     app = relay.make_app(service)
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
