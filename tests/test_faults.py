@@ -1,6 +1,7 @@
 """Under faults, end to end: each promise of the contract's "Under faults" tried against the real process."""
 
 import http.client
+import json
 import math
 import resource
 import signal
@@ -354,6 +355,31 @@ def test_the_drain_wakes_the_sweeper_instead_of_waiting_out_its_sleep(tmp_path, 
     drain_and_exit(SimpleNamespace(_map={}), service, sweeper)  # a server with no request left
     assert exits == [0]
     assert not sweeper.is_alive()
+
+
+def test_a_sweep_pass_that_fails_is_logged_as_an_error_and_the_sweeper_carries_on(tmp_path, monkeypatch, capsys):
+    service = make_relay(tmp_path / "state")
+    passes, real_sweep = [], service.sweep
+
+    def failing_once():
+        passes.append(time.monotonic())
+        if len(passes) == 1:
+            raise OSError(5, "Input/output error")
+        return real_sweep()
+
+    monkeypatch.setattr(service, "sweep", failing_once)
+    stop = threading.Event()
+    sweeper = threading.Thread(target=run_sweeper, args=(service, stop), daemon=True)
+    sweeper.start()
+    try:
+        wait_until(lambda: len(passes) >= 2)
+    finally:
+        stop.set()
+        service.wake_sweep()
+        sweeper.join(timeout=5)
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    failures = [e for e in logged if e["event"] == "sweep_failed"]
+    assert len(failures) == 1 and failures[0]["level"] == "error" and "Input/output error" in failures[0]["error"]
 
 
 # -- 10. bounded cost: the logs ---------------------------------------------------------------------
