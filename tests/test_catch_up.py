@@ -94,6 +94,19 @@ def test_list_faults_are_logged_and_survived(start_relay, fake_twilio):
     assert "relay_catch_up_failures_total 3.0" in relay.get("/metrics")[1]
 
 
+def test_status_says_the_last_catch_up_pass_failed(start_relay, fake_twilio):
+    fake_twilio.list_faults.extend([(500, 20500)] * 100)
+    relay = start_relay(config_text(extra_relay=EVERY_SECOND))
+    # A pass is noted after its failure is logged: once the second has failed, the first is noted.
+    wait_until(lambda: len(relay.events("catch_up_failed")) >= 2)
+    assert "failed (tried again at the next pass)" in relay.run("status").stdout
+
+
+def test_status_says_when_no_catch_up_pass_has_run(start_relay, fake_twilio):
+    relay = start_relay(config_text(extra_relay="catch_up = 0"))
+    assert "last catch-up: none yet" in relay.run("status").stdout
+
+
 def test_catch_up_zero_makes_no_list_call(start_relay, fake_twilio):
     fake_twilio.receive(CUSTOMER, LINE, "missed text")
     relay = start_relay(config_text(extra_relay="catch_up = 0"))
