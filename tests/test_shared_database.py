@@ -458,6 +458,20 @@ def test_a_database_with_an_older_schema_is_upgraded_and_its_caps_count_on(tmp_p
         upgraded.stop()
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [(("check", "--dry-run"), "database: connects"), (("import-state", "files"), "imported 0 of 0 conversation(s)")],
+)
+def test_the_database_commands_find_database_url_in_the_dotenv_file(tmp_path, database_url, command, said):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"DATABASE_URL={database_url}\n")
+    dotenv.chmod(0o600)
+    (tmp_path / "files").mkdir()
+    done = relay.run(*command)
+    assert done.returncode == 0 and said in done.stdout, done.stdout + done.stderr
+
+
 def test_import_state_copies_a_state_directory_and_a_second_run_changes_nothing(tmp_path, fake_twilio, database_url):
     (tmp_path / "files").mkdir()
     (tmp_path / "db").mkdir()
