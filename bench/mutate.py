@@ -179,7 +179,11 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
-def sample(mutants: list[Mutant], count: int, seed: int) -> list[Mutant]:
+def sample(mutants: list[Mutant], count: int, seed: int, lines: str | None = None) -> list[Mutant]:
+    """`count` of them drawn with `seed`, from those on `lines` (e.g. "100-250") if given."""
+    if lines:  # before the draw, so that it is drawn from those lines
+        low, _, high = lines.partition("-")
+        mutants = [m for m in mutants if int(low) <= m.line <= int(high or low)]
     if count and count < len(mutants):
         return sorted(random.Random(seed).sample(mutants, count), key=lambda m: m.start)
     return mutants
@@ -199,7 +203,8 @@ def survivors_again(results: dict, text: str) -> list[Mutant]:
     """The survivors of an earlier run (of relay.py as at its commit), found again in today's relay.py."""
     old_text = git("show", f"{results['commit']}:relay.py")
     old_all = find_mutants(old_text)
-    old = sample(old_all, results["count"], results["seed"])[: len(results["mutants"])]  # a run may stop early
+    old = sample(old_all, results["count"], results["seed"], results.get("lines"))
+    old = old[: len(results["mutants"])]  # a run may stop early
     assert [(m.line, m.description) for m in old] == [(r["line"], r["change"]) for r in results["mutants"]]
     old_keys = dict(zip(old_all, where(old_text, old_all), strict=True))
     new_all = find_mutants(text)
@@ -224,19 +229,15 @@ def main() -> int:
     parser.add_argument("--lines", help="only mutants on these lines, e.g. 100-250")
     parser.add_argument("--again", type=Path, help="a results file: run its survivors against today's suite")
     parser.add_argument("--at", help="with --again, the commit that run broke, if its file does not say")
+    # With --again, --count, --seed and --lines are that run's, where its file does not say them.
     args = parser.parse_args()
 
     text = SOURCE.read_text()
     if args.again:
-        earlier = {"commit": args.at, "count": args.count, "seed": args.seed} | json.loads(args.again.read_text())
-        mutants = survivors_again(earlier, text)
+        earlier = {"commit": args.at, "count": args.count, "seed": args.seed, "lines": args.lines}
+        mutants = survivors_again(earlier | json.loads(args.again.read_text()), text)
     else:
-        mutants = find_mutants(text)
-    if args.lines:  # before the sample, so that it is drawn from those lines
-        low, _, high = args.lines.partition("-")
-        mutants = [m for m in mutants if int(low) <= m.line <= int(high or low)]
-    if not args.again:
-        mutants = sample(mutants, args.count, args.seed)
+        mutants = sample(find_mutants(text), args.count, args.seed, args.lines)
     if args.list:
         for mutant in mutants:
             print(f"relay.py:{mutant.line}: {mutant.description}")
@@ -267,7 +268,8 @@ def main() -> int:
             print(f"  survived: relay.py:{r['line']}: {r['change']}")
     out = ROOT / "bench" / "results" / f"mutants-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
-    summary = {"commit": commit, "count": args.count, "seed": args.seed, "again": str(args.again or "") or None}
+    summary = {"commit": commit, "count": args.count, "seed": args.seed, "lines": args.lines}
+    summary |= {"again": str(args.again or "") or None}
     summary |= {"killed": killed, "total": len(results), "mutants": results}
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"written to {out.relative_to(ROOT)}")

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -88,7 +89,11 @@ def _port_block() -> range:
 
 
 PORT_BLOCK = _port_block()
-_next_port = itertools.cycle(PORT_BLOCK)
+# Each port of the block in turn, so this process never hands out one it handed out lately. The
+# turn starts anywhere: another test run on the machine, starting where this one did, would
+# otherwise choose the same ports at the same moments.
+_start = random.SystemRandom().randrange(len(PORT_BLOCK))
+_next_port = itertools.cycle([*PORT_BLOCK[_start:], *PORT_BLOCK[:_start]])
 
 
 def free_port() -> int:
