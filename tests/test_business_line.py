@@ -292,12 +292,24 @@ def test_a_two_way_contact_s_later_replies_reach_the_customer_too(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("local", "on"), [("06:59", False), ("07:00", True), ("21:59", True), ("22:00", False), ("13:30", True)]
+    ("hours", "local", "on"),
+    [
+        ("07:00-22:00", "06:59", False),
+        ("07:00-22:00", "07:00", True),
+        ("07:00-22:00", "13:30", True),
+        ("07:00-22:00", "21:59", True),
+        ("07:00-22:00", "22:00", False),
+        # over midnight, the same: on from the first minute, off from the last
+        ("22:00-06:00", "21:59", False),
+        ("22:00-06:00", "22:00", True),
+        ("22:00-06:00", "05:59", True),
+        ("22:00-06:00", "06:00", False),
+    ],
 )
-def test_hours_start_at_their_first_minute_and_end_before_their_last(local, on):
-    day = relay.Contact("Sergio", SERGIO, 120, hours="07:00-22:00")
+def test_hours_start_at_their_first_minute_and_end_before_their_last(hours, local, on):
+    contact = relay.Contact("Sergio", SERGIO, 120, hours=hours)
     with freeze_time(f"2026-11-27 {local}:00"):
-        assert relay.on_duty(day, "UTC", time.time()) is on
+        assert relay.on_duty(contact, "UTC", time.time()) is on
 
 
 def test_escalating_to_an_off_duty_last_contact_pages_them_not_the_first_again(clock):
