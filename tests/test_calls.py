@@ -155,6 +155,20 @@ def test_the_call_twiml_stays_within_4000_characters_and_is_valid_xml_whatever_t
         assert "<xml> & 'quotes'" in said
 
 
+@pytest.mark.parametrize("over", [0, 1, 2, 40])
+def test_a_call_text_that_just_fits_the_twiml_limit_is_kept_whole_and_any_longer_is_cut_to_fit(clock, over):
+    def call_for(length: int) -> str:
+        return relay.call_twiml(start(body="x" * length), "https://relay.example.com/api/voice/gather?c=x&p=0")
+
+    def units(twiml: str) -> int:
+        return len(twiml.encode("utf-16-le")) // 2
+
+    room = 4000 - (units(call_for(1)) - 1)  # the characters of text that fit beside all else the call says
+    twiml = call_for(room + over)
+    assert units(twiml) <= 4000 and (over > 0 or units(twiml) == 4000)
+    assert (relay.CUT_MARK.strip() in ElementTree.fromstring(twiml).find("Gather/Say").text) is (over > 0)
+
+
 @pytest.mark.parametrize(
     ("body", "word"),
     [("pass", "pass"), ("No", "no"), ("can't", "pass"), ("can’t", "pass"), ("CANT!", "pass"), ("#7 pass", "pass")]
