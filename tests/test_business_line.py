@@ -89,6 +89,17 @@ def test_reply_without_code_reaches_the_conversation_the_contact_is_talking_in(c
     assert relay.choose_acknowledged([], SERGIO, "see you at 9", talking=[conv]) == (conv, None)
 
 
+def test_a_day_after_a_two_way_conversation_was_taken_a_contacts_text_no_longer_reaches_its_customer(tmp_path, clock):
+    service = make_relay(tmp_path / "state", relay.Config(lines=(line(reply_to_sender=True),)))
+    service.senders = RunAtOnce()
+    service.receive({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
+    service.receive({"MessageSid": msid("s1"), "From": SERGIO, "To": LINE, "Body": "#1 yes, two left"})
+    clock.tick(relay.TWO_WAY_WINDOW)  # no sweep since: the conversation is still in the store, not archived
+    service.receive({"MessageSid": msid("s2"), "From": SERGIO, "To": LINE, "Body": "still coming?"})
+    assert msid("c1") in service.store.conversations
+    assert [body for _, to, body in service.gateway.sent if to == CUSTOMER] == ["yes, two left"]
+
+
 # -- the customer kept in the loop --------------------------------------------
 
 

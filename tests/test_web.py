@@ -222,6 +222,20 @@ def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
     assert service.store.conversations == {} and service.store.open_by_sender == {}
 
 
+def test_texts_never_seen_are_relayed_after_others_were_archived(service):
+    app = relay.make_app(service)
+    for n in range(3):  # archived conversations, whose texts are then known by their hashes only
+        signed_post(app, "/api/sms/inbound", {"MessageSid": msid(n), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+        signed_post(app, "/api/sms/inbound", {"MessageSid": msid(f"ok {n}"), "From": SERGIO, "To": LINE, "Body": "ok"})
+    with service.lock:
+        service.store.fold()
+    assert service.store.conversations == {}
+    new = [msid(f"new {n}") for n in range(30)]
+    for n, sid in enumerate(new):
+        signed_post(app, "/api/sms/inbound", {"MessageSid": sid, "From": f"+1555987{n:04d}", "To": LINE, "Body": "hi"})
+    assert sorted(service.store.conversations) == sorted(new)
+
+
 @contextlib.contextmanager
 def fold_between_journals(service, monkeypatch, moment):
     """A fold in a thread of its own, held between journals: just after it closed the old one
