@@ -268,9 +268,16 @@ def main() -> int:
             print(f"  survived: relay.py:{r['line']}: {r['change']}")
     out = ROOT / "bench" / "results" / f"mutants-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
-    summary = {"commit": commit, "count": args.count, "seed": args.seed, "lines": args.lines}
-    summary |= {"again": str(args.again or "") or None}
-    summary |= {"killed": killed, "total": len(results), "mutants": results}
+    summary = {
+        "commit": commit,
+        "count": args.count,
+        "seed": args.seed,
+        "lines": args.lines,
+        "again": str(args.again or "") or None,
+        "killed": killed,
+        "total": len(results),
+        "mutants": results,
+    }
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
     return 0
