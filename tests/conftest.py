@@ -110,6 +110,11 @@ def free_port() -> int:
     raise AssertionError(f"every port in {PORT_BLOCK} is taken")
 
 
+def logged_events(capsys, name: str) -> list[dict]:
+    """The log records of this name written in this test's own process (a relay's: RelayProcess.events)."""
+    return [r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r["event"] == name]
+
+
 _real_monotonic = time.monotonic  # taken before any test freezes time, so waits run out under freezegun too
 
 

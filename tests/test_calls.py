@@ -15,6 +15,7 @@ from conftest import (
     TOKEN,
     RelayProcess,
     barrier,
+    logged_events,
     msid,
     wait_until,
 )
@@ -250,8 +251,7 @@ def test_a_key_pressed_on_a_call_is_logged_with_the_key(tmp_path, clock, capsys)
     service.sweep()
     conv = next(iter(service.store.conversations.values()))
     service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
-    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(e["to"], e["digits"]) for e in logged if e["event"] == "call_key"] == [(SERGIO, "1")]
+    assert [(e["to"], e["digits"]) for e in logged_events(capsys, "call_key")] == [(SERGIO, "1")]
 
 
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):

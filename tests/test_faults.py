@@ -1,7 +1,6 @@
 """Under faults, end to end: each promise of the contract's "Under faults" tried against the real process."""
 
 import http.client
-import json
 import math
 import resource
 import signal
@@ -25,6 +24,7 @@ from conftest import (
     RelayProcess,
     clock_shim,
     config_text,
+    logged_events,
     make_relay,
     msid,
     sign,
@@ -377,8 +377,7 @@ def test_a_sweep_pass_that_fails_is_logged_as_an_error_and_the_sweeper_carries_o
         stop.set()
         service.wake_sweep()
         sweeper.join(timeout=5)
-    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    failures = [e for e in logged if e["event"] == "sweep_failed"]
+    failures = logged_events(capsys, "sweep_failed")
     assert len(failures) == 1 and failures[0]["level"] == "error" and "Input/output error" in failures[0]["error"]
 
 
