@@ -1883,9 +1883,10 @@ class PgStore(Store):
             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
             held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc"""
         if texts:  # in the same statement, the texts it took are marked as its own, with their answers
+            # (Found by `= ANY`, which a cached plan looks up in the index: a join with their list
+            # may be planned as a read of every text remembered, for each text saved.)
             upsert = f"""WITH saved AS ({upsert})
-                UPDATE relay_messages AS m SET conversation = %s, answer = t.answer
-                FROM unnest(%s::text[], %s::text[]) AS t (sid, answer) WHERE m.sid = t.sid"""
+                UPDATE relay_messages SET conversation = %s, answer = %s::json ->> sid WHERE sid = ANY(%s)"""
         self._q(
             upsert,
             (
@@ -1896,7 +1897,7 @@ class PgStore(Store):
                 conv.created,
                 conv.two_way,
                 *self._changing(conv),
-                *((conv.id, texts, [said[sid] for sid in texts]) if texts else ()),
+                *((conv.id, Json({sid: said[sid] for sid in texts}), texts) if texts else ()),
             ),
         )
         return None
@@ -1940,10 +1941,14 @@ class PgStore(Store):
                 for index in in_flight[conv.id]:
                     if index < len(conv.pages) and conv.pages[index].state == "pending":
                         conv.pages[index].lease = until
-            self._q(
+            self._q(  # `c.id = ANY`: else the join may be planned as a read of the whole table
                 """UPDATE relay_conversations AS c SET wake_at = t.wake_at, doc = t.doc
-                   FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json) WHERE c.id = t.id""",
-                (Json([{"id": c.id, "wake_at": next_wakeup(c), "doc": c.to_dict()} for c in convs]),),
+                   FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json)
+                   WHERE c.id = t.id AND c.id = ANY(%s)""",
+                (
+                    Json([{"id": c.id, "wake_at": next_wakeup(c), "doc": c.to_dict()} for c in convs]),
+                    [c.id for c in convs],
+                ),
             )
             if not until and convs:
                 self._q(f"NOTIFY {self.CHANNEL}")  # delivered at the commit, to every relay listening

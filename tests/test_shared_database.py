@@ -11,9 +11,13 @@ from conftest import (
     BACKUP,
     CUSTOMER,
     LINE,
+    PUBLIC_URL,
     SERGIO,
+    TOKEN,
     Postgres,
+    RecordingGateway,
     RelayProcess,
+    RunAtOnce,
     clock_shim,
     config_text,
     free_port,
@@ -105,6 +109,59 @@ def test_retention_deletes_finished_conversations_and_their_texts_from_the_datab
     assert not store.knows(msid("old")) and store.knows(msid("recent"))
     with store.transaction():
         assert store.get(msid("old")) is None and store.get(msid("recent")) is not None
+
+
+def whole_table_reads(admin: psycopg.Connection) -> dict[str, int]:
+    """Sequential scans of the tables that grow with traffic, once every other session has ended
+    (a session's counts reach the statistics when it ends)."""
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid()"
+    )
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    wait_until(lambda: admin.execute(others).fetchone()[0] == 0)
+    admin.execute("SELECT pg_stat_clear_snapshot()")
+    rows = admin.execute(
+        "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname IN ('relay_messages', 'relay_conversations')"
+    )
+    return dict(rows.fetchall())
+
+
+def test_texts_and_lease_renewals_read_no_table_whole_however_many_texts_are_remembered(tmp_path, database_url):
+    # A week of texts is tens of thousands of rows. A statement that joins the rows it changes with a
+    # list it is given may be planned as a read of the whole table, for every text. Nested loops are
+    # turned off here so that the planner shows such a join at once, not only once its statistics lag.
+    opened_store(database_url)
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(
+            "INSERT INTO relay_messages (sid, conversation, at) SELECT 'SMold' || g, 'old' || g, 0 "
+            "FROM generate_series(1, 20000) AS g"
+        )
+        admin.execute(
+            "INSERT INTO relay_conversations "
+            "(id, line, sender, code, status, created, finished_at, two_way, held, doc) "
+            "SELECT 'old' || g, 'QDN', '+1555' || g, g::text, 'unanswered', 0, 0, false, false, '{}' "
+            "FROM generate_series(1, 20000) AS g"
+        )
+        admin.execute("ANALYZE")
+        admin.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET enable_nestloop = off").format(
+                psycopg.sql.Identifier(admin.info.dbname)
+            )
+        )
+        before = whole_table_reads(admin)
+        config = relay.Config(
+            lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),), public_url=PUBLIC_URL
+        )
+        settings = relay.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(tmp_path)})
+        store = opened_store(database_url)
+        service = relay.Relay(settings, config, store, RecordingGateway())
+        service.senders = RunAtOnce()
+        for n in range(8):  # past the fifth, psycopg prepares each statement and the server may cache a plan
+            service.receive({"MessageSid": msid(n), "From": f"+1555123{n:04d}", "To": LINE, "Body": "hi"})
+            store.renew({msid(n): {0}}, store.clock() + store.LEASE)
+        assert len(service.gateway.sent) == 8
+        assert whole_table_reads(admin) == before
 
 
 def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_newer_ones(database_url):
