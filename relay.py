@@ -51,6 +51,7 @@ import termios
 import threading
 import time
 import tomllib
+import typing
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -645,6 +646,14 @@ def steady_clock():
     return lambda: wall + (time.monotonic() - mono)
 
 
+class Arrival(typing.NamedTuple):
+    """What a store found as it took a text's MessageSid (Store.arrival)."""
+
+    answered: str | None  # not None: the MessageSid was taken before, and answered this ("": nothing)
+    joins: Conversation | None  # a customer's new text: the conversation it joins, if any
+    code: str | None  # and if none: the reply code for the new one
+
+
 class Store(abc.ABC):
     """Where the relay keeps its conversations: the relay service talks only to this.
 
@@ -687,8 +696,10 @@ class Store(abc.ABC):
         page sent twice at worst); the store need not wait for the disk before it returns."""
 
     @abc.abstractmethod
-    def claim(self, sid: str) -> str | None:
-        """None for a MessageSid never seen (now taken by this change), else the answer it got ("" none)."""
+    def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
+        """A text's MessageSid taken by this change, unless it was taken before; for a customer's text,
+        the conversation it joins (open, held, or still talking on a two-way line), held for this
+        change, or else a reply code that no open conversation of the line holds."""
 
     @abc.abstractmethod
     def knows(self, sid: str) -> bool:
@@ -697,10 +708,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get(self, conv_id: str) -> Conversation | None:
         """The conversation, held for this change."""
-
-    @abc.abstractmethod
-    def live(self, line: str, sender: str, now: float) -> Conversation | None:
-        """The conversation a customer's new text joins: open, held, or still talking on a two-way line."""
 
     @abc.abstractmethod
     def open_on(self, line: str) -> list[Conversation]:
@@ -721,10 +728,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def latest_with_code(self, line: str, code: str) -> Conversation | None:
         """The newest conversation, finished or not, that had this code on the line."""
-
-    @abc.abstractmethod
-    def new_code(self, line: str) -> str:
-        """A reply code no open conversation of the line holds."""
 
     @abc.abstractmethod
     def take(self, key: str, limit: int, now: float) -> bool:
@@ -1165,7 +1168,15 @@ class JsonStore(Store):
     def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
         return self.lock
 
+    def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
+        answered = self.claim(sid)
+        if answered is not None or not customer:
+            return Arrival(answered, None, None)
+        joins = self.live(line, sender, now)
+        return Arrival(None, joins, None if joins else self.new_code(line))
+
     def claim(self, sid: str) -> str | None:
+        """None for a MessageSid never seen (now taken by this change), else the answer it got ("" none)."""
         if not self.knows(sid):
             return None
         if sid in self.strays:
@@ -1533,6 +1544,30 @@ SCHEMA = {
                 RETURN forgotten;
             END $$""",
     ],
+    3: [
+        # A text's arrival in one round trip (see Store.arrival), as the claim, the look-up of the
+        # customer's conversation and the new code were before, each a round trip of its own.
+        f"""CREATE FUNCTION relay_arrival(text_sid text, at_time double precision, on_line text,
+                from_sender text, customer boolean, talking_since double precision)
+            RETURNS TABLE (answered text, joins json, code_for_new text) LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO relay_messages (sid, at) VALUES (text_sid, at_time) ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    RETURN QUERY SELECT coalesce(answer, ''), NULL::json, NULL::text
+                        FROM relay_messages WHERE sid = text_sid;
+                ELSIF customer THEN
+                    RETURN QUERY SELECT NULL::text, doc, NULL::text FROM relay_conversations
+                        WHERE line = on_line AND sender = from_sender
+                        AND ({OPEN_SQL} OR (two_way AND status = 'acknowledged' AND finished_at > talking_since))
+                        ORDER BY {OPEN_SQL} DESC, created DESC LIMIT 1 FOR UPDATE;
+                    IF NOT FOUND THEN
+                        RETURN QUERY SELECT NULL::text, NULL::json, relay_new_code(on_line);
+                    END IF;
+                ELSE
+                    RETURN QUERY SELECT NULL::text, NULL::json, NULL::text;
+                END IF;
+            END $$""",
+    ],
 }
 SCHEMA_VERSION = max(SCHEMA)
 SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through PgBouncer too)
@@ -1706,14 +1741,16 @@ class PgStore(Store):
             if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
                 yield
             else:
-                conn.execute(self._opening(key, redone))
+                self.local.opening = self._opening(key, redone).as_string(conn)  # sent with the first statement
                 try:
                     yield
                 except BaseException:
-                    with contextlib.suppress(psycopg.Error):  # else the connection is closed at check-in
-                        conn.execute("ROLLBACK")
+                    if self.local.opening is None:
+                        with contextlib.suppress(psycopg.Error):  # else the connection is closed at check-in
+                            conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
+                if self.local.opening is None:  # else nothing was begun, and nothing is to commit
+                    conn.execute("COMMIT")
         except psycopg.Error as e:
             # Whatever the statement, nothing of the transaction is stored. A cut connection (a
             # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
@@ -1723,13 +1760,13 @@ class PgStore(Store):
                 raise StoreFailure(self.failed) from None
             raise StoreFailure(f"database: {first_line(e)}") from None
         finally:
-            self.local.conn = self.local.cursor = None
+            self.local.conn = self.local.cursor = self.local.opening = None
             if conn is not None:
                 self._checkin(conn)
 
     @staticmethod
     def _opening(key: str | None, redone: bool) -> psycopg.sql.Composable:
-        """BEGIN, and what comes with it, in one round trip (each one costs the relay CPU, too).
+        """BEGIN, and what comes with it, sent with the transaction's first statement.
 
         A change that can be redone (the connection's default) commits without waiting for its WAL
         record to reach the disk: it is as visible to every relay at once, and outlives any relay's
@@ -1746,24 +1783,32 @@ class PgStore(Store):
         return sql.SQL("; ").join(opening)
 
     def _q(self, sql: str, params: tuple = ()):
-        return self.local.cursor.execute(sql, params)
+        cursor, opening = self.local.cursor, getattr(self.local, "opening", None)
+        if opening is None:
+            return cursor.execute(sql, params)
+        # The transaction's opening and its first statement in one round trip (a round trip costs the
+        # relay and the database CPU, besides the wait). The statement's result is the last one.
+        self.local.opening = None
+        cursor.execute(f"{opening}; {psycopg.ClientCursor(cursor.connection).mogrify(sql, params)}")
+        while cursor.nextset():
+            pass
+        return cursor
 
     def _docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
         return [Conversation.from_json(doc) for (doc,) in self._q(sql, params)]
 
     # -- look-ups (in a transaction) ------------------------------------------
 
-    def claim(self, sid: str) -> str | None:
-        # Inserted first: a second relay handling the same sid waits here until this one commits.
-        taken = self._q(
-            "INSERT INTO relay_messages (sid, at) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING sid",
-            (sid, self.clock()),
+    def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
+        # In one round trip, with the transaction's opening (so with the customer's lock): inserted
+        # first, a second relay handling the same sid waits here until this one commits.
+        answered, joins, code = self._q(
+            "SELECT * FROM relay_arrival(%s, %s, %s, %s, %s, %s)",
+            (sid, now, line, sender, customer, now - TWO_WAY_WINDOW),
         ).fetchone()
-        if taken:
+        if answered is None:
             self.local.claimed.append(sid)
-            return None
-        (answer,) = self._q("SELECT answer FROM relay_messages WHERE sid = %s", (sid,)).fetchone()
-        return answer or ""
+        return Arrival(answered, None if joins is None else Conversation.from_json(joins), code)
 
     def knows(self, sid: str) -> bool:
         with self.transaction(reading=True):
@@ -1778,15 +1823,6 @@ class PgStore(Store):
         conv = Conversation.from_json(row[0]) if row else None
         self.local.seen = (conv_id, row[1], conv) if row else None
         return conv
-
-    def live(self, line: str, sender: str, now: float) -> Conversation | None:
-        found = self._docs(
-            f"""SELECT doc FROM relay_conversations WHERE line = %s AND sender = %s
-                AND ({OPEN_SQL} OR (two_way AND status = 'acknowledged' AND finished_at > %s))
-                ORDER BY {OPEN_SQL} DESC, created DESC LIMIT 1 FOR UPDATE""",
-            (line, sender, now - TWO_WAY_WINDOW),
-        )
-        return found[0] if found else None
 
     def open_on(self, line: str) -> list[Conversation]:
         return self._docs(
@@ -3016,17 +3052,17 @@ class Relay:
         to_send: list = []
         with self._sending_once_stored(to_send):
             with self.store.transaction(f"{line.name} {sender}"):
-                previous = self.store.claim(sid)
-                if previous is not None:
+                contact = line.contact(sender)
+                arrival = self.store.arrival(sid, line.name, sender, now, customer=contact is None)
+                if arrival.answered is not None:
                     INBOUND.labels("duplicate").inc()
                     log("info", "inbound_duplicate", message_sid=sid, line=line.name)
-                    if previous:
-                        answer.message(previous)
+                    if arrival.answered:
+                        answer.message(arrival.answered)
                     return str(answer)
-                contact = line.contact(sender)
                 if contact is not None:
                     conv, event, fields = self._reply(line, contact, sid, body, now, answer)
-                elif (conv := self.store.live(line.name, sender, now)) is not None:
+                elif (conv := arrival.joins) is not None:
                     event, fields = "inbound_joined", self._ids(conv)
                     # A customer talking with a contact on a two-way line is never cut off by the sender cap.
                     if conv.status == HELD_STATUS:
@@ -3042,8 +3078,7 @@ class Relay:
                     if held:
                         event = "inbound_held"
                 else:
-                    code = self.store.new_code(line.name)
-                    conv = start_conversation(line, config, sid, sender, body, code, now, media, received_at)
+                    conv = start_conversation(line, config, sid, sender, body, arrival.code, now, media, received_at)
                     event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
                     if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
                         hold(conv, "sender cap", now)

@@ -47,6 +47,11 @@ def opened_store(database_url: str) -> relay.PgStore:
     return store
 
 
+def taken(store: relay.PgStore, sid: str) -> str | None:
+    """Take a MessageSid, as a contact's text takes it (in a transaction); what it was answered before."""
+    return store.arrival(sid, "QDN", SERGIO, store.clock(), customer=False).answered
+
+
 def codes_paged(fake, to=SERGIO) -> list[str]:
     return [re.match(r"QDN #(\w+) ", m["Body"])[1] for m in fake.delivered(to) if re.match(r"QDN #\w+ from", m["Body"])]
 
@@ -101,7 +106,7 @@ def test_retention_deletes_finished_conversations_and_their_texts_from_the_datab
     now = store.clock()
     for sid, finished in ((msid("old"), now - 8 * 86400), (msid("recent"), now - 3600)):
         with store.transaction():
-            assert store.claim(sid) is None
+            assert taken(store, sid) is None
             conv = relay.start_conversation(line, relay.Config(lines=(line,)), sid, CUSTOMER, "hi", "1", finished)
             conv.status, conv.finished_at, conv.pages[0].state = "unanswered", finished, "sent"
             store.save(conv)
@@ -173,7 +178,7 @@ def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_ne
     now = store.clock()
     for n, line in enumerate([backup_first] + [sergio_first] * relay.PgStore.NEWEST_BATCH):
         with store.transaction():
-            store.claim(msid(n))
+            taken(store, msid(n))
             config = relay.Config(lines=(line,))
             store.save(relay.start_conversation(line, config, msid(n), f"+1555000{n:04d}", "hi", str(n), now + n))
     with store.transaction():
@@ -198,7 +203,7 @@ def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
     line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
     conv = relay.start_conversation(line, relay.Config(lines=(line,)), msid("q"), CUSTOMER, "hi", "1", giver.clock())
     with giver.transaction():
-        giver.claim(msid("q"))
+        taken(giver, msid("q"))
         giver.save(conv, in_flight={0})
     wakes, stop = [], threading.Event()
     listening = threading.Thread(target=listener.listen, args=(lambda: wakes.append("woken"), stop))
