@@ -1912,7 +1912,6 @@ class PgStore(Store):
             return None
         said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
         texts = [sid for sid in self.local.claimed if sid in said]  # claimed in this transaction
-        self.local.claimed = [sid for sid in self.local.claimed if sid not in said]
         upsert = """INSERT INTO relay_conversations
             (id, line, sender, code, created, two_way, status, finished_at, held, wake_at, doc)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)

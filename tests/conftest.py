@@ -466,8 +466,9 @@ class Postgres:
     that user owns. fsync is off unless asked for: a test kills relays, never the database.
     """
 
-    def __init__(self, fsync: bool = False):
+    def __init__(self, fsync: bool = False, settings: str = ""):
         self.fsync = fsync
+        self.settings = settings  # more `-c name=value` for the server
         self.bin = postgres_bin()
         if self.bin is None:
             if os.environ.get("CI"):
@@ -489,7 +490,7 @@ class Postgres:
         self.run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir} "
-            f"-c fsync={'on' if self.fsync else 'off'} -c shared_buffers=16MB -c max_connections=60"
+            f"-c fsync={'on' if self.fsync else 'off'} -c shared_buffers=16MB -c max_connections=60 {self.settings}"
         )
         self.options = options
         self.restart()

@@ -57,6 +57,15 @@ def test_primary_is_paged_from_the_line_number(start_relay, fake_twilio):
     assert page["StatusCallback"].startswith(relay.url + "/api/sms/status?")
 
 
+def test_a_reply_naming_a_code_no_longer_open_is_told_who_took_it(start_relay, fake_twilio):
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+    relay.inbound(SERGIO, "#1 on it")
+    assert "#1 was already taken by Sergio" in relay.inbound(SERGIO, "#1 again")[1]
+    assert "no open message #7" in relay.inbound(SERGIO, "#7 on it")[1]
+
+
 def test_non_ascii_and_emoji_body_arrives_intact(start_relay, fake_twilio):
     relay = start_relay(config_text())
     text = "¿Mañana a las 9? 🚤⚓ Привет 你好"

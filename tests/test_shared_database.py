@@ -186,6 +186,23 @@ def test_a_reply_without_a_code_finds_its_conversation_behind_a_full_batch_of_ne
     assert found is not None and found.id == msid(0)
 
 
+def test_the_sweeper_is_told_when_the_next_deadline_falls(database_url):
+    # So it looks then, not only at its next poll.
+    store = opened_store(database_url)
+    line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60), relay.Contact("Backup", BACKUP, 60)))
+    now = store.clock()
+    for n, started in enumerate((now - 30, now - 10)):
+        conv = relay.start_conversation(
+            line, relay.Config(lines=(line,)), msid(n), f"+1555000{n:04d}", "hi", str(n), started
+        )
+        conv.pages[0].state = "sent"
+        with store.transaction():
+            taken(store, msid(n))
+            store.save(conv)
+    with store.transaction(reading=True):
+        assert store.next_due() == pytest.approx(now + 30, abs=0.01)  # the first one's backup
+
+
 def test_the_database_clock_is_read_again_while_the_relay_runs(database_url, monkeypatch):
     # Read at start, then moved on by this process's own clock: if that clock runs off (a suspended
     # machine's stops, a faulty one drifts), the next read puts the deadlines back on the database's.
@@ -437,6 +454,25 @@ def test_webhooks_answer_503_while_the_database_is_down_and_carry_on_by_themselv
         wait_until(lambda: fake_twilio.delivered(SERGIO))
         (page,) = fake_twilio.delivered(SERGIO)
         assert "after" in page["Body"] and "while down" not in page["Body"]
+    finally:
+        relay.stop()
+        cluster.close()
+
+
+def test_a_text_answered_200_outlives_a_crash_of_the_database_itself(tmp_path, fake_twilio):
+    # A webhook's commit waits for its log record to be written out; the relay's other commits need
+    # not (their work is done again). Here the log writer waits 10 s between rounds, so a commit
+    # that did not wait would still be in the database's memory when it is killed, and lost.
+    cluster = Postgres(settings="-c wal_writer_delay=10000").start()
+    relay = RelayProcess(tmp_path, fake_twilio, config_text(), env={"DATABASE_URL": cluster.new_database()})
+    try:
+        relay.start()
+        assert relay.inbound(CUSTOMER, "before the crash", sid=msid("kept"))[0] == 200
+        cluster.stop()  # at once, as a crash: nothing is written out on the way down
+        cluster.restart()
+        with psycopg.connect(relay.env["DATABASE_URL"]) as db:
+            stored = db.execute("SELECT conversation FROM relay_messages WHERE sid = %s", (msid("kept"),)).fetchall()
+        assert stored == [(msid("kept"),)]
     finally:
         relay.stop()
         cluster.close()
