@@ -1438,7 +1438,6 @@ def import_psycopg() -> None:
     """psycopg, imported only where a database is used: it costs 13 MB a relay on files never uses."""
     global psycopg, Json
     import psycopg
-    import psycopg.sql
     from psycopg.types.json import Json
 
 
@@ -1736,12 +1735,12 @@ class PgStore(Store):
         conn = None
         try:
             conn = self._checkout()
-            self.local.conn, self.local.claimed, self.local.reading = conn, [], reading
+            self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, [], reading, None
             self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
             if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
                 yield
             else:
-                self.local.opening = self._opening(key, redone).as_string(conn)  # sent with the first statement
+                self.local.opening = self._opening(key, redone)  # sent with the first statement
                 try:
                     yield
                 except BaseException:
@@ -1765,7 +1764,7 @@ class PgStore(Store):
                 self._checkin(conn)
 
     @staticmethod
-    def _opening(key: str | None, redone: bool) -> psycopg.sql.Composable:
+    def _opening(key: str | None, redone: bool) -> tuple[str, tuple]:
         """BEGIN, and what comes with it, sent with the transaction's first statement.
 
         A change that can be redone (the connection's default) commits without waiting for its WAL
@@ -1774,22 +1773,24 @@ class PgStore(Store):
         waits for one fsync, its webhook's, not for the sweep's and the send's queued before it.
         Any commit that waits writes all the log before it too.
         """
-        sql = psycopg.sql
-        opening = [sql.SQL("BEGIN")]
+        opening = ["BEGIN"]
         if not redone:
-            opening.append(sql.SQL("SET LOCAL synchronous_commit TO on"))
+            opening.append("SET LOCAL synchronous_commit TO on")
         if key is not None:
-            opening.append(sql.SQL("SELECT pg_advisory_xact_lock(hashtextextended({}, 0))").format(sql.Literal(key)))
-        return sql.SQL("; ").join(opening)
+            opening.append("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")
+        return "; ".join(opening), (key,) if key is not None else ()
 
     def _q(self, sql: str, params: tuple = ()):
-        cursor, opening = self.local.cursor, getattr(self.local, "opening", None)
+        cursor, opening = self.local.cursor, self.local.opening
         if opening is None:
             return cursor.execute(sql, params)
         # The transaction's opening and its first statement in one round trip (a round trip costs the
-        # relay and the database CPU, besides the wait). The statement's result is the last one.
-        self.local.opening = None
-        cursor.execute(f"{opening}; {psycopg.ClientCursor(cursor.connection).mogrify(sql, params)}")
+        # relay and the database CPU, besides the wait), their values written in. The statement's
+        # result is the last one.
+        (opening_sql, opening_params), self.local.opening = opening, None
+        cursor.execute(
+            psycopg.ClientCursor(cursor.connection).mogrify(f"{opening_sql}; {sql}", (*opening_params, *params))
+        )
         while cursor.nextset():
             pass
         return cursor
