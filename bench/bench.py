@@ -375,7 +375,7 @@ def bench_idle(fake_url: str, database_url=None) -> dict:
     return {"rss_mb": round(rss, 1)}
 
 
-def bench_database(fake_url: str, seconds: float = 5) -> dict:
+def bench_database(fake_url: str, seconds: float) -> dict:
     """The PostgreSQL store beside the JSON files, on the same load: one relay, then two on one database.
 
     The cluster is a throwaway one with fsync on, as a real database would be. `seconds` at the fixed

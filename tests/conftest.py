@@ -463,7 +463,8 @@ class Postgres:
     """A cluster of our own on a free port: initdb, pg_ctl start, and stopped by its pid.
 
     PostgreSQL refuses to run as root, so as root it runs as the `postgres` user, in a directory
-    that user owns. fsync is off unless asked for: a test kills relays, never the database.
+    that user owns. fsync is off unless asked for: a test may kill the database's processes, never the
+    machine under them, so what they wrote to the kernel survives.
     """
 
     def __init__(self, fsync: bool = False, settings: str = ""):
