@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import difflib
 import errno
 import fcntl
 import functools
@@ -86,8 +87,13 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_SMS_CHARS = 1600
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
-DURATION = re.compile(r"([0-9]+)\s*([smhd]?)")
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# "90", "90s", "5m", "2m30s", "1h30m", "1d": days, hours, minutes, seconds, each at most once, in that order.
+DURATION = re.compile(r"(?:([0-9]+)\s*d)?\s*(?:([0-9]+)\s*h)?\s*(?:([0-9]+)\s*m)?\s*(?:([0-9]+)\s*s?)?")
+DURATION_UNITS = (86400, 3600, 60, 1)
+
+
+# .env.example's placeholders: "ACxxxx...", "SKxxxx...", "your_auth_token", "your_api_secret".
+PLACEHOLDER_RUN = "xxxxxxxx"
 
 
 class ConfigError(Exception):
@@ -149,10 +155,10 @@ def parse_duration(value: object, key: str, zero: bool = False) -> int:
     """Seconds from an integer or a string such as "90s", "5m", "1h" (0 only where `zero` allows it)."""
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value
-    elif isinstance(value, str) and (m := DURATION.fullmatch(value.strip())):
-        seconds = int(m[1]) * DURATION_UNITS[m[2]]
+    elif isinstance(value, str) and (m := DURATION.fullmatch(value.strip())) and any(m.groups()):
+        seconds = sum(int(part or 0) * unit for part, unit in zip(m.groups(), DURATION_UNITS, strict=True))
     else:
-        raise ConfigError(f'{key}: {value!r} is not a duration like 90, "90s", "5m" or "1h"')
+        raise ConfigError(f'{key}: {value!r} is not a duration like 90, "90s", "5m", "2m30s" or "1h"')
     if seconds < 0 or seconds == 0 and not zero:
         raise ConfigError(f"{key}: a duration must be more than 0 seconds")
     return seconds
@@ -183,9 +189,10 @@ def _hours(value: object, key: str) -> str:
 
 
 def _timezone(value: object, key: str) -> str:
+    # A folder of the zone database ("Pacific") is no zone, and opening it is an OSError, not a lookup miss.
     try:
         zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         raise ConfigError(f"{key}: {value!r} is not a time zone name like America/Los_Angeles") from None
     return value
 
@@ -205,11 +212,17 @@ def _flag(value: object, key: str) -> bool:
     return value
 
 
+def _at(where: str, key: str) -> str:
+    """Where a key is, in words: `relay.wait`, or `line "QDN", contact "Backup", phone`."""
+    return key if not where else f"{where}.{key}" if where == "relay" else f"{where}, {key}"
+
+
 def _refuse_unknown(table: dict, known: set[str], where: str) -> None:
     for key in table:
         if key not in known:
-            prefix = f"{where}." if where else ""
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+            meant = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {meant[0]}?" if meant else f"known: {', '.join(sorted(known))}"
+            raise ConfigError(f"{_at(where, key)}: unknown key ({hint})")
 
 
 def _table(value: object, known: set[str], where: str) -> dict:
@@ -219,14 +232,21 @@ def _table(value: object, known: set[str], where: str) -> dict:
     return value
 
 
-def _parse_contact(raw: object, where: str, default_wait: int) -> Contact:
+def _named(raw: object, kind: str, fallback: str) -> str:
+    """How a refusal names a table: by its `name` when it has a usable one."""
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return f'{kind} "{name.strip()}"' if isinstance(name, str) and name.strip() else fallback
+
+
+def _parse_contact(raw: object, line_where: str, step: int, default_wait: int) -> Contact:
+    where = f"{line_where}, {_named(raw, 'contact', f'chain step {step}')}"
     raw = _table(raw, CONTACT_KEYS, where)
     return Contact(
-        _text(raw.get("name"), f"{where}.name"),
-        _phone(raw.get("phone"), f"{where}.phone"),
-        parse_duration(raw["wait"], f"{where}.wait") if "wait" in raw else default_wait,
-        _hours(raw["hours"], f"{where}.hours") if "hours" in raw else None,
-        _via(raw["via"], f"{where}.via") if "via" in raw else "sms",
+        _text(raw.get("name"), _at(where, "name")),
+        _phone(raw.get("phone"), _at(where, "phone")),
+        parse_duration(raw["wait"], _at(where, "wait")) if "wait" in raw else default_wait,
+        _hours(raw["hours"], _at(where, "hours")) if "hours" in raw else None,
+        _via(raw["via"], _at(where, "via")) if "via" in raw else "sms",
     )
 
 
@@ -236,25 +256,35 @@ def _via(value: object, key: str) -> str:
     return value
 
 
-def _parse_line(raw: object, where: str, default_wait: int) -> Line:
+def _parse_line(raw: object, index: int, default_wait: int) -> Line:
+    where = _named(raw, "line", f"lines[{index}]")
     raw = _table(raw, LINE_KEYS, where)
     chain = raw.get("chain")
     if not isinstance(chain, list) or not chain:
-        raise ConfigError(f"{where}.chain: the chain is empty; name at least one contact")
+        raise ConfigError(f"{_at(where, 'chain')}: the chain is empty; name at least one contact")
     options: dict = {}
     if "timezone" in raw:
-        options["timezone"] = _timezone(raw["timezone"], f"{where}.timezone")
+        options["timezone"] = _timezone(raw["timezone"], _at(where, "timezone"))
     if "reply_to_sender" in raw:
-        options["reply_to_sender"] = _flag(raw["reply_to_sender"], f"{where}.reply_to_sender")
+        options["reply_to_sender"] = _flag(raw["reply_to_sender"], _at(where, "reply_to_sender"))
     for key in ("received_text", "acknowledged_text", "unanswered_text"):
         if key in raw:
-            options[key] = _template(raw[key], f"{where}.{key}")
-    return Line(
-        _text(raw.get("name"), f"{where}.name"),
-        _phone(raw.get("number"), f"{where}.number"),
-        tuple(_parse_contact(c, f"{where}.chain[{j}]", default_wait) for j, c in enumerate(chain)),
+            options[key] = _template(raw[key], _at(where, key))
+    line = Line(
+        _text(raw.get("name"), _at(where, "name")),
+        _phone(raw.get("number"), _at(where, "number")),
+        tuple(_parse_contact(c, where, j + 1, default_wait) for j, c in enumerate(chain)),
         **options,
     )
+    first: dict[str, Contact] = {}
+    for contact in line.chain:
+        if (twin := first.setdefault(contact.phone, contact)) is not contact:
+            both = f'"{twin.name}" and "{contact.name}"' if twin.name != contact.name else f'"{twin.name}" twice'
+            raise ConfigError(
+                f'{where}, contact "{contact.name}", phone: {contact.phone} is in the chain for {both}; '
+                "a phone paged twice gives no extra cover (list each person once)"
+            )
+    return line
 
 
 def parse_config(data: dict) -> Config:
@@ -263,10 +293,7 @@ def parse_config(data: dict) -> Config:
     relay = _table(data.get("relay", {}), RELAY_KEYS, "relay")
     options: dict = {}
     if "public_url" in relay:
-        url = _text(relay["public_url"], "relay.public_url")
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError("relay.public_url: must start with https:// (or http://)")
-        options["public_url"] = url.rstrip("/")
+        options["public_url"] = _public_url(_text(relay["public_url"], "relay.public_url"), "relay.public_url")
     for key in ("wait", "retention", "catch_up", "catch_up_window"):
         if key in relay:
             options[key] = parse_duration(relay[key], f"relay.{key}", zero=key == "catch_up")
@@ -282,23 +309,31 @@ def parse_config(data: dict) -> Config:
     if not isinstance(raw_lines, list) or not raw_lines:
         raise ConfigError("lines: at least one [[lines]] table is needed")
     default_wait = options.get("wait", Config.wait)
-    lines = [_parse_line(raw, f"lines[{i}]", default_wait) for i, raw in enumerate(raw_lines)]
+    lines = [_parse_line(raw, i, default_wait) for i, raw in enumerate(raw_lines)]
 
     numbers = [line.number for line in lines]
     for i, line in enumerate(lines):
         if numbers.index(line.number) != i:
-            raise ConfigError(f"lines[{i}].number: {line.number} is already used by another line")
+            raise ConfigError(f'line "{line.name}", number: {line.number} is already used by another line')
         if [x.name for x in lines].index(line.name) != i:
-            raise ConfigError(f"lines[{i}].name: {line.name!r} is already used by another line")
-        for j, contact in enumerate(line.chain):
+            raise ConfigError(f'line "{line.name}", name: already used by another line')
+        for contact in line.chain:
             if contact.phone in numbers:
                 raise ConfigError(
-                    f"lines[{i}].chain[{j}].phone: {contact.phone} is a line's own number; "
-                    "paging it would loop back into the relay"
+                    f'line "{line.name}", contact "{contact.name}", phone: {contact.phone} is a line\'s own '
+                    "number; paging it would loop back into the relay"
                 )
     if options.get("alarm_phone") in numbers:
         raise ConfigError("relay.alarm_phone: is a line's own number; it would loop back into the relay")
     return Config(lines=tuple(lines), **options)
+
+
+def _public_url(value: str, key: str) -> str:
+    """An absolute http(s) URL with a host, without its trailing slash: what Twilio is told to call."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(ch.isspace() for ch in value):
+        raise ConfigError(f"{key}: {value!r} is not an absolute URL like https://relay.example.com")
+    return value.rstrip("/")
 
 
 def load_config(path: Path) -> Config:
@@ -345,7 +380,7 @@ class Settings:
             state_dir=Path(get("RELAY_STATE_DIR") or "state"),
             port=int(port),
             dry_run=dry_run or (get("RELAY_DRY_RUN") or "0").lower() not in ("0", "false", "no"),
-            public_url=(get("RELAY_PUBLIC_URL") or "").rstrip("/") or None,
+            public_url=_public_url(url, "RELAY_PUBLIC_URL") if (url := get("RELAY_PUBLIC_URL")) else None,
             api_base_url=(get("TWILIO_API_BASE_URL") or "https://api.twilio.com").rstrip("/"),
             account_sid=get("TWILIO_ACCOUNT_SID"),
             auth_token=get("TWILIO_AUTH_TOKEN"),
@@ -362,6 +397,17 @@ class Settings:
     def require_credentials(self) -> None:
         if self.dry_run:
             return
+        for name, value in (
+            ("TWILIO_ACCOUNT_SID", self.account_sid),
+            ("TWILIO_AUTH_TOKEN", self.auth_token),
+            ("TWILIO_API_KEY", self.api_key),
+            ("TWILIO_API_SECRET", self.api_secret),
+        ):
+            if value and (value.startswith("your_") or PLACEHOLDER_RUN in value.lower()):
+                raise ConfigError(
+                    f"{name}: still the placeholder from .env.example; put in your own from the Twilio "
+                    "console (or use --dry-run)"
+                )
         if not self.account_sid or not self.account_sid.startswith("AC"):
             raise ConfigError("TWILIO_ACCOUNT_SID: missing or not an AC... account SID (or use --dry-run)")
         if not self.auth_token:
@@ -469,6 +515,10 @@ CATCH_UP_FAILURES = prometheus_client.Counter(
 # ---------------------------------------------------------------------------
 
 OPEN_STATUS = "open"
+UNANSWERED_STATUS = "unanswered"  # the chain ran out: listed, and takeable, until taken or past retention
+# The newest unanswered conversations of a line kept listed in memory: a crew acts on these, and a flood
+# that ran out unanswered does not keep its thousands in memory for the retention (older ones are archived).
+UNANSWERED_LISTED = 100
 MAX_CODE = 999_999  # six digits: codes never run out while fewer conversations than this are open
 TWO_WAY_WINDOW = 24 * 3600.0
 
@@ -571,13 +621,23 @@ class Conversation:
     def is_open(self) -> bool:
         return self.status == OPEN_STATUS
 
+    @property
+    def is_takeable(self) -> bool:
+        """Nobody has it yet: open, held by a cap, or unanswered."""
+        return self.status in (OPEN_STATUS, HELD_STATUS, UNANSWERED_STATUS)
+
     def is_live_two_way(self, now: float) -> bool:
         """Acknowledged on a two-way line recently: the customer and the contact can still talk."""
         return self.two_way and self.status == "acknowledged" and now - self.finished_at < TWO_WAY_WINDOW
 
-    def is_settled(self, now: float) -> bool:
-        """Finished, with nothing left to send or say: ready for the archive."""
+    def is_settled(self, now: float, retention: float) -> bool:
+        """Finished, with nothing left to send or say: ready for the archive.
+
+        An unanswered one stays listed for somebody to take until the retention has passed.
+        """
         if self.status in (OPEN_STATUS, HELD_STATUS) or self.is_live_two_way(now):
+            return False
+        if self.status == UNANSWERED_STATUS and now - self.finished_at < retention:
             return False
         return not any(p.state in ("pending", "held") for p in self.pages)
 
@@ -782,7 +842,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def unfinished(self) -> list[Conversation]:
-        """Open and held conversations, and any with held texts, oldest first (for `status`)."""
+        """Open, held and unanswered conversations, and any with held texts, oldest first (for `status`)."""
+
+    @abc.abstractmethod
+    def described(self) -> str:
+        """Which store this is, and how many relays run on it now if that can be told (for `status`)."""
 
     @abc.abstractmethod
     def open_count(self) -> int:
@@ -997,6 +1061,7 @@ class JsonStore(Store):
         self.caps = HourlyWindow()  # cost caps: what was sent this past hour, per cap
         self.marks: dict[str, float] = {}  # once_every's keys, when last marked
         self.codes: dict[str, int] = {}  # line -> the last reply code given
+        self.retention = Config.retention  # as tidy was last told: how long unanswered ones stay listed
         self.forgotten = 0  # conversations archived and senders forgotten since memory was last given back
         self._forget()
 
@@ -1260,12 +1325,24 @@ class JsonStore(Store):
 
     def unfinished(self) -> list[Conversation]:
         return sorted(
-            (c for c in self.conversations.values() if c.status in (OPEN_STATUS, HELD_STATUS) or held_pages(c)),
+            (c for c in self.conversations.values() if c.is_takeable or held_pages(c)),
             key=lambda c: c.created,
         )
 
     def open_count(self) -> int:
         return len(self.open_by_sender)
+
+    def described(self) -> str:
+        try:
+            lock = (self.dir / self.LOCK).stat()
+            with open("/proc/locks") as locks:  # asked, not taken: a relay starting meanwhile must not be refused
+                held = any(f":{lock.st_ino} " in row and "FLOCK" in row for row in locks)
+            running = "a relay is running on it" if held else "no relay is running on it"
+        except FileNotFoundError:
+            running = "no relay has run on it yet"
+        except OSError:
+            running = "whether a relay runs on it cannot be told here"
+        return f"JSON files under {self.dir}; {running}"
 
     # -- writing ----------------------------------------------------------
 
@@ -1341,6 +1418,7 @@ class JsonStore(Store):
             return self._tidy(now, retention)
 
     def _tidy(self, now: float, retention: int) -> int:
+        self.retention = retention
         if self.needs_fold():
             before = len(self.conversations)
             self.fold()
@@ -1362,10 +1440,11 @@ class JsonStore(Store):
         self._close_journal(flush=True)
         self.folded_at = time.monotonic()
         now = self.clock()
+        unlisted = self._unanswered_beyond_listing(now)
         settled = [
             (conv, time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at)), conv.sids())
             for conv in self.conversations.values()
-            if conv.is_settled(now)
+            if conv.is_settled(now, self.retention) or conv.id in unlisted
         ]
         for day in sorted({day for _, day, _ in settled}):
             lines = (
@@ -1396,6 +1475,18 @@ class JsonStore(Store):
             if gen < self.generation:
                 path.unlink()
         self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
+
+    def _unanswered_beyond_listing(self, now: float) -> set[str]:
+        """Unanswered conversations older than each line's newest UNANSWERED_LISTED, with nothing left to send."""
+        by_line: dict[str, list[Conversation]] = {}
+        for conv in self.conversations.values():
+            if conv.status == UNANSWERED_STATUS and conv.is_settled(now, 0):
+                by_line.setdefault(conv.line, []).append(conv)
+        return {
+            conv.id
+            for convs in by_line.values()
+            for conv in sorted(convs, key=lambda c: c.finished_at, reverse=True)[UNANSWERED_LISTED:]
+        }
 
     def prune(self, now: float, retention: int) -> int:
         """Delete archive days wholly older than the retention; returns how many."""
@@ -1861,7 +1952,8 @@ class PgStore(Store):
 
     def latest_with_code(self, line: str, code: str) -> Conversation | None:
         found = self._docs(
-            "SELECT doc FROM relay_conversations WHERE line = %s AND code = %s ORDER BY created DESC LIMIT 1",
+            """SELECT doc FROM relay_conversations WHERE line = %s AND code = %s
+                ORDER BY created DESC LIMIT 1 FOR UPDATE""",
             (line, code),
         )
         return found[0] if found else None
@@ -1896,7 +1988,18 @@ class PgStore(Store):
 
     def unfinished(self) -> list[Conversation]:
         with self.transaction(reading=True):
-            return self._docs(f"SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR held ORDER BY created")
+            return self._docs(
+                f"""SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR status = 'unanswered' OR held
+                    ORDER BY created"""
+            )
+
+    def described(self) -> str:
+        with self.transaction(reading=True):
+            (listening,) = self._q(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay' AND query = %s",
+                (f"LISTEN {self.CHANNEL}",),
+            ).fetchone()
+        return f"PostgreSQL at {loggable_url(self.dsn)}; {listening} relay(s) running on it"
 
     def open_count(self) -> int:
         # Counted afresh (other relays change it too); the last count stands while the database is away.
@@ -2410,7 +2513,10 @@ def all_media(conv: Conversation) -> list[str]:
 def alarm_text(conv: Conversation) -> str:
     names = ", ".join(dict.fromkeys(c.name for c in conv.chain))
     first = conv.messages[0]["body"]
-    return fit_sms(f"UNANSWERED {conv.line} #{conv.code} from {conv.sender}; nobody of {names} replied: {first}")
+    return fit_sms(
+        f"UNANSWERED {conv.line} #{conv.code} from {conv.sender}; nobody of {names} took it. "
+        f"Reply #{conv.code} to take it: {first}"
+    )
 
 
 def contact_at(conv: Conversation, step: int) -> Contact:
@@ -2496,11 +2602,15 @@ def escalate(conv: Conversation, now: float) -> str:
     if conv.step + 1 < len(conv.chain) * conv.rounds:
         _begin_step(conv, conv.step + 1, now)
         return "escalated"
-    conv.status, conv.finished_at = "unanswered", now
-    if conv.alarm_phone:
-        conv.pages.append(Page(to=conv.alarm_phone, body=alarm_text(conv), kind="alarm", retry_at=now))
+    conv.status, conv.finished_at = UNANSWERED_STATUS, now
+    conv.pages.append(Page(to=alarm_phone(conv), body=alarm_text(conv), kind="alarm", retry_at=now))
     tell_customer(conv, "unanswered", now)
     return "unanswered"
+
+
+def alarm_phone(conv: Conversation) -> str:
+    """Who hears of a chain that ran out: the alarm phone, else the chain's first contact."""
+    return conv.alarm_phone or conv.chain[0].phone
 
 
 def expire(conv: Conversation, now: float) -> str | None:
@@ -2544,6 +2654,12 @@ def spoken(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def sentence(text: str) -> str:
+    """The text as a sentence: a full stop added only where it does not end in one already."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?", "…")) else f"{text}."
+
+
 def spoken_number(phone: str) -> str:
     return " ".join("plus" if ch == "+" else ch for ch in phone)
 
@@ -2557,7 +2673,7 @@ def call_twiml(conv: Conversation, gather_url: str) -> str:
     keep = len(bodies)
     while True:
         text = bodies if keep >= len(bodies) else bodies[:keep] + CUT_MARK
-        said = f"Message on the {conv.line} line from {spoken_number(conv.sender)}. {text}. {PROMPT}"
+        said = f"Message on the {conv.line} line from {spoken_number(conv.sender)}. {sentence(text)} {PROMPT}"
         response = VoiceResponse()
         ask(response, gather_url, said, f"Again: {PROMPT}")
         twiml = str(response)
@@ -2610,6 +2726,27 @@ def pass_on(conv: Conversation, contact: Contact, now: float) -> str | None:
     if conv.is_open and contact_at(conv, conv.step).phone == contact.phone:
         return escalate(conv, now)
     return None
+
+
+def others_told(conv: Conversation) -> str:
+    """For the contact who took it: who else was paged and is told, or that nobody was."""
+    names = {c.phone: c.name for c in conv.chain}
+    others = [names[phone] for phone in reached_phones(conv, delivered_only=True) if phone != conv.acknowledged_phone]
+    if not others:
+        return "Nobody else is paged."
+    were, are = ("was", "is") if len(others) == 1 else ("were", "are")
+    return f"Nobody else is paged; {', '.join(others)} {were} paged too and {are} told you took it."
+
+
+def holder_words(conv: Conversation) -> str:
+    """Where a conversation stands, for a contact it is not with."""
+    if conv.is_open:
+        return f"is with {contact_at(conv, conv.step).name} now"
+    if conv.status == UNANSWERED_STATUS:
+        return "ended with nobody answering and is listed as unanswered"
+    if conv.status == HELD_STATUS:
+        return "is held by a cost cap and pages nobody yet"
+    return f"was taken by {conv.acknowledged_by}"
 
 
 def taken_text(conv: Conversation) -> str:
@@ -2712,11 +2849,14 @@ def bundle_text(line: str, held: list[Conversation]) -> str:
     return listing(f"{line}: {len(held)} text(s) held by a cost cap; they go out as the cap allows:", held)
 
 
-def listing(head: str, convs: list[Conversation]) -> str:
-    """A head, then one row per conversation (code, sender, first words) as far as one SMS takes, counting the rest."""
+def listing(head: str, convs: list[Conversation], holder: bool = False) -> str:
+    """A head, then one row per conversation (code, sender, first words, and with `holder` who has
+    the step now) as far as one SMS takes, counting the rest."""
     text = head
     for shown, conv in enumerate(convs):
         entry = f"\n#{conv.code} {conv.sender} {first_words(conv.messages[0]['body'])}"
+        if holder and conv.is_open:
+            entry += f" (with {contact_at(conv, conv.step).name})"
         rest = f"\n... and {len(convs) - shown} more"
         # Room is kept to count the rest: any later count is no longer than this one.
         if utf16_len(text + entry) + len(rest) > MAX_SMS_CHARS:
@@ -3128,7 +3268,7 @@ class Relay:
         word = reply_word(body)
         if word == "list":
             mine = [c for c in self.store.open_on(line.name) if contact.phone in reached_phones(c)]
-            answer.message(listing(f"{line.name}: {len(mine)} open for you", mine))
+            answer.message(listing(f"{line.name}: {len(mine)} open for you", mine, holder=True))
             return None, "reply_list", fields
         if word == "pass":
             talking = []  # only an open conversation can be passed on
@@ -3143,10 +3283,10 @@ class Relay:
                 self._after_change(conv, event, reason=f"passed on by {contact.name}")
                 reply["answer"] = f"{line.name} #{conv.code}: passed on; {self._next_paged(conv)}."
             else:
-                reply["answer"] = f"{line.name} #{conv.code} is not with you now; nothing changed."
+                reply["answer"] = f"{line.name} #{conv.code} {holder_words(conv)}; nothing changed."
             answer.message(reply["answer"])
             return conv, "reply_pass" if event else "reply_pass_refused", self._ids(conv, contact=contact.name)
-        if conv.status in (OPEN_STATUS, HELD_STATUS):
+        if conv.is_takeable:
             acknowledge(conv, contact, reply, now)
             ACKS.inc()
             event, text = (
@@ -3159,12 +3299,12 @@ class Relay:
         if reply_to_customer(conv, body, now):
             text += " Your reply goes to the customer."
         elif event == "acknowledged":
-            text += " Nobody else is paged."
+            text += f" {others_told(conv)}"
         else:
             text += " nothing was sent to the customer (a bare acknowledgement)."
         reply["answer"] = text
         answer.message(text)
-        return conv, event, self._ids(conv, contact=contact.name)
+        return conv, event, self._ids(conv, contact=contact.name, way="sms" if event == "acknowledged" else None)
 
     def _open_for_reply(self, line: Line, contact: Contact, body: str) -> list[Conversation]:
         """The open conversations a reply may be about: the one holding the code it names, else the
@@ -3172,16 +3312,19 @@ class Relay:
         candidate = code_candidate(body)
         if candidate is not None:
             holding = self.store.holding_code(line.name, candidate)
+            if holding is None and named_code(body, set()) is not None:  # named as a code: unanswered, maybe
+                latest = self.store.latest_with_code(line.name, candidate)
+                holding = latest if latest is not None and latest.status == UNANSWERED_STATUS else None
             if holding or named_code(body, set()) is not None:  # named as a code, open or not
                 return [holding] if holding else []
         newest = self.store.newest_paged(line.name, contact.phone)
         return [newest] if newest else []
 
-    @staticmethod
-    def _next_paged(conv: Conversation) -> str:
+    def _next_paged(self, conv: Conversation) -> str:
         if conv.is_open:
             return f"{contact_at(conv, conv.step).name} is paged now"
-        return "nobody else is left to page"
+        told = next((c.name for c in conv.chain if c.phone == alarm_phone(conv)), "the alarm phone")
+        return f"nobody else is left to page: it is listed as unanswered and {told} is told"
 
     # -- calls ---------------------------------------------------------------
 
@@ -3205,12 +3348,13 @@ class Relay:
                 if repeated:  # the call ends without 1 or 2: Twilio's report of it moves the chain on
                     return key_twiml("Nothing was taken. Goodbye.")
                 return key_twiml(f"Again: {PROMPT}", self.callback_url("/api/voice/gather", conv, index, r=1))
-            if digits == "1" and conv.status in (OPEN_STATUS, HELD_STATUS):
+            if digits == "1" and conv.is_takeable:
                 call_sid = params.get("CallSid") or f"call-{conv_id}-{index}"
                 acknowledge(conv, contact, {"sid": call_sid, "from": contact.phone, "body": "1", "at": now}, now)
                 page.state = "taken"
                 ACKS.inc()
-                words = f"Thank you, {contact.name}. It is yours. Nobody else is paged."
+                event = "acknowledged"
+                words = f"Thank you, {contact.name}. It is yours. {others_told(conv)}"
             elif digits == "1":
                 words = f"It was already taken by {conv.acknowledged_by}." if conv.acknowledged_by else "It has ended."
             elif event := pass_on(conv, contact, now):
@@ -3221,7 +3365,9 @@ class Relay:
             ticket = self._save(conv)
         self.store.wait(ticket)
         log("info", "call_key", **self._ids(conv, to=contact.phone, digits=digits))
-        if event:
+        if event == "acknowledged":
+            log("info", "acknowledged", **self._ids(conv, contact=contact.name, way="call"))
+        elif event:
             self._after_change(conv, event, reason=f"passed on by {contact.name}")
         self.wake_sweep()
         return key_twiml(words + " Goodbye.")
@@ -3289,7 +3435,7 @@ class Relay:
         if event == "escalated":
             ESCALATIONS.inc()
             to = contact_at(conv, conv.step).phone
-            log("warning", "escalated", **self._ids(conv, to=to, step=conv.step), **fields)
+            log("warning", "escalated", **self._ids(conv, to=to, step=conv.step + 1), **fields)
         elif event == "unanswered":
             UNANSWERED.inc()
             log("error", "unanswered", **self._ids(conv, sender=conv.sender), **fields)
@@ -4236,6 +4382,11 @@ def reachable_database(url: str) -> PgStore:
     return store
 
 
+def local_time(ts: float, timezone: str) -> str:
+    """A time as an operator reads it: in the line's time zone, saying which."""
+    return datetime.datetime.fromtimestamp(ts, zoneinfo.ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 def cmd_status(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ))
@@ -4244,22 +4395,32 @@ def cmd_status(args) -> int:
     else:
         store = read_store_while_running(settings.state_dir)
     convs = store.unfinished()
-
-    def when(ts: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-    print(f"{sum(c.is_open for c in convs)} open conversation(s)")
+    print(
+        f"{sum(c.is_open for c in convs)} open conversation(s), "
+        f"{sum(c.status == UNANSWERED_STATUS for c in convs)} unanswered"
+    )
+    print(f"store: {store.described()}")
     if last := store.last_catch_up():
         began, ok = last
-        print(f"last catch-up: {when(began)}, {'ok' if ok else 'failed (tried again at the next pass)'}")
+        print(f"last catch-up: {local_time(began, 'UTC')}, {'ok' if ok else 'failed (tried again at the next pass)'}")
     else:
         print("last catch-up: none yet (there is none in dry-run, nor with catch_up = 0)")
     for conv in convs:
         held = len(held_pages(conv))
+
+        when = functools.partial(lambda tz, ts: local_time(ts, tz), conv.timezone)
+
+        head = f"{conv.line} #{conv.code} from {conv.sender}"
+        if conv.status == UNANSWERED_STATUS:
+            print(
+                f"{head} since {when(conv.created)}: UNANSWERED since {when(conv.finished_at)}; "
+                f"a reply #{conv.code} from a contact takes it"
+            )
+            continue
         if not conv.is_open:
             print(
-                f"{conv.line} #{conv.code} from {conv.sender} at {when(conv.created)}: {held} text(s) HELD by a "
-                f"cost cap ({conv.status}); they go out as the cap allows"
+                f"{head} at {when(conv.created)}: {held} text(s) HELD by a cost cap ({conv.status}); "
+                "they go out as the cap allows"
             )
             continue
         paged = ", ".join(
@@ -4270,7 +4431,7 @@ def cmd_status(args) -> int:
         )
         nxt = contact_at(conv, conv.step + 1).name if conv.step + 1 < len(conv.chain) * conv.rounds else "unanswered"
         print(
-            f"{conv.line} #{conv.code} from {conv.sender} since {when(conv.created)}; paged: {paged}; "
+            f"{head} since {when(conv.created)}; paged: {paged}; "
             f"step {conv.step + 1} since {when(conv.step_started)}; next: {nxt} at {when(conv.deadline)}"
             + (f"; {held} text(s) HELD by a cost cap" if held else "")
         )

@@ -254,6 +254,18 @@ def test_a_key_pressed_on_a_call_is_logged_with_the_key(tmp_path, clock, capsys)
     assert [(e["to"], e["digits"]) for e in logged_events(capsys, "call_key")] == [(SERGIO, "1")]
 
 
+def test_a_take_by_key_press_logs_acknowledged_with_the_contact_and_the_way(tmp_path, clock, capsys):
+    service = service_with(tmp_path)
+    service.gateway = gateway = CallsHangUntilReleased()
+    gateway.released.set()
+    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.sweep()
+    conv = next(iter(service.store.conversations.values()))
+    service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
+    acks = logged_events(capsys, "acknowledged")
+    assert [(e["contact"], e["way"], e["code"]) for e in acks] == [("Sergio", "call", conv.code)]
+
+
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
@@ -270,7 +282,7 @@ def test_pass_from_a_contact_not_holding_the_step_changes_nothing(tmp_path, cloc
     clock.tick(120)
     service.sweep()  # the backup holds the step now
     twiml = service.receive({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "#1 pass"})
-    assert "is not with you now; nothing changed" in twiml
+    assert "is with Backup now; nothing changed" in twiml
     assert service.store.conversations[msid(1)].step == 1
 
 

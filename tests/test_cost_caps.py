@@ -241,15 +241,26 @@ def test_quiet_senders_are_forgotten_once_their_hour_has_passed(tmp_path, clock)
 
 def test_look_ups_shrink_back_once_a_flood_of_senders_is_archived_and_forgotten(tmp_path, clock):
     service = capped_relay(tmp_path, outbound_cap=10_000)
-    empty = sys.getsizeof({})
+    empty, listed = sys.getsizeof({}), sys.getsizeof(dict.fromkeys(range(relay.UNANSWERED_LISTED)))
     for n in range(600):  # 600 conversations archived and 600 senders forgotten: over the 1,000 that trims
         text(service, f"+1555100{n:04d}", n)
     assert sys.getsizeof(service.store.open_by_sender) > 10 * empty
     an_hour_later(service, clock)  # every chain has ended unanswered
-    an_hour_later(service, clock)  # archived, and the senders' hour is over
-    assert not service.store.conversations
-    sizes = [sys.getsizeof(d) for d in (service.store.open_by_sender, service.store.seen, service.store.conversations)]
-    assert sizes == [empty] * 3
+    an_hour_later(service, clock)  # archived but the newest unanswered, and the senders' hour is over
+    assert len(service.store.conversations) == relay.UNANSWERED_LISTED
+    assert sys.getsizeof(service.store.open_by_sender) == empty
+    assert sys.getsizeof(service.store.conversations) <= listed
+
+
+def test_a_flood_that_ran_out_unanswered_keeps_only_the_newest_listed(tmp_path, clock):
+    service = capped_relay(tmp_path, outbound_cap=10_000)
+    for n in range(relay.UNANSWERED_LISTED + 5):
+        text(service, f"+1555100{n:04d}", n)
+        clock.tick(1)
+    an_hour_later(service, clock)
+    an_hour_later(service, clock)
+    kept = sorted(c.sender for c in service.store.unfinished())
+    assert kept == [f"+1555100{n:04d}" for n in range(5, relay.UNANSWERED_LISTED + 5)]
 
 
 def test_held_texts_are_listed_by_status(tmp_path, clock, capsys, monkeypatch):

@@ -148,7 +148,7 @@ def test_invalid_config_edit_keeps_the_last_good_config(start_relay, fake_twilio
     relay = start_relay(config_text())
     (relay.workdir / "config.toml").write_text(config_text().replace(SERGIO, "555"))
     rejected = wait_until(lambda: relay.events("config_rejected"), timeout=5)
-    assert "lines[0].chain[0].phone" in rejected[0]["reason"]
+    assert 'line "QDN", contact "Sergio", phone' in rejected[0]["reason"]
     relay.inbound(CUSTOMER, "hello")
     wait_until(lambda: fake_twilio.delivered(SERGIO))
 

@@ -1,5 +1,7 @@
 """The relay as a real process over HTTP, with a fake Twilio REST API on 127.0.0.1."""
 
+import re
+
 import pytest
 from conftest import BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO, barrier, config_text, wait_until
 
@@ -171,3 +173,23 @@ def test_status_lists_who_was_paged_when_and_the_next_escalation(start_relay, fa
     assert f"QDN #1 from {CUSTOMER}" in out
     assert f"paged: Sergio {SERGIO} sent at " in out
     assert "next: Backup at " in out
+
+
+def test_status_says_which_store_it_read_and_that_a_relay_runs_on_it(start_relay, fake_twilio, store_kind):
+    relay = start_relay(config_text())
+    first = relay.run("status").stdout.splitlines()[1]
+    if store_kind == "json":
+        assert first.startswith("store: JSON files under ") and first.endswith("a relay is running on it")
+    else:
+        assert first.startswith("store: PostgreSQL at ") and first.endswith("1 relay(s) running on it")
+    relay.stop()
+    after = relay.run("status").stdout.splitlines()[1]
+    assert after.endswith("no relay is running on it" if store_kind == "json" else "0 relay(s) running on it")
+
+
+def test_status_shows_times_in_the_lines_time_zone_and_says_which(start_relay, fake_twilio):
+    relay = start_relay(config_text().replace('name = "QDN"', 'name = "QDN"\ntimezone = "America/Los_Angeles"'))
+    relay.inbound(CUSTOMER, "hello")
+    wait_until(lambda: relay.events("relay_sent"))
+    out = relay.run("status").stdout
+    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d P[SD]T; paged", out), out

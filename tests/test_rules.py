@@ -106,7 +106,7 @@ def test_acknowledgement_cancels_a_page_still_waiting_to_be_sent(clock):
     relay.expire(conv, time.time())
     relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
     assert [p.state for p in conv.pages] == ["cancelled", "cancelled"]
-    assert conv.is_settled(time.time())
+    assert conv.is_settled(time.time(), retention=7 * 86400)
 
 
 def test_contacts_already_paged_are_told_who_took_it(clock):
