@@ -164,6 +164,16 @@ def parse_duration(value: object, key: str, zero: bool = False) -> int:
     return seconds
 
 
+def say_duration(seconds: int) -> str:
+    """Seconds as the config writes them: 90 -> "1m30s", 86400 -> "1d"."""
+    parts = []
+    for unit, size in zip("dhms", DURATION_UNITS, strict=True):
+        if count := seconds // size:
+            parts.append(f"{count}{unit}")
+            seconds -= count * size
+    return "".join(parts) or "0s"
+
+
 def _phone(value: object, key: str) -> str:
     if not isinstance(value, str) or not E164.fullmatch(value):
         raise ConfigError(f"{key}: {value!r} is not an E.164 number like +16195550100")
@@ -366,6 +376,7 @@ class Settings:
     api_secret: str | None
     database_url: str | None = None  # state in PostgreSQL, shared by any number of relays, instead of files
     files_do_not_last: bool = False  # on Heroku (DYNO is set), whose dynos lose their files at each restart
+    host: str = "0.0.0.0"  # HOST: where `serve` listens; 127.0.0.1 keeps a trial off the network
 
     @classmethod
     def from_env(cls, env: dict, dry_run: bool = False) -> Settings:
@@ -379,6 +390,7 @@ class Settings:
             config_path=Path(get("RELAY_CONFIG") or "config.toml"),
             state_dir=Path(get("RELAY_STATE_DIR") or "state"),
             port=int(port),
+            host=get("HOST") or "0.0.0.0",
             dry_run=dry_run or (get("RELAY_DRY_RUN") or "0").lower() not in ("0", "false", "no"),
             public_url=_public_url(url, "RELAY_PUBLIC_URL") if (url := get("RELAY_PUBLIC_URL")) else None,
             api_base_url=(get("TWILIO_API_BASE_URL") or "https://api.twilio.com").rstrip("/"),
@@ -953,6 +965,24 @@ def json_lines(path: Path) -> Iterator[dict | None]:
             yield record if isinstance(record, dict) else None
 
 
+def cut_torn_tail(path: Path, chunk: int = 4096) -> None:
+    """Cut a torn last line (a crash mid-append) off a JSON-lines file; it was never acknowledged."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep = end
+        while keep > 0:
+            start = max(0, keep - chunk)
+            f.seek(start)
+            tail = f.read(keep - start)
+            if (newline := tail.rfind(b"\n")) >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        if keep < end:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+
+
 def read_json_lines(path: Path) -> list[dict]:
     """The readable lines of a (small) JSON-lines file."""
     return [record for record in json_lines(path) if record is not None]
@@ -980,6 +1010,8 @@ class Journal:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = os.fstat(self.fd).st_size
+        if not self.size:  # a new file: its name must last as its lines do
+            _fsync_dir(path.parent)
         self.cv = threading.Condition()
         self.queued: list[bytes] = []
         self.enqueued = 0
@@ -1050,6 +1082,7 @@ class JsonStore(Store):
     CATCH_UP = "catch_up.json"
     FOLD_BYTES = 4 * 1024 * 1024
     FOLD_EVERY = 3600.0  # so a quiet line's finished conversations still reach the archive and retention
+    FOLD_MARGIN = 64 * 1024  # room kept beyond the snapshot's size, for the journal's next lines
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -1062,6 +1095,7 @@ class JsonStore(Store):
         self.marks: dict[str, float] = {}  # once_every's keys, when last marked
         self.codes: dict[str, int] = {}  # line -> the last reply code given
         self.retention = Config.retention  # as tidy was last told: how long unanswered ones stay listed
+        self.fold_waiting = False  # a fold is due but the disk has no room for it (said once)
         self.forgotten = 0  # conversations archived and senders forgotten since memory was last given back
         self._forget()
 
@@ -1107,14 +1141,14 @@ class JsonStore(Store):
         """
         snapshot_path = self.dir / self.SNAPSHOT
         first_journal = 0
-        if snapshot_path.exists():  # a header line, then one record a line
+        if snapshot_path.exists():  # a header line (with how many records follow), then one record a line
             records = json_lines(snapshot_path)
             header = next(records, None)
             if header is not None and "generation" in header:
-                first_journal, damaged = header["generation"], 0
+                first_journal, damaged, expected = header["generation"], 0, header.get("records")
             else:  # no header: a damaged file, and the first line may be a record
-                records, damaged = itertools.chain([header] if header else [], records), 1
-            self._read_records(snapshot_path, records, damaged, quarantine)
+                records, damaged, expected = itertools.chain([header] if header else [], records), 1, None
+            self._read_records(snapshot_path, records, damaged, quarantine, expected)
         self.generation = first_journal
         for gen, path in self._journals():
             self.generation = max(self.generation, gen)
@@ -1124,8 +1158,14 @@ class JsonStore(Store):
             day = path.name[len("archive-") : -len(".jsonl")]
             self.archive_days[day] = array.array("q", sorted(hash(sid) for sid in archived_sids(path)))
 
-    def _read_records(self, path: Path, records: Iterator[dict | None], damaged: int, quarantine: bool) -> None:
+    def _read_records(
+        self, path: Path, records: Iterator[dict | None], damaged: int, quarantine: bool, expected: int | None = None
+    ) -> None:
+        """Read records into memory, counting what cannot be read; a file that said how many it holds
+        and holds fewer lines (whole lines lost) counts the missing ones as damaged too."""
+        lines = 0
         for data in records:
+            lines += 1
             if data is None:
                 damaged += 1
                 continue
@@ -1140,6 +1180,8 @@ class JsonStore(Store):
                     self._remember(Conversation.from_json(data))
             except (KeyError, TypeError, ValueError, AttributeError):
                 damaged += 1
+        if isinstance(expected, int) and lines < expected:
+            damaged += expected - lines
         if damaged:
             aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d%H%M%S')}")
             log("error", "state_file_damaged", file=path.name, unreadable_records=damaged, moved_to=aside.name)
@@ -1159,9 +1201,16 @@ class JsonStore(Store):
         # A probe first: a full disk is said plainly here, not found at the first text.
         write_atomically(self.dir / ".probe", b"x" * 4096)
         (self.dir / ".probe").unlink()
-        if self._journals() or self.damaged:
+        if self.damaged:  # what was read of a file moved aside is only in memory: write it out now
             self.fold()
-        else:  # only a snapshot: nothing to fold, so start its journal without rewriting it
+        else:
+            # A fresh journal after the last, with no fold: a start or heal on a nearly full disk needs
+            # room for a line, not for a new snapshot beside the old (the fold waits until there is room).
+            journals = self._journals()
+            for _, path in journals:
+                cut_torn_tail(path)
+            fresh = journals[-1][0] + 1 if journals and journals[-1][1].stat().st_size else self.generation
+            self.generation = max(self.generation, fresh)
             self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
         self.failed = None
 
@@ -1400,6 +1449,19 @@ class JsonStore(Store):
             return True
         return self.journal.size > 0 and time.monotonic() - self.folded_at > self.FOLD_EVERY
 
+    def room_to_fold(self) -> bool:
+        """A new snapshot fits beside the files it replaces (it is never bigger than they are together)."""
+        files = [self.dir / self.SNAPSHOT, *(path for _, path in self._journals())]
+        needed = sum(path.stat().st_size for path in files if path.exists()) + self.FOLD_MARGIN
+        disk = os.statvfs(self.dir)
+        if disk.f_bavail * disk.f_frsize >= needed:
+            self.fold_waiting = False
+            return True
+        if not self.fold_waiting:
+            self.fold_waiting = True
+            log("warning", "fold_waits_for_room", needed_bytes=needed, free_bytes=disk.f_bavail * disk.f_frsize)
+        return False
+
     def fold(self) -> None:
         """Move settled conversations to the archive and fold the journal into a snapshot.
 
@@ -1419,7 +1481,7 @@ class JsonStore(Store):
 
     def _tidy(self, now: float, retention: int) -> int:
         self.retention = retention
-        if self.needs_fold():
+        if self.needs_fold() and self.room_to_fold():
             before = len(self.conversations)
             self.fold()
             self.two_way = {k: v for k, v in self.two_way.items() if v in self.conversations}
@@ -1464,7 +1526,7 @@ class JsonStore(Store):
         for day, more in hashes.items():
             self.archive_days[day] = array.array("q", sorted([*self.archive_days.get(day, ()), *more]))
         lines = itertools.chain(
-            [json.dumps({"generation": self.generation + 1})],
+            [json.dumps({"generation": self.generation + 1, "records": len(self.conversations) + len(self.strays)})],
             (c.to_json() for c in self.conversations.values()),
             (json.dumps({"stray": stray}, ensure_ascii=False) for stray in self.strays.values()),
         )
@@ -2127,9 +2189,9 @@ class PgStore(Store):
             row = self._q("SELECT key, at FROM relay_marks WHERE key LIKE 'catch_up:%%' ORDER BY at DESC").fetchone()
         return (row[1], row[0] == "catch_up:ok") if row else None
 
-    def import_state(self, convs: list[Conversation], strays: list[dict]) -> int:
-        """Add conversations and remembered texts not yet here; returns how many conversations were new."""
-        added = 0
+    def import_state(self, convs: list[Conversation], strays: list[dict]) -> tuple[int, int]:
+        """Add conversations and remembered texts not yet here; returns how many of each were new."""
+        added = added_strays = 0
         with self.transaction():
             for conv in convs:
                 if self._q("SELECT 1 FROM relay_conversations WHERE id = %s", (conv.id,)).fetchone():
@@ -2158,11 +2220,11 @@ class PgStore(Store):
                         (min(int(conv.code), MAX_CODE),),
                     )
             for stray in strays:
-                self._q(
+                added_strays += self._q(
                     "INSERT INTO relay_messages (sid, answer, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                     (stray["sid"], stray["answer"], stray["at"]),
-                )
-        return added
+                ).rowcount
+        return added, added_strays
 
     def tidy(self, now: float, retention: int) -> int:
         """Keep the clock in step, and (one relay at a time) apply retention."""
@@ -4030,7 +4092,7 @@ def describe(settings: Settings, config: Config) -> list[str]:
     out = []
     for line in config.lines:
         steps = " -> ".join(
-            f"{c.name} {c.phone} (by {c.via}, wait {c.wait}s"
+            f"{c.name} {c.phone} (by {c.via}, wait {say_duration(c.wait)}"
             f"{f', on duty {c.hours} {line.timezone}' if c.hours else ''})"
             for c in line.chain
         )
@@ -4040,14 +4102,18 @@ def describe(settings: Settings, config: Config) -> list[str]:
         told = [e for e in ("received", "acknowledged", "unanswered") if getattr(line, f"{e}_text")]
         if told:
             out.append(f"line {line.name}: the customer is told when a text is {', '.join(told)}")
-    out.append(f"alarm: {config.alarm_phone or 'none (unanswered texts are only logged)'}")
+    firsts = ", ".join(f"{line.chain[0].name} for {line.name}" for line in config.lines)
+    out.append(
+        f"alarm: {config.alarm_phone or f'none set; a chain that runs out is told to its first contact ({firsts})'}"
+    )
     public_url = settings.public_url_for(config)
     if public_url:
         public_url = loggable_url(public_url)
         out.append(f"webhook: {public_url}/api/sms/inbound; delivery reports: {public_url}/api/sms/status")
     else:
         out.append(
-            "public URL: not set (RELAY_PUBLIC_URL); signatures are checked against the URL the request "
+            ("" if settings.dry_run else "WARNING: ")
+            + "public URL: not set (RELAY_PUBLIC_URL); signatures are checked against the URL the request "
             "arrived on, and no delivery reports are asked for"
         )
     out.append("mode: dry-run, nothing is sent" if settings.dry_run else f"REST: {settings.api_base_url}")
@@ -4065,8 +4131,8 @@ def describe(settings: Settings, config: Config) -> list[str]:
         out.append("catch-up: off (texts the webhook misses are not looked for)")
     else:
         out.append(
-            f"catch-up: every {config.catch_up}s, Twilio is asked for texts the webhook missed "
-            f"(the first pass looks back {config.catch_up_window}s)"
+            f"catch-up: every {say_duration(config.catch_up)}, Twilio is asked for texts the webhook missed "
+            f"(the first pass looks back {say_duration(config.catch_up_window)})"
         )
     return out
 
@@ -4086,12 +4152,12 @@ def open_files_allowed() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def create_server(app, port: int):
+def create_server(app, host: str, port: int):
     """waitress set for a public port: many connections at once, idle ones closed, poll() not select()."""
     connections = max(100, min(10_000, open_files_allowed() - 256))
     return waitress.create_server(
         app,
-        host="0.0.0.0",
+        host=host,
         port=port,
         threads=8,
         max_request_body_size=MAX_BODY_BYTES,
@@ -4155,10 +4221,11 @@ def cmd_serve(args) -> int:
     for text in describe(settings, config):
         log("warning" if text.startswith("WARNING") else "info", "startup", detail=text)
     try:
-        server = create_server(make_app(relay), settings.port)
+        server = create_server(make_app(relay), settings.host, settings.port)
     except OSError as e:
-        raise ConfigError(f"PORT: cannot listen on 0.0.0.0:{settings.port}: {e.strerror}") from None
-    log("info", "listening", port=settings.port, open_conversations=store.open_count())
+        where = f"{settings.host}:{settings.port}"
+        raise ConfigError(f"PORT: cannot listen on {where}: {e.strerror or e}") from None
+    log("info", "listening", host=settings.host, port=settings.port, open_conversations=store.open_count())
     relay.tell_about_damage()
     stop = threading.Event()
     sweeper = threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True)
@@ -4204,7 +4271,14 @@ def open_store(settings: Settings) -> Store:
 def cmd_send(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ), dry_run=True)
-    url = args.url or f"http://127.0.0.1:{settings.port}/api/sms/inbound"
+    url = inbound_url(args.url or f"http://127.0.0.1:{settings.port}")
+    with contextlib.suppress(ConfigError):
+        config = load_config(settings.config_path)
+        if config.line_for(args.to) is None:
+            lines = ", ".join(f"{line.name} {line.number}" for line in config.lines)
+            print(
+                f"relay: no line in {settings.config_path} has the number {args.to} (lines: {lines})", file=sys.stderr
+            )
     params = {
         "MessageSid": "SM" + hashlib.sha1(f"{time.time()}{os.getpid()}".encode()).hexdigest()[:32],
         "AccountSid": settings.account_sid or "AC" + "0" * 32,
@@ -4214,6 +4288,14 @@ def cmd_send(args) -> int:
         "NumMedia": "0",
     }
     return post_signed(settings, url, params)
+
+
+def inbound_url(url: str) -> str:
+    """The webhook's URL from a relay's base URL (or the whole URL, as given)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--url: {url!r} is not a URL like http://127.0.0.1:8080")
+    return url if parts.path.strip("/") else f"{url.rstrip('/')}/api/sms/inbound"
 
 
 def post_signed(settings: Settings, url: str, params: dict) -> int:
@@ -4254,7 +4336,8 @@ def cmd_press(args) -> int:
     calls = [r for r in read_json_lines(outbox) if r.get("kind") == "call"] if outbox.exists() else []
     call = next((r for r in reversed(calls) if args.call in (None, r["sid"])), None)
     if call is None:
-        print(f"relay: no call {args.call or ''} in {outbox}; a dry-run call step writes one there", file=sys.stderr)
+        which = f"call {args.call}" if args.call else "call"
+        print(f"relay: no {which} in {outbox}; a dry-run call step writes one there", file=sys.stderr)
         return 1
     gather = html.unescape(re.search(r'action="([^"]*)"', call["twiml"])[1])
     parts = urllib.parse.urlsplit(gather)
@@ -4266,13 +4349,15 @@ def cmd_press(args) -> int:
 def cmd_check(args) -> int:
     settings, config = prepare(args.dry_run)
     settings.require_credentials()
-    for text in describe(settings, config):
+    described = describe(settings, config)
+    for text in described:
         print(text)
     if settings.database_url and not check_database(settings.database_url):
         return 1
     if args.live and not check_numbers(settings, config, apply=False):
         return 1
-    print("ok")
+    warnings = sum(text.startswith("WARNING") for text in described)
+    print(f"ok, but read the {warnings} WARNING line(s) above" if warnings else "ok")
     return 0
 
 
@@ -4452,8 +4537,11 @@ def cmd_import_state(args) -> int:
     for path in sorted(directory.glob("archive-*.jsonl")):
         convs.extend(Conversation.from_json(r["conversation"]) for r in json_lines(path) if r and "conversation" in r)
     store = reachable_database(settings.database_url)
-    added = store.import_state(convs, list(source.strays.values()))
-    print(f"imported {added} of {len(convs)} conversation(s) and {len(source.strays)} other text(s) from {directory}")
+    added, added_strays = store.import_state(convs, list(source.strays.values()))
+    print(
+        f"imported {added} of {len(convs)} conversation(s) and {added_strays} of {len(source.strays)} other "
+        f"text(s) from {directory}; the rest were already in the database"
+    )
     return 0
 
 
@@ -4463,12 +4551,17 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the webhook and relay texts (the default)")
     serve.add_argument("--dry-run", action="store_true", help="send nothing; log texts and append to outbox.jsonl")
     send = commands.add_parser("send", help="post a signed inbound text to a running relay")
-    send.add_argument("--from", dest="from_", required=True)
-    send.add_argument("--to", required=True)
-    send.add_argument("--body", required=True)
-    send.add_argument("--url")
+    send.add_argument(
+        "--from", dest="from_", required=True, metavar="NUMBER", help="who texts: a customer or a contact"
+    )
+    send.add_argument("--to", required=True, metavar="NUMBER", help="the line's number the text arrives on")
+    send.add_argument("--body", required=True, metavar="TEXT", help="the text")
+    send.add_argument(
+        "--url",
+        help="the relay's base URL (default http://127.0.0.1:$PORT); a URL with a path is posted to as it is",
+    )
     check = commands.add_parser("check", help="validate config and environment")
-    check.add_argument("--dry-run", action="store_true")
+    check.add_argument("--dry-run", action="store_true", help="check as `serve --dry-run` runs: no credentials needed")
     check.add_argument("--live", action="store_true", help="also ask Twilio about each line's number (changes nothing)")
     setup = commands.add_parser("setup", help="point each line's number at this relay on Twilio")
     setup.add_argument("--apply", action="store_true", help="change the webhook (without it, only show)")
@@ -4476,7 +4569,7 @@ def main(argv: list[str] | None = None) -> int:
     import_state = commands.add_parser("import-state", help="copy a JSON state directory into DATABASE_URL")
     import_state.add_argument("directory", nargs="?", help="the state directory (default: RELAY_STATE_DIR)")
     press = commands.add_parser("press", help="press a key on a dry-run call (the newest, or --call SID)")
-    press.add_argument("digits", help="the key: 1 takes it, 2 passes it on")
+    press.add_argument("digits", choices=[*"0123456789*#"], metavar="KEY", help="one key: 1 takes it, 2 passes it on")
     press.add_argument("--call", help="the call's sid, as outbox.jsonl has it")
     args = parser.parse_args(argv)
     if args.command is None:

@@ -145,6 +145,13 @@ def test_the_call_says_the_line_the_sender_digit_by_digit_the_text_and_the_promp
     assert "Press 1 to take it. Press 2 to pass it on." in first and "Press 1" in gathers[1].find("Say").text
 
 
+@pytest.mark.parametrize(("body", "said"), [("room for 6 people?", "6 people? Press 1"), ("tow me", "tow me. Press 1")])
+def test_the_call_ends_the_text_with_one_stop_before_the_prompt(clock, body, said):
+    twiml = relay.call_twiml(start(body=body), "https://relay.example.com/api/voice/gather?c=x&p=0")
+    first = ElementTree.fromstring(twiml).find("Gather").find("Say").text
+    assert said in first and "?." not in first
+
+
 @pytest.mark.parametrize("body", ["x" * 5000, "🚤" * 3000, "bad\x00control\x1bchars\ud800 and <xml> & 'quotes'"])
 def test_the_call_twiml_stays_within_4000_characters_and_is_valid_xml_whatever_the_text(clock, body):
     twiml = relay.call_twiml(start(body=body), "https://relay.example.com/api/voice/gather?c=x&p=0")

@@ -54,7 +54,7 @@ def test_check_describes_the_chain_and_accepts_the_shipped_config(tmp_path):
     relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
     result = relay.run("check", "--dry-run")
     assert result.returncode == 0
-    assert "Sergio +16195550111 (by sms, wait 120s) -> Backup +18583354807 (by sms, wait 300s)" in result.stdout
+    assert "Sergio +16195550111 (by sms, wait 2m) -> Backup +18583354807 (by sms, wait 5m)" in result.stdout
 
 
 def test_check_fails_with_one_line_reason_on_a_bad_config(tmp_path):
@@ -121,3 +121,67 @@ def test_check_fails_in_one_line_when_the_database_cannot_be_reached_and_shows_n
     result = relay.run("check", "--dry-run")
     assert result.returncode == 1 and "database: cannot connect: " in result.stdout
     assert "Traceback" not in result.stderr and "secret" not in result.stdout + result.stderr
+
+
+def test_send_takes_the_relays_base_url(tmp_path):
+    relay = dry_run_relay(tmp_path, config_text())
+    sent = relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "Boat at 9?", "--url", relay.url)
+    assert sent.returncode == 0 and sent.stdout.startswith("200")
+    assert wait_until(lambda: outbox(relay))[0]["to"] == SERGIO
+
+
+def test_send_to_a_number_no_line_has_says_so(tmp_path):
+    relay = dry_run_relay(tmp_path, config_text())
+    sent = relay.run("send", "--from", CUSTOMER, "--to", "+16195550999", "--body", "hello", "--url", relay.url)
+    assert f"no line in {relay.workdir / 'config.toml'} has the number +16195550999 (lines: QDN {LINE})" in sent.stderr
+
+
+def test_send_refuses_a_url_that_is_no_url(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    sent = relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "hello", "--url", "127.0.0.1:8080")
+    assert sent.returncode == 1 and sent.stderr.startswith("relay: --url:") and "Traceback" not in sent.stderr
+
+
+def test_press_takes_one_key_only(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    for key in ("12", "x"):
+        pressed = relay.run("press", key)
+        assert pressed.returncode == 2 and "invalid choice" in pressed.stderr
+
+
+def test_press_without_a_call_says_so_plainly(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    pressed = relay.run("press", "1")
+    assert pressed.returncode == 1 and pressed.stderr.startswith("relay: no call in ")
+
+
+def test_every_flag_of_send_and_check_is_explained_by_help(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    for command, flags in (("send", ("--from", "--to", "--body", "--url")), ("check", ("--dry-run", "--live"))):
+        lines = relay.run(command, "--help").stdout.splitlines()
+        for flag in flags:
+            described = next(line for line in lines if line.strip().startswith(flag))
+            assert len(described.split()) > 2, described
+
+
+def test_check_outside_dry_run_refuses_placeholder_credentials(tmp_path):
+    env = {"TWILIO_ACCOUNT_SID": "AC" + "x" * 32, "TWILIO_AUTH_TOKEN": "your_auth_token"}
+    relay = RelayProcess(tmp_path, None, config_text(), env=env)
+    result = relay.run("check")
+    assert result.returncode == 1 and "placeholder" in result.stderr and "ok" not in result.stdout
+
+
+def test_check_without_a_public_url_outside_dry_run_does_not_just_say_ok(tmp_path):
+    env = {"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "a" * 32}
+    relay = RelayProcess(tmp_path, None, config_text(), env=env)
+    relay.env.pop("RELAY_PUBLIC_URL")
+    out = relay.run("check").stdout
+    assert "WARNING: public URL: not set" in out and out.splitlines()[-1] == "ok, but read the 1 WARNING line(s) above"
+
+
+def test_serve_listens_where_host_says(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True, env={"HOST": "127.0.0.1"}).start()
+    try:
+        assert relay.events("listening")[0]["host"] == "127.0.0.1"
+    finally:
+        relay.stop()

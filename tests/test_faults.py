@@ -152,6 +152,29 @@ def test_a_full_disk_answers_503_and_the_relay_heals_by_itself(tmp_path, small_d
         relay.stop()
 
 
+def test_a_full_disk_heals_when_far_less_room_comes_back_than_the_state_takes(tmp_path, small_disk, fake_twilio):
+    state = small_disk / "state"
+    relay = RelayProcess(tmp_path, fake_twilio, config_text(), env={"RELAY_STATE_DIR": str(state)})
+    relay.state_dir = state
+    relay.start()
+    for n in range(40):  # about 300 KiB of state, journal and all
+        assert relay.inbound(f"+1555200{n:04d}", f"text {n} " + "x" * 4000)[0] == 200
+    state_bytes = sum(p.stat().st_size for p in state.iterdir())
+    (small_disk / "spare").write_bytes(b"\0" * (state_bytes // 3))
+    fill(small_disk)
+    flooding = "dock is flooding " + "y" * 8192  # more than the journal's last page may still hold
+    assert relay.inbound(CUSTOMER, flooding)[0] == 503
+    (small_disk / "spare").unlink()  # a third of the state's size comes back, no more
+    freed = time.monotonic()
+    wait_until(lambda: relay.get("/healthz")[0] == 200, timeout=5)
+    assert time.monotonic() - freed <= 5
+    assert relay.inbound(CUSTOMER, flooding)[0] == 200
+    wait_until(lambda: any("dock is flooding" in m["Body"] for m in fake_twilio.delivered(SERGIO)))
+    relay.stop()
+    relay.start()  # and a start on the same nearly full disk
+    assert relay.inbound(OTHER_CUSTOMER, "after the restart")[0] == 200
+
+
 def test_started_on_a_full_disk_it_says_so_in_one_line_and_leaves_no_stray_file(tmp_path, small_disk):
     state = small_disk / "state"
     state.mkdir(mode=0o700)

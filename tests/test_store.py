@@ -56,9 +56,9 @@ def test_torn_last_journal_line_is_skipped(tmp_path):
     again = reopen(store)
     assert set(again.conversations) == {msid("1")}
     for path in tmp_path.glob("*.jsonl"):
+        assert path.read_bytes().endswith(b"\n") or not path.read_bytes()  # the torn tail is cut off
         for line in path.read_text().splitlines():
             json.loads(line)
-    assert (tmp_path / "conversations.jsonl").exists()
 
 
 def test_second_store_on_the_same_directory_is_refused(tmp_path):
@@ -232,6 +232,52 @@ def test_a_damaged_snapshot_is_moved_aside_and_the_rest_is_read(tmp_path):
     (aside,) = tmp_path.glob("conversations.jsonl.damaged-*")
     assert b"{not json" in aside.read_bytes() and again.damaged == [(aside.name, 1)]
     assert set(reopen(again).conversations) == {msid("2")}  # what could be read is written anew
+
+
+def test_whole_lines_missing_from_a_snapshot_are_reported_as_damage(tmp_path):
+    store = opened(tmp_path)
+    for n in range(10):
+        store.wait(store.save(conversation(msid(n), time.time())))
+    store.fold()
+    snapshot = tmp_path / "conversations.jsonl"
+    lines = snapshot.read_bytes().splitlines(keepends=True)
+    snapshot.write_bytes(b"".join(lines[:-3]))
+    again = reopen(store)
+    assert len(again.conversations) == 7
+    (aside,) = tmp_path.glob("conversations.jsonl.damaged-*")
+    assert again.damaged == [(aside.name, 3)]
+
+
+def test_a_snapshot_says_how_many_records_it_holds(tmp_path):
+    store = opened(tmp_path)
+    for n in range(4):
+        store.wait(store.save(conversation(msid(n), time.time())))
+    store.wait(store.save_stray(msid("stray"), None, time.time()))
+    store.fold()
+    header = json.loads((tmp_path / "conversations.jsonl").read_text().splitlines()[0])
+    assert header["records"] == 5
+
+
+def test_a_start_appends_to_a_fresh_journal_without_rewriting_the_snapshot(tmp_path):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation(msid(1), time.time())))
+    store.fold()
+    store.wait(store.save(conversation(msid(2), time.time())))
+    snapshot = (tmp_path / "conversations.jsonl").stat()
+    again = reopen(store)
+    assert (tmp_path / "conversations.jsonl").stat().st_ino == snapshot.st_ino
+    again.wait(again.save(conversation(msid(3), time.time())))
+    assert set(reopen(again).conversations) == {msid(1), msid(2), msid(3)}
+
+
+def test_a_fold_waits_until_the_disk_has_room_for_it(tmp_path, monkeypatch):
+    store = opened(tmp_path)
+    store.wait(store.save(conversation(msid(1), time.time())))
+    real = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 1, 1, 0, 1, 1, 1, 0, 255)))
+    assert not store.room_to_fold()
+    monkeypatch.setattr(os, "statvfs", real)
+    assert store.room_to_fold()
 
 
 def test_a_failed_write_leaves_no_half_line_for_the_next_one_to_follow(tmp_path, monkeypatch):
