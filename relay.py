@@ -138,6 +138,7 @@ class Config:
     call_hourly_cap: int = 30  # calls cost more than texts: their own cap
     catch_up: int = 60  # seconds between asking Twilio for texts the webhook missed; 0 = never
     catch_up_window: int = 24 * 3600  # how far back the first pass looks, and the most any pass does
+    call_when_blocked: bool = True  # a page carriers block (30034, 30032, 30007) becomes a call
 
     def line_for(self, number: str) -> Line | None:
         return next((line for line in self.lines if line.number == number), None)
@@ -312,8 +313,9 @@ def parse_config(data: dict) -> Config:
             options[key] = _count(relay[key], f"relay.{key}", least)
     if "alarm_phone" in relay:
         options["alarm_phone"] = _phone(relay["alarm_phone"], "relay.alarm_phone")
-    if "log_bodies" in relay:
-        options["log_bodies"] = _flag(relay["log_bodies"], "relay.log_bodies")
+    for key in ("log_bodies", "call_when_blocked"):
+        if key in relay:
+            options[key] = _flag(relay[key], f"relay.{key}")
 
     raw_lines = data.get("lines")
     if not isinstance(raw_lines, list) or not raw_lines:
@@ -506,6 +508,11 @@ SENDS = prometheus_client.Counter("relay_sends_total", "Outbound SMS attempts", 
 ESCALATIONS = prometheus_client.Counter("relay_escalations_total", "Pages moved to the next contact", registry=METRICS)
 ACKS = prometheus_client.Counter("relay_acknowledgements_total", "Conversations acknowledged", registry=METRICS)
 UNANSWERED = prometheus_client.Counter("relay_unanswered_total", "Conversations nobody answered", registry=METRICS)
+CARRIER_BLOCKED = prometheus_client.Counter(
+    "relay_carrier_blocked",
+    "Pages carriers blocked (unregistered 10DLC, unverified toll-free, filtered)",
+    registry=METRICS,
+)
 OPEN = prometheus_client.Gauge("relay_open_conversations", "Conversations waiting for a contact", registry=METRICS)
 HELD = prometheus_client.Counter("relay_held_total", "Texts held by a cost cap", ["cap"], registry=METRICS)
 SWEEP_SECONDS = prometheus_client.Gauge("relay_sweep_seconds", "CPU time of the last sweep pass", registry=METRICS)
@@ -2477,6 +2484,21 @@ class TwilioGateway:
         found = self.client.incoming_phone_numbers.list(phone_number=number, limit=1)
         return found[0] if found else None
 
+    def tollfree_verification(self, number_sid: str) -> str | None:
+        """The status of a toll-free number's verification (TWILIO_APPROVED...), or None if none was asked for."""
+        found = self.client.messaging.v1.tollfree_verifications.list(tollfree_phone_number_sid=number_sid, limit=1)
+        return found[0].status if found else None
+
+    def campaign_holding(self, number: str) -> tuple[str, str | None] | None:
+        """The Messaging Service holding a number, by name, and its A2P 10DLC campaign's status (None:
+        the service has no campaign); None when no Messaging Service holds the number."""
+        services = self.client.messaging.v1.services
+        for service in services.list():
+            if any(n.phone_number == number for n in services(service.sid).phone_numbers.list()):
+                campaigns = services(service.sid).us_app_to_person.list(limit=1)
+                return f"{service.friendly_name} ({service.sid})", campaigns[0].campaign_status if campaigns else None
+        return None
+
     def point_sms_webhook(self, number_sid: str, url: str):
         return self.client.incoming_phone_numbers(number_sid).update(sms_url=url, sms_method="POST")
 
@@ -2980,14 +3002,34 @@ def delivery_failed(conv: Conversation, index: int, now: float) -> str | None:
     return None
 
 
-def record_status(conv: Conversation, index: int, status: str, error_code: str | None, now: float) -> str | None:
+# Twilio's errors for texts carriers will not carry: unverified toll-free, unregistered 10DLC, filtered.
+CARRIER_BLOCK_CODES = {"30032", "30034", "30007"}
+
+
+def record_status(
+    conv: Conversation, index: int, status: str, error_code: str | None, now: float, call_when_blocked: bool = False
+) -> str | None:
     page = conv.pages[index]
     if status in ("delivered", "read"):
         page.state = "delivered"
     elif status in ("failed", "undelivered"):
         page.state, page.error = status, f"callback {status} {error_code or ''}".strip()
+        if call_when_blocked and error_code in CARRIER_BLOCK_CODES and call_instead(conv, index, now):
+            return None
         return delivery_failed(conv, index, now)
     return None
+
+
+def call_instead(conv: Conversation, index: int, now: float) -> bool:
+    """A step's text carriers blocked: call that contact within the same step and its wait (calls need
+    no A2P registration). Not when the step calls them already, nor once the step has moved on."""
+    page = conv.pages[index]
+    if page.kind != "page" or not conv.is_open or page.step != conv.step:
+        return False
+    if any(p.kind == "call" and p.step == page.step and p.to == page.to for p in conv.pages):
+        return False
+    conv.pages.append(Page(to=page.to, body=page.body, kind="call", step=page.step, retry_at=now))
+    return True
 
 
 def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float | None:
@@ -3200,6 +3242,9 @@ class Relay:
         self.sweep_at = math.inf  # when the sweep looks next (inf: it is looking now)
         self.leases_renewed = 0.0
         self.random = random.Random()
+        # Lines whose texts carriers block, since when and why, until one of their texts is delivered
+        # again (as this relay has heard): alarms then go by call too, and /healthz names it.
+        self.carrier_blocked: dict[str, dict] = {}
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -3483,14 +3528,24 @@ class Relay:
             if conv is None or not 0 <= index < len(conv.pages):
                 log("warning", "status_unknown", conversation=conv_id, page=index, status=status)
                 return
-            event = record_status(conv, index, status, params.get("ErrorCode"), self.clock())
+            code = params.get("ErrorCode")
+            pages_before = len(conv.pages)
+            event = record_status(conv, index, status, code, self.clock(), self.config.call_when_blocked)
             ticket = self._save(conv)
             to = conv.pages[index].to
         self.store.wait(ticket)
         ids = self._ids(conv, to=to, twilio_sid=params.get("MessageSid"))
-        log("info", "status_callback", **ids, status=status, error_code=params.get("ErrorCode"))
+        log("info", "status_callback", **ids, status=status, error_code=code)
+        if status in ("failed", "undelivered") and code in CARRIER_BLOCK_CODES:
+            CARRIER_BLOCKED.inc()
+            self.carrier_blocked[conv.line] = {"error_code": int(code), "since": self.clock()}
+            called = any(p.kind == "call" and p.to == to for p in conv.pages[pages_before:])
+            log("error", "carrier_blocked", **ids, error_code=code, calling_instead=called)
+        elif status in ("delivered", "read") and self.carrier_blocked.pop(conv.line, None):
+            log("info", "carrier_unblocked", line=conv.line)
         if event:
             self._after_change(conv, event, reason=f"delivery {status}")
+        self.wake_sweep(self._next_look(conv))
 
     def _after_change(self, conv: Conversation, event: str, **fields) -> None:
         """Log and count an escalation or an unanswered end, and wake the sweeper."""
@@ -3622,6 +3677,9 @@ class Relay:
         page = conv.pages[index]
         SENDS.labels(result).inc()
         ids = self._ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
+        if page.kind == "alarm" and page.attempts == 1 and conv.line in self.carrier_blocked:
+            # The alarm text may be blocked like the pages were: the alarm phone is called as well.
+            self.senders.submit(self._call_direct, conv.number, page.to, page.body)
         if result == "sent":
             log("info", "relay_sent", twilio_sid=outcome, **ids)
         else:
@@ -3830,6 +3888,22 @@ class Relay:
                 self.senders.submit(self._send_direct, self.config.lines[0].number, self.config.alarm_phone, text)
         self.store.damaged = []
 
+    def _call_direct(self, from_: str, to: str, text: str) -> None:
+        """A call that reads a text out twice, about no conversation: placed once, not stored."""
+        response = VoiceResponse()
+        response.say(spoken(text))
+        twiml = str(response)
+        response.pause(length=1)
+        response.say(f"Again: {spoken(text)}")
+        if utf16_len(str(response)) <= MAX_TWIML:  # twice when twice fits Twilio's limit
+            twiml = str(response)
+        try:
+            sid = self.gateway.call(from_, to, twiml, None)
+        except SendError as e:
+            log("error", "direct_call_failed", to=to, reason=e.reason)
+        else:
+            log("info", "direct_called", to=to, twilio_sid=sid)
+
     def _send_direct(self, from_: str, to: str, text: str) -> None:
         """A text about no conversation, sent with a few retries and not stored."""
         for attempt in range(1, 6):
@@ -3965,6 +4039,12 @@ def make_app(relay: Relay) -> bottle.Bottle:
             "last_sweep": relay.last_sweep,
             "dry_run": relay.settings.dry_run,
         }
+        if relay.carrier_blocked:  # the relay works; the carriers do not carry its texts
+            body["carrier_blocked"] = {
+                line: f"texts from {line} blocked by carriers (Twilio error {blocked['error_code']}) since "
+                f"{local_time(blocked['since'], 'UTC')}; pages go by call; register the number (check --live)"
+                for line, blocked in relay.carrier_blocked.items()
+            }
         if problem:
             bottle.response.status = 503
             body["reason"] = problem
@@ -4403,6 +4483,10 @@ def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
                 )
                 all_well = False
                 continue
+            if not apply:  # `check --live`: can the number text at all (setup changes nothing of this)
+                carried, said = can_text_us_phones(gateway, line, record.sid)
+                print(said)
+                all_well = all_well and carried
             current = f"{record.sms_method or 'POST'} {record.sms_url or '(nothing)'}"
             # A fragment (Twilio's connection overrides, e.g. #rc=3) is the operator's own setting: keep it.
             if (record.sms_url or "").split("#")[0] == want and (record.sms_method or "POST") == "POST":
@@ -4431,6 +4515,40 @@ def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
             print(f"cannot reach Twilio at {settings.api_base_url}: {type(e).__name__}")
             return False
     return all_well
+
+
+TOLL_FREE_PREFIXES = ("+1800", "+1833", "+1844", "+1855", "+1866", "+1877", "+1888")
+
+
+def can_text_us_phones(gateway: TwilioGateway, line: Line, number_sid: str) -> tuple[bool, str]:
+    """Whether carriers carry the line's texts to US phones, in one line an operator can act on."""
+    head = f"{line.name} {line.number}"
+    if not line.number.startswith("+1"):
+        return True, f"{head}: not a US (+1) number; A2P 10DLC and toll-free verification were not asked about"
+    if line.number.startswith(TOLL_FREE_PREFIXES):
+        status = gateway.tollfree_verification(number_sid)
+        if status == "TWILIO_APPROVED":
+            return True, f"{head}: toll-free, verified (TWILIO_APPROVED); carriers carry its texts"
+        said = f"its verification is {status}" if status else "it has no toll-free verification"
+        return False, (
+            f"{head}: toll-free, and {said}: carriers block its texts (error 30032) until Twilio approves it; "
+            "submit or finish it in the Twilio console, Messaging > Regulatory compliance > Toll-free verifications"
+        )
+    held = gateway.campaign_holding(line.number)
+    if held is None:
+        return False, (
+            f"{head}: no Messaging Service with an A2P 10DLC campaign holds this 10-digit number: carriers block "
+            "its texts (error 30034); register a brand and a campaign, then add the number to the campaign's "
+            "Messaging Service (Twilio console, Messaging > Regulatory compliance > A2P 10DLC)"
+        )
+    service, status = held
+    if status == "VERIFIED":
+        return True, f"{head}: in Messaging Service {service}, A2P 10DLC campaign VERIFIED; carriers carry its texts"
+    said = f"its A2P 10DLC campaign is {status}" if status else "that service has no A2P 10DLC campaign"
+    return False, (
+        f"{head}: in Messaging Service {service}, but {said}: carriers block its texts (error 30034) until the "
+        "campaign is VERIFIED (Twilio console, Messaging > Regulatory compliance > A2P 10DLC)"
+    )
 
 
 def cmd_setup(args) -> int:

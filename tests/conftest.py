@@ -215,6 +215,8 @@ MESSAGES_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages\.jso
 CALLS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Calls(?:/(CA[0-9a-f]{32}))?\.json")
 MEDIA_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages/((?:SM|MM)[0-9a-f]{32})/Media\.json")
 NUMBERS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/IncomingPhoneNumbers(?:/(PN[0-9a-f]{32}))?\.json")
+SERVICES_PATH = re.compile(r"/v1/Services(?:/(MG[0-9a-f]{32})/(PhoneNumbers|Compliance/Usa2p))?")
+TOLLFREE_PATH = re.compile(r"/v1/Tollfree/Verifications")
 
 
 class FakeTwilio:
@@ -239,6 +241,11 @@ class FakeTwilio:
         self.list_requests: list[dict] = []  # the query of every Messages list call
         self.list_faults: deque = deque()  # (status, code) answers to give list calls first
         self.calls: list[dict] = []  # every call placed (the Calls.json form), in order
+        # Messaging v1: service sid -> {"name", "numbers": [phone], "campaign": A2P campaign status or None},
+        # and toll-free number sid -> verification status (add with add_service, add_tollfree_verification)
+        self.services: dict[str, dict] = {}
+        self.tollfree: dict[str, str] = {}
+        self.messaging_requests: list[str] = []  # method and path of every Messaging v1 request
         self.call_updates: list[dict] = []  # every change to a call, with its "sid"
         self.lock = threading.Lock()
         self.count = 0
@@ -258,6 +265,17 @@ class FakeTwilio:
                     return self._list_messages(dict(urllib.parse.parse_qsl(target.query)))
                 if m := MEDIA_PATH.fullmatch(target.path):
                     return self._list_media(m[2])
+                if m := SERVICES_PATH.fullmatch(target.path):
+                    return self._messaging(m[1], m[2])
+                if TOLLFREE_PATH.fullmatch(target.path):
+                    wanted = dict(urllib.parse.parse_qsl(target.query)).get("TollfreePhoneNumberSid")
+                    fake.messaging_requests.append(f"GET {target.path}")
+                    found = [
+                        {"sid": f"HH{n:032x}", "tollfree_phone_number_sid": number, "status": status}
+                        for n, (number, status) in enumerate(fake.tollfree.items())
+                        if wanted in (None, number)
+                    ]
+                    return self._answer(200, self._v1_page("verifications", found, target.path))
                 if NUMBERS_PATH.fullmatch(target.path):
                     if fake.reject_credentials:
                         return self._answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
@@ -362,6 +380,42 @@ class FakeTwilio:
                 }
                 self._answer(200, body)
 
+            def _messaging(self, service, below):
+                fake.messaging_requests.append(f"GET {self.path.split('?')[0]}")
+                if service is None:
+                    rows = [{"sid": sid, "friendly_name": s["name"]} for sid, s in fake.services.items()]
+                    return self._answer(200, self._v1_page("services", rows, self.path))
+                found = fake.services.get(service)
+                if found is None:
+                    return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
+                if below == "PhoneNumbers":
+                    rows = [
+                        {"sid": f"PN{abs(hash(p)):032x}"[:34], "service_sid": service, "phone_number": p}
+                        for p in found["numbers"]
+                    ]
+                    return self._answer(200, self._v1_page("phone_numbers", rows, self.path))
+                rows = (
+                    []
+                    if found["campaign"] is None
+                    else [
+                        {"sid": "QE" + "0" * 32, "messaging_service_sid": service, "campaign_status": found["campaign"]}
+                    ]
+                )
+                return self._answer(200, self._v1_page("compliance", rows, self.path))
+
+            @staticmethod
+            def _v1_page(key, rows, path):
+                meta = {
+                    "page": 0,
+                    "page_size": 50,
+                    "first_page_url": path,
+                    "previous_page_url": None,
+                    "url": path,
+                    "next_page_url": None,
+                    "key": key,
+                }
+                return {key: rows, "meta": meta}
+
             def _list_media(self, sid):
                 message = next((m for m in fake.inbox if m["sid"] == sid), None)
                 media = [{"sid": media_sid, "parent_sid": sid} for media_sid in (message or {}).get("media", [])]
@@ -416,6 +470,15 @@ class FakeTwilio:
             "uri": f"/2010-04-01/Accounts/{ACCOUNT}/Messages/{m['sid']}.json",
             "subresource_uris": {"media": f"/2010-04-01/Accounts/{ACCOUNT}/Messages/{m['sid']}/Media.json"},
         }
+
+    def add_service(self, name: str, numbers: list[str], campaign: str | None) -> str:
+        """A Messaging Service holding `numbers`, with an A2P campaign of that status (None: no campaign)."""
+        sid = f"MG{len(self.services) + 1:032x}"
+        self.services[sid] = {"name": name, "numbers": numbers, "campaign": campaign}
+        return sid
+
+    def add_tollfree_verification(self, phone: str, status: str) -> None:
+        self.tollfree[self.numbers[phone]["sid"]] = status
 
     def add_number(self, phone: str, sms_url: str | None = None) -> dict:
         sid = f"PN{len(self.numbers) + 1:032x}"

@@ -26,7 +26,7 @@ from conftest import (
 )
 
 PRISM = ROOT / ".prism" / "node_modules" / ".bin" / "prism"
-SPEC = ROOT.parent / "shared" / "twilio-oai" / "twilio_api_v2010.json"
+DESCRIPTIONS = ROOT.parent / "shared" / "twilio-oai"
 
 
 def listening(port: int) -> bool:
@@ -34,15 +34,16 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="module")
-def prism_url(tmp_path_factory):
-    if not PRISM.exists() or not SPEC.exists():
+def prism_serving(description: str, tmp_path_factory):
+    """A Prism mock of one of Twilio's API descriptions, for a module's tests; yields its base URL."""
+    spec = DESCRIPTIONS / description
+    if not PRISM.exists() or not spec.exists():
         if os.environ.get("CI"):
-            pytest.fail(f"Prism ({PRISM}) or the API description ({SPEC}) is missing in CI")
+            pytest.fail(f"Prism ({PRISM}) or the API description ({spec}) is missing in CI")
         pytest.skip("Prism is not installed here (.ci/run installs it)")
     port = free_port()
     log = open(tmp_path_factory.mktemp("prism") / "prism.log", "wb")
-    proc = subprocess.Popen([str(PRISM), "mock", "-h", "127.0.0.1", "-p", str(port), str(SPEC)], stdout=log, stderr=log)
+    proc = subprocess.Popen([str(PRISM), "mock", "-h", "127.0.0.1", "-p", str(port), str(spec)], stdout=log, stderr=log)
     try:
         wait_until(lambda: listening(port), timeout=90, interval=0.2)
         yield f"http://127.0.0.1:{port}"
@@ -50,6 +51,25 @@ def prism_url(tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def prism_url(tmp_path_factory):
+    yield from prism_serving("twilio_api_v2010.json", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def prism_messaging_url(tmp_path_factory):
+    yield from prism_serving("twilio_messaging_v1.json", tmp_path_factory)
+
+
+def gateway_on(url: str):
+    import relay as relay_module
+
+    settings = relay_module.Settings.from_env(
+        {"TWILIO_ACCOUNT_SID": "AC" + "a" * 32, "TWILIO_AUTH_TOKEN": TOKEN, "TWILIO_API_BASE_URL": url}
+    )
+    return relay_module.TwilioGateway(settings)
 
 
 SCENARIO_SENDS = 7  # page, follow-up, escalation, notice; then page, escalation, alarm
@@ -150,3 +170,11 @@ def test_call_requests_are_accepted_by_twilios_api_description(prism_url):
     sid = gateway.call("+16195550100", SERGIO, twiml, "https://relay.example.com/api/voice/status?c=x&p=0")
     assert sid.startswith("CA")
     gateway.end_call("CA" + "b" * 32, "canceled")
+
+
+def test_registration_requests_are_accepted_by_twilios_messaging_description(prism_messaging_url):
+    """`check --live` lists Messaging Services, their numbers and A2P campaigns, and toll-free verifications."""
+    gateway = gateway_on(prism_messaging_url)
+    gateway.campaign_holding("+16195550100")
+    gateway.client.messaging.v1.services("MG" + "a" * 32).us_app_to_person.list(limit=1)
+    gateway.tollfree_verification("PN" + "b" * 32)
