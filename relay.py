@@ -139,6 +139,8 @@ class Config:
     catch_up: int = 60  # seconds between asking Twilio for texts the webhook missed; 0 = never
     catch_up_window: int = 24 * 3600  # how far back the first pass looks, and the most any pass does
     call_when_blocked: bool = True  # a page carriers block (30034, 30032, 30007) becomes a call
+    heartbeat_every: int = 60  # seconds between pings of RELAY_HEARTBEAT_URL
+    fallback: bool = True  # `setup --apply` also installs Twilio's own fallback (a Studio flow per line)
 
     def line_for(self, number: str) -> Line | None:
         return next((line for line in self.lines if line.number == number), None)
@@ -305,7 +307,7 @@ def parse_config(data: dict) -> Config:
     options: dict = {}
     if "public_url" in relay:
         options["public_url"] = _public_url(_text(relay["public_url"], "relay.public_url"), "relay.public_url")
-    for key in ("wait", "retention", "catch_up", "catch_up_window"):
+    for key in ("wait", "retention", "catch_up", "catch_up_window", "heartbeat_every"):
         if key in relay:
             options[key] = parse_duration(relay[key], f"relay.{key}", zero=key == "catch_up")
     for key, least in (("repeat", 0), ("sender_hourly_cap", 1), ("outbound_hourly_cap", 1), ("call_hourly_cap", 1)):
@@ -313,7 +315,7 @@ def parse_config(data: dict) -> Config:
             options[key] = _count(relay[key], f"relay.{key}", least)
     if "alarm_phone" in relay:
         options["alarm_phone"] = _phone(relay["alarm_phone"], "relay.alarm_phone")
-    for key in ("log_bodies", "call_when_blocked"):
+    for key in ("log_bodies", "call_when_blocked", "fallback"):
         if key in relay:
             options[key] = _flag(relay[key], f"relay.{key}")
 
@@ -340,11 +342,11 @@ def parse_config(data: dict) -> Config:
     return Config(lines=tuple(lines), **options)
 
 
-def _public_url(value: str, key: str) -> str:
+def _public_url(value: str, key: str, like: str = "https://relay.example.com") -> str:
     """An absolute http(s) URL with a host, without its trailing slash: what Twilio is told to call."""
     parts = urllib.parse.urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname or any(ch.isspace() for ch in value):
-        raise ConfigError(f"{key}: {value!r} is not an absolute URL like https://relay.example.com")
+        raise ConfigError(f"{key}: {value!r} is not an absolute URL like {like}")
     return value.rstrip("/")
 
 
@@ -379,6 +381,7 @@ class Settings:
     database_url: str | None = None  # state in PostgreSQL, shared by any number of relays, instead of files
     files_do_not_last: bool = False  # on Heroku (DYNO is set), whose dynos lose their files at each restart
     host: str = "0.0.0.0"  # HOST: where `serve` listens; 127.0.0.1 keeps a trial off the network
+    heartbeat_url: str | None = None  # an outside monitor's ping URL (Healthchecks.io and the like)
 
     @classmethod
     def from_env(cls, env: dict, dry_run: bool = False) -> Settings:
@@ -402,6 +405,9 @@ class Settings:
             api_secret=get("TWILIO_API_SECRET"),
             database_url=get("DATABASE_URL"),
             files_do_not_last=bool(get("DYNO")),
+            heartbeat_url=_public_url(url, "RELAY_HEARTBEAT_URL", "https://hc-ping.com/your-check-uuid")
+            if (url := get("RELAY_HEARTBEAT_URL"))
+            else None,
         )
 
     @property
@@ -589,6 +595,7 @@ class Conversation:
     two_way: bool = False
     customer_texts: dict = field(default_factory=dict)  # "acknowledged"/"unanswered" -> template
     received_at: float | None = None  # when Twilio got the text, if the relay heard of it only later
+    forwarded: bool = False  # heard of only later, while Twilio's fallback flow had texted it to the crew
 
     def to_dict(self) -> dict:
         # dataclasses.asdict deep-copies every value; this is ten times faster and the same JSON.
@@ -2370,6 +2377,7 @@ class BaseUrlHttpClient(TwilioHttpClient):
     def __init__(self, base_url: str):
         super().__init__(timeout=REST_READ_TIMEOUT)
         self.base = urllib.parse.urlsplit(base_url)
+        self.refused: int | None = None  # Twilio's last answer was 401 or 403: until one goes through
         for prefix in ("http://", "https://"):
             self.session.mount(prefix, WatchedAdapter(pool_maxsize=32))
 
@@ -2391,7 +2399,15 @@ class BaseUrlHttpClient(TwilioHttpClient):
         finally:
             watchdog.cancel()
         call.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        if response.status_code in ACCOUNT_STATUSES:
+            self.refused = response.status_code
+        elif response.ok:
+            self.refused = None
         return response
+
+
+# A Studio flow's webhook_url, as SmsFallbackUrl holds it when Twilio's own fallback is in place.
+STUDIO_WEBHOOK = re.compile(r"^https://webhooks\.twilio\.com/v1/Accounts/AC[0-9a-f]{32}/Flows/FW[0-9a-f]{32}$")
 
 
 class TwilioGateway:
@@ -2404,6 +2420,13 @@ class TwilioGateway:
         # Built now, not at the first page: the twilio package imports its API modules lazily (~0.1 s).
         self.messages = self.client.messages
         self.calls = self.client.calls
+
+    @property
+    def refusal(self) -> str | None:
+        """Why Twilio turns this relay away, or None: its last request was refused for the credentials."""
+        if self.http.refused is None:
+            return None
+        return f"Twilio refuses the credentials (HTTP {self.http.refused}): check TWILIO_AUTH_TOKEN"
 
     def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str | None:
         """Twilio's sid for the text, or None when Twilio took it (2xx) but its answer was odd."""
@@ -2502,6 +2525,31 @@ class TwilioGateway:
     def point_sms_webhook(self, number_sid: str, url: str):
         return self.client.incoming_phone_numbers(number_sid).update(sms_url=url, sms_method="POST")
 
+    def falls_back_to_a_flow(self, number: str) -> bool:
+        """Whether Twilio hands the number's texts to a Studio flow when the relay cannot take them."""
+        try:
+            record = self.find_number(number)
+        except (TwilioException, requests.RequestException):
+            return False  # not known, so not said
+        return bool(record and STUDIO_WEBHOOK.search(record.sms_fallback_url or ""))
+
+    def point_sms_fallback(self, number_sid: str, url: str):
+        return self.client.incoming_phone_numbers(number_sid).update(sms_fallback_url=url, sms_fallback_method="POST")
+
+    def flow_named(self, name: str):
+        """The Studio flow of that name, with its definition (a list leaves it out), or None."""
+        flows = self.client.studio.v2.flows
+        found = next((flow for flow in flows.list() if flow.friendly_name == name), None)
+        return flows(found.sid).fetch() if found else None
+
+    def create_flow(self, name: str, definition: dict):
+        return self.client.studio.v2.flows.create(friendly_name=name, status="published", definition=definition)
+
+    def update_flow(self, sid: str, name: str, definition: dict):
+        return self.client.studio.v2.flows(sid).update(
+            status="published", friendly_name=name, definition=definition, commit_message="relay setup --apply"
+        )
+
 
 class DryRunGateway:
     """Sends nothing: logs each text and appends it to <state>/outbox.jsonl."""
@@ -2531,6 +2579,8 @@ class DryRunGateway:
 
     def end_call(self, sid: str, status: str) -> None:
         log("info", "dry_run_call_ended", sid=sid, status=status)
+
+    refusal = None  # nothing is asked of Twilio
 
 
 # ---------------------------------------------------------------------------
@@ -2573,7 +2623,10 @@ def photos(count: int) -> str:
 def relay_text(conv: Conversation) -> str:
     bodies = " / ".join(m["body"] for m in conv.messages)
     media = photos(sum(len(m.get("media", ())) for m in conv.messages))
-    late = f" (received {ago(conv.created - conv.received_at)})" if conv.received_at is not None else ""
+    late = ""
+    if conv.received_at is not None:
+        also = "; the crew also had it from the fallback while the relay was down" if conv.forwarded else ""
+        late = f" (received {ago(conv.created - conv.received_at)}{also})"
     return fit_sms(
         f"{conv.line} #{conv.code} from {conv.sender}{late}{media}: {bodies}\nReply #{conv.code} to take it."
     )
@@ -2649,6 +2702,7 @@ def start_conversation(
     now: float,
     media: list[str] = (),
     received_at: float | None = None,
+    forwarded: bool = False,
 ) -> Conversation:
     conv = Conversation(
         id=sid,
@@ -2672,6 +2726,7 @@ def start_conversation(
             if text
         },
         received_at=received_at,
+        forwarded=forwarded,
     )
     _begin_step(conv, 0, now)
     return conv
@@ -3252,6 +3307,16 @@ class Relay:
     def public_url(self) -> str | None:
         return self.settings.public_url_for(self.config)
 
+    def trouble(self) -> str | None:
+        """Why this relay cannot page now, or None: its store takes no writes or its sweep has stalled.
+
+        Writes nothing: any number of health checks at once leave no trace.
+        """
+        problem = self.store.writable()
+        if problem is None and (stalled := self.clock() - self.last_sweep) > SWEEP_STALL:
+            problem = f"sweep loop last ran {stalled:.1f}s ago"
+        return problem
+
     def _config_mtime(self) -> float | None:
         try:
             return self.settings.config_path.stat().st_mtime
@@ -3270,11 +3335,12 @@ class Relay:
 
     # -- inbound -------------------------------------------------------------
 
-    def receive(self, params: dict[str, str], received_at: float | None = None) -> str:
+    def receive(self, params: dict[str, str], received_at: float | None = None, forwarded: bool = False) -> str:
         """Handle a verified inbound text; returns the TwiML answer once the outcome is durable.
 
         `received_at` is set for a text found by catch-up: when Twilio got it. Its page says how long
         ago that was, and a contact's reply gets its answer by SMS, since no webhook waits for it.
+        `forwarded`: Twilio's fallback flow texted it to the crew meanwhile; its page says so.
         """
         sid, sender, to = (params.get(k, "").strip() for k in ("MessageSid", "From", "To"))
         missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
@@ -3325,7 +3391,9 @@ class Relay:
                     if held:
                         event = "inbound_held"
                 else:
-                    conv = start_conversation(line, config, sid, sender, body, arrival.code, now, media, received_at)
+                    conv = start_conversation(
+                        line, config, sid, sender, body, arrival.code, now, media, received_at, forwarded
+                    )
                     event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
                     if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
                         hold(conv, "sender cap", now)
@@ -4028,10 +4096,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
 
     @app.get("/healthz")
     def healthz():
-        now = relay.clock()
-        problem = relay.store.writable()  # writes nothing: any number of checks at once leave no trace
-        if problem is None and now - relay.last_sweep > SWEEP_STALL:
-            problem = f"sweep loop last ran {now - relay.last_sweep:.1f}s ago"
+        problem = relay.trouble()
         bottle.response.content_type = "application/json"
         body = {
             "ok": problem is None,
@@ -4118,12 +4183,15 @@ def catch_up_pass(relay: Relay, since: float) -> bool:
     """One pass over every line; True when every list call went through."""
     all_well = True
     for line in relay.config.lines:
+        forwarded = None  # asked of Twilio once a pass finds a text the webhook missed
         try:
             for params, received_at in relay.gateway.received(line.number, since):
                 if relay.store.knows(params["MessageSid"]):
                     continue  # the usual case: the webhook brought it
+                if forwarded is None:  # the webhook failed it, so Twilio handed it to the fallback URL
+                    forwarded = relay.gateway.falls_back_to_a_flow(line.number)
                 try:
-                    relay.receive(params, received_at=received_at or relay.clock())
+                    relay.receive(params, received_at=received_at or relay.clock(), forwarded=forwarded)
                 except (BadRequest, StoreFailure) as e:  # tried again at the next pass
                     log("warning", "catch_up_text_failed", message_sid=params["MessageSid"], reason=str(e))
                     all_well = False
@@ -4154,6 +4222,55 @@ def run_catch_up(relay: Relay, stop: threading.Event) -> None:
         except (OSError, StoreFailure) as e:
             log("warning", "catch_up_not_recorded", reason=getattr(e, "strerror", None) or str(e))
         stop.wait(relay.config.catch_up)
+
+
+# ---------------------------------------------------------------------------
+# Heartbeat: an outside monitor hears from each relay while it can page
+#
+# Nothing inside a relay can report that the relay is gone. So each relay pings
+# an outside monitor (Healthchecks.io, Cronitor, Uptime Kuma's push monitors)
+# every `heartbeat_every` while it can page, and pings the same URL with /fail
+# appended, the reason as the body, while it cannot. The monitor alarms when
+# the pings stop or fail.
+# ---------------------------------------------------------------------------
+
+HEARTBEAT_TIMEOUT = 10.0
+
+
+def heartbeat_trouble(relay: Relay) -> str | None:
+    """Why the monitor should hear of trouble, or None: what /healthz says, or Twilio refusing the relay."""
+    return relay.trouble() or relay.gateway.refusal
+
+
+def ping(url: str, trouble: str | None) -> None:
+    """One ping, never retried: the next period's ping is the retry. A failed one is logged."""
+    try:
+        if trouble is None:
+            response = requests.get(url, timeout=HEARTBEAT_TIMEOUT)
+        else:
+            plain = {"Content-Type": "text/plain; charset=utf-8"}
+            response = requests.post(f"{url}/fail", data=trouble.encode(), headers=plain, timeout=HEARTBEAT_TIMEOUT)
+        response.raise_for_status()
+    except requests.RequestException as e:
+        status = e.response.status_code if e.response is not None else None
+        log("warning", "heartbeat_failed", reason=type(e).__name__, status=status)
+
+
+def run_heartbeat(relay: Relay, stop: threading.Event) -> None:
+    """A ping every period on this thread alone, so a monitor that hangs holds up nothing else."""
+    stop.wait(min(1.0, relay.config.heartbeat_every))  # the sweep's first pass, so a new relay starts healthy
+    reported = None
+    while not stop.is_set():
+        began = time.monotonic()
+        trouble = heartbeat_trouble(relay)
+        if trouble != reported:
+            if trouble:
+                log("warning", "heartbeat_trouble", reason=trouble)
+            else:
+                log("info", "heartbeat_healthy_again")
+            reported = trouble
+        ping(relay.settings.heartbeat_url, trouble)
+        stop.wait(max(0.0, began + relay.config.heartbeat_every - time.monotonic()))
 
 
 # ---------------------------------------------------------------------------
@@ -4207,6 +4324,13 @@ def describe(settings: Settings, config: Config) -> list[str]:
             "and with them every open conversation, timer and MessageSid; run the relay on a VM or with a "
             "volume (README, Deploy)"
         )
+    if settings.heartbeat_url:
+        out.append(
+            f"heartbeat: every {say_duration(config.heartbeat_every)} to the monitor at "
+            f"{urllib.parse.urlsplit(settings.heartbeat_url).hostname} (RELAY_HEARTBEAT_URL); /fail while in trouble"
+        )
+    else:
+        out.append("heartbeat: off (RELAY_HEARTBEAT_URL is not set; nobody is told if this relay stops)")
     if settings.dry_run or not config.catch_up:
         out.append("catch-up: off (texts the webhook misses are not looked for)")
     else:
@@ -4325,6 +4449,8 @@ def cmd_serve(args) -> int:
     threading.Thread(target=store.listen, args=(relay.wake_sweep, stop), name="listener", daemon=True).start()
     if not settings.dry_run and config.catch_up:
         threading.Thread(target=run_catch_up, args=(relay, stop), name="catch-up", daemon=True).start()
+    if settings.heartbeat_url:
+        threading.Thread(target=run_heartbeat, args=(relay, stop), name="heartbeat", daemon=True).start()
     server.run()
     return 0
 
@@ -4500,6 +4626,13 @@ def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
                     "run `python relay.py setup --apply` to point them at it."
                 )
                 all_well = False
+            if config.fallback:
+                all_well = check_fallback(gateway, line, record, apply) and all_well
+            else:
+                print(
+                    f"{line.name} {line.number}: fallback = false: no Studio flow is installed; an existing one "
+                    "and the number's SmsFallbackUrl are left as they are"
+                )
         except TwilioException as e:
             # A list request fails as TwilioException("Unable to fetch page", response): no .status of its own.
             status = getattr(e, "status", None) or getattr(e.args[-1] if e.args else None, "status_code", None)
@@ -4514,6 +4647,130 @@ def check_numbers(settings: Settings, config: Config, apply: bool) -> bool:
         except requests.RequestException as e:
             print(f"cannot reach Twilio at {settings.api_base_url}: {type(e).__name__}")
             return False
+    return all_well
+
+
+# -- Twilio's own fallback: a Studio flow per line that texts the whole crew at once --------------
+
+
+def fallback_flow_name(line: Line) -> str:
+    return f"relay fallback: {line.name}"
+
+
+def fallback_text(line: Line) -> str:
+    """What the flow texts (Liquid: Studio fills in the sender and the text)."""
+    return f"{line.name} (relay down) from {{{{trigger.message.From}}}}: {{{{trigger.message.Body}}}}"
+
+
+def line_phones(line: Line) -> list[str]:
+    """Every phone the line pages, each once."""
+    return list(dict.fromkeys(contact.phone for contact in line.chain))
+
+
+def fallback_definition(line: Line) -> dict:
+    """The Studio flow: on an incoming text, one Send Message per phone, each reached whether the one
+    before was sent or failed, so one bad phone stops nobody after it."""
+    phones = line_phones(line)
+    names = [f"text_{i + 1}" for i in range(len(phones))]
+    trigger = {
+        "name": "Trigger",
+        "type": "trigger",
+        "transitions": [
+            {"event": "incomingMessage", "next": names[0]},
+            {"event": "incomingCall"},
+            {"event": "incomingConversationMessage"},
+            {"event": "incomingRequest"},
+            {"event": "incomingParent"},
+        ],
+        "properties": {"offset": {"x": 0, "y": 0}},
+    }
+    states = [trigger]
+    for i, phone in enumerate(phones):
+        after = {"next": names[i + 1]} if i + 1 < len(names) else {}
+        states.append(
+            {
+                "name": names[i],
+                "type": "send-message",
+                "transitions": [{"event": "sent", **after}, {"event": "failed", **after}],
+                "properties": {
+                    "offset": {"x": 0, "y": 200 * (i + 1)},
+                    "service": "{{trigger.message.InstanceSid}}",
+                    "channel": "{{trigger.message.ChannelSid}}",
+                    "from": line.number,
+                    "to": phone,
+                    "body": fallback_text(line),
+                },
+            }
+        )
+    return {"description": fallback_flow_name(line), "states": states, "initial_state": "Trigger", "flags": {}}
+
+
+def flow_shape(definition: object) -> list:
+    """What a flow does, without where its widgets are drawn: each state's kind, transitions and text."""
+    if isinstance(definition, str):
+        definition = json.loads(definition)
+    states = definition.get("states", []) if isinstance(definition, dict) else []
+    return sorted(
+        (
+            str(state.get("name")),
+            str(state.get("type")),
+            sorted((str(t.get("event")), str(t.get("next"))) for t in state.get("transitions", [])),
+            [str(state.get("properties", {}).get(key)) for key in ("from", "to", "body")],
+        )
+        for state in states
+    )
+
+
+def flow_differences(status: str, definition: object, wanted: dict) -> str | None:
+    """How an installed flow differs from the wanted one, in words, or None."""
+    if status != "published":
+        return f"it is {status}, not published"
+    shape, wanted_shape = flow_shape(definition), flow_shape(wanted)
+    if shape == wanted_shape:
+        return None
+    texted = {state[3][1] for state in shape if state[1] == "send-message"}
+    wanted_texted = {state[3][1] for state in wanted_shape if state[1] == "send-message"}
+    if texted != wanted_texted:
+        missing, extra = sorted(wanted_texted - texted), sorted(texted - wanted_texted)
+        return "it " + "; ".join(
+            part
+            for part in (
+                f"does not text {', '.join(missing)}" if missing else "",
+                f"still texts {', '.join(extra)}" if extra else "",
+            )
+            if part
+        )
+    return "its steps or text differ from the config"
+
+
+def check_fallback(gateway: TwilioGateway, line: Line, record, apply: bool) -> bool:
+    """Twilio's own fallback for the line: its Studio flow, and the number's SmsFallbackUrl pointing at it.
+
+    Prints one line for each; with `apply`, creates or updates what is missing or out of date.
+    """
+    head, name, wanted = f"{line.name} {line.number}", fallback_flow_name(line), fallback_definition(line)
+    said = f'Studio flow "{name}", texting "{fallback_text(line)}" to {", ".join(line_phones(line))} at once'
+    flow = gateway.flow_named(name)
+    differs = "missing" if flow is None else flow_differences(flow.status, flow.definition, wanted)
+    all_well = True
+    if differs is None:
+        print(f"{head}: ok, fallback {said} ({flow.sid})")
+    elif apply:
+        flow = gateway.update_flow(flow.sid, name, wanted) if flow else gateway.create_flow(name, wanted)
+        print(f"{head}: {'created' if differs == 'missing' else 'updated'} fallback {said} ({flow.sid})")
+    else:
+        print(f"{head}: fallback {said}: {differs}; run `python relay.py setup --apply` to install it")
+        all_well = False
+    url = flow.webhook_url if flow is not None else "(the flow's webhook_url)"
+    current = f"{record.sms_fallback_method or 'POST'} {record.sms_fallback_url or '(nothing)'}"
+    if record.sms_fallback_url == url and (record.sms_fallback_method or "POST") == "POST":
+        print(f"{head}: ok, if the relay cannot take a text, Twilio hands it to the flow at POST {url}")
+    elif apply:
+        gateway.point_sms_fallback(record.sid, url)
+        print(f"{head}: SmsFallbackUrl changed from {current} to POST {url}")
+    else:
+        print(f"{head}: SmsFallbackUrl is {current}, not POST {url}; run `python relay.py setup --apply`")
+        all_well = False
     return all_well
 
 

@@ -217,6 +217,11 @@ MEDIA_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/Messages/((?:SM|
 NUMBERS_PATH = re.compile(r"/2010-04-01/Accounts/(AC[0-9a-f]{32})/IncomingPhoneNumbers(?:/(PN[0-9a-f]{32}))?\.json")
 SERVICES_PATH = re.compile(r"/v1/Services(?:/(MG[0-9a-f]{32})/(PhoneNumbers|Compliance/Usa2p))?")
 TOLLFREE_PATH = re.compile(r"/v1/Tollfree/Verifications")
+FLOWS_PATH = re.compile(r"/v2/Flows(?:/(FW[0-9a-f]{32}))?")
+NUMBER_FIELDS = {"SmsUrl": "sms_url", "SmsMethod": "sms_method"} | {
+    "SmsFallbackUrl": "sms_fallback_url",
+    "SmsFallbackMethod": "sms_fallback_method",
+}
 
 
 class FakeTwilio:
@@ -246,6 +251,8 @@ class FakeTwilio:
         self.services: dict[str, dict] = {}
         self.tollfree: dict[str, str] = {}
         self.messaging_requests: list[str] = []  # method and path of every Messaging v1 request
+        self.flows: dict[str, dict] = {}  # Studio v2: flow sid -> the flow as Twilio answers it
+        self.studio_requests: list[str] = []  # method and path of every Studio request
         self.call_updates: list[dict] = []  # every change to a call, with its "sid"
         self.lock = threading.Lock()
         self.count = 0
@@ -267,6 +274,14 @@ class FakeTwilio:
                     return self._list_media(m[2])
                 if m := SERVICES_PATH.fullmatch(target.path):
                     return self._messaging(m[1], m[2])
+                if m := FLOWS_PATH.fullmatch(target.path):
+                    fake.studio_requests.append(f"GET {target.path}")
+                    if m[1] is None:
+                        rows = [{k: v for k, v in f.items() if k != "definition"} for f in fake.flows.values()]
+                        return self._answer(200, self._v1_page("flows", rows, target.path))
+                    if m[1] not in fake.flows:
+                        return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
+                    return self._answer(200, fake.flows[m[1]])
                 if TOLLFREE_PATH.fullmatch(target.path):
                     wanted = dict(urllib.parse.parse_qsl(target.query)).get("TollfreePhoneNumberSid")
                     fake.messaging_requests.append(f"GET {target.path}")
@@ -298,11 +313,13 @@ class FakeTwilio:
                     number = next((n for n in fake.numbers.values() if n["sid"] == m[2]), None)
                     if number is None:
                         return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
-                    number.update(sms_url=form.get("SmsUrl"), sms_method=form.get("SmsMethod"))
+                    number.update({NUMBER_FIELDS[key]: value for key, value in form.items() if key in NUMBER_FIELDS})
                     fake.number_updates.append(form)
                     return self._answer(200, number)
                 if m := CALLS_PATH.fullmatch(self.path):
                     return self._call(m[2], form)
+                if m := FLOWS_PATH.fullmatch(self.path):
+                    return self._flow(m[1], form)
                 if not MESSAGES_PATH.fullmatch(self.path):
                     return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
                 if not self.headers.get("Authorization"):
@@ -351,9 +368,32 @@ class FakeTwilio:
                 time.sleep(fake.latency)
                 self._answer(201 if not form.get("Status") else 200, {"sid": sid, "status": "queued"})
 
+            def _flow(self, sid, form):
+                """Create (no sid) or update a Studio flow, as Twilio does: a new revision each time."""
+                fake.studio_requests.append(f"POST {self.path}")
+                with fake.lock:
+                    if sid is None:
+                        sid = f"FW{len(fake.flows) + 1:032x}"
+                        fake.flows[sid] = {
+                            "sid": sid,
+                            "account_sid": ACCOUNT,
+                            "revision": 0,
+                            "webhook_url": f"https://webhooks.twilio.com/v1/Accounts/{ACCOUNT}/Flows/{sid}",
+                            "url": f"https://studio.twilio.com/v2/Flows/{sid}",
+                        }
+                    elif sid not in fake.flows:
+                        return self._answer(404, {"code": 20404, "message": "not found", "status": 404})
+                    flow = fake.flows[sid]
+                    flow["revision"] += 1
+                    flow["friendly_name"] = form.get("FriendlyName", flow.get("friendly_name"))
+                    flow["status"] = form["Status"]
+                    if "Definition" in form:
+                        flow["definition"] = json.loads(form["Definition"])
+                return self._answer(201 if flow["revision"] == 1 else 200, flow)
+
             def _list_messages(self, query):
                 fake.list_requests.append(query)
-                if not self.headers.get("Authorization"):
+                if not self.headers.get("Authorization") or fake.reject_credentials:
                     return self._answer(401, {"code": 20003, "message": "Authenticate", "status": 401})
                 with fake.lock:
                     fault = fake.list_faults.popleft() if fake.list_faults else None
@@ -482,8 +522,14 @@ class FakeTwilio:
 
     def add_number(self, phone: str, sms_url: str | None = None) -> dict:
         sid = f"PN{len(self.numbers) + 1:032x}"
-        self.numbers[phone] = {"sid": sid, "phone_number": phone, "sms_url": sms_url, "sms_method": "POST"}
+        self.numbers[phone] = {"sid": sid, "phone_number": phone, "sms_url": sms_url, "sms_method": "POST"} | {
+            "sms_fallback_url": None,
+            "sms_fallback_method": "POST",
+        }
         return self.numbers[phone]
+
+    def flow_named(self, name: str) -> dict | None:
+        return next((flow for flow in self.flows.values() if flow.get("friendly_name") == name), None)
 
     def delivered(self, to: str | None = None) -> list[dict]:
         """The messages answered 201, optionally only those to one number."""

@@ -8,7 +8,8 @@ LONDON = "+442071838750"
 
 
 def relay_for(tmp_path, fake) -> RelayProcess:
-    return RelayProcess(tmp_path, fake, config_text())
+    """A relay whose `setup` sees to the webhook alone (Twilio's own fallback: test_fallback.py)."""
+    return RelayProcess(tmp_path, fake, config_text(extra_relay="fallback = false"))
 
 
 def test_setup_shows_a_webhook_pointing_elsewhere_and_changes_nothing(tmp_path, fake_twilio):
@@ -64,7 +65,7 @@ def test_connection_overrides_on_the_webhook_are_left_alone(tmp_path, fake_twili
 
 def live_check(tmp_path, fake, number=LINE):
     """`check --live` for a line on `number`, whose webhook already points at the relay."""
-    relay = RelayProcess(tmp_path, fake, config_text().replace(LINE, number))
+    relay = RelayProcess(tmp_path, fake, config_text(extra_relay="fallback = false").replace(LINE, number))
     fake.add_number(number, sms_url=relay.url + "/api/sms/inbound")
     return relay
 

@@ -178,3 +178,39 @@ def test_registration_requests_are_accepted_by_twilios_messaging_description(pri
     gateway.campaign_holding("+16195550100")
     gateway.client.messaging.v1.services("MG" + "a" * 32).us_app_to_person.list(limit=1)
     gateway.tollfree_verification("PN" + "b" * 32)
+
+
+@pytest.fixture(scope="module")
+def prism_studio_url(tmp_path_factory):
+    yield from prism_serving("twilio_studio_v2.json", tmp_path_factory)
+
+
+def test_fallback_flow_requests_are_accepted_by_twilios_studio_description(prism_studio_url):
+    """`setup --apply` finds a line's flow by name (list, fetch), then creates or updates it, published."""
+    import relay as relay_module
+
+    gateway = gateway_on(prism_studio_url)
+    qdn = relay_module.Line("QDN", "+16195550100", (relay_module.Contact("Sergio", SERGIO, 60),))
+    definition = relay_module.fallback_definition(qdn)
+    gateway.flow_named("relay fallback: QDN")
+    gateway.client.studio.v2.flows("FW" + "a" * 32).fetch()
+    created = gateway.create_flow("relay fallback: QDN", definition)
+    assert created.sid.startswith("FW") and created.webhook_url
+    gateway.update_flow("FW" + "a" * 32, "relay fallback: QDN", definition)
+
+
+def test_prism_refuses_a_flow_without_its_definition(prism_studio_url):
+    """The check above can fail: Studio's description requires a Definition."""
+    from twilio.base.exceptions import TwilioRestException
+
+    gateway = gateway_on(prism_studio_url)
+    with pytest.raises(TwilioRestException) as refused:
+        gateway.client.studio.v2.flows.create(friendly_name="relay fallback: QDN", status="published", definition=None)
+    assert refused.value.status == 422
+
+
+def test_the_fallback_url_request_is_accepted_by_twilios_api_description(prism_url):
+    """`setup --apply` points a number's SmsFallbackUrl at the flow (POST ...PN....json)."""
+    gateway = gateway_on(prism_url)
+    url = "https://webhooks.twilio.com/v1/Accounts/AC" + "a" * 32 + "/Flows/FW" + "a" * 32
+    assert gateway.point_sms_fallback("PN" + "b" * 32, url).sid.startswith("PN")
