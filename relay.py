@@ -141,6 +141,7 @@ class Config:
     call_when_blocked: bool = True  # a page carriers block (30034, 30032, 30007) becomes a call
     heartbeat_every: int = 60  # seconds between pings of RELAY_HEARTBEAT_URL
     fallback: bool = True  # `setup --apply` also installs Twilio's own fallback (a Studio flow per line)
+    database_connections: int = 5  # with DATABASE_URL: at most this many per relay, its listener included
 
     def line_for(self, number: str) -> Line | None:
         return next((line for line in self.lines if line.number == number), None)
@@ -310,7 +311,13 @@ def parse_config(data: dict) -> Config:
     for key in ("wait", "retention", "catch_up", "catch_up_window", "heartbeat_every"):
         if key in relay:
             options[key] = parse_duration(relay[key], f"relay.{key}", zero=key == "catch_up")
-    for key, least in (("repeat", 0), ("sender_hourly_cap", 1), ("outbound_hourly_cap", 1), ("call_hourly_cap", 1)):
+    for key, least in (
+        ("repeat", 0),
+        ("sender_hourly_cap", 1),
+        ("outbound_hourly_cap", 1),
+        ("call_hourly_cap", 1),
+        ("database_connections", 2),  # the listener's, and one for transactions
+    ):
         if key in relay:
             options[key] = _count(relay[key], f"relay.{key}", least)
     if "alarm_phone" in relay:
@@ -1740,6 +1747,12 @@ SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through P
 TIDY_LOCK = 7_301_002
 
 
+def is_refused_for_slots(error: Exception) -> bool:
+    """The server refused a connection for want of slots (max_connections, or a role's limit)."""
+    said = str(error)
+    return getattr(error, "sqlstate", None) == "53300" or "too many" in said or "slots are reserved" in said
+
+
 def database_dsn(url: str) -> str:
     """Heroku's `postgres://` is libpq's `postgresql://`."""
     return "postgresql://" + url.removeprefix("postgres://") if url.startswith("postgres://") else url
@@ -1768,9 +1781,19 @@ class PgStore(Store):
 
     LEASE = 1.2
     POLL = 0.25
-    CONNECT_SECONDS = 3
+    CONNECT_SECONDS = 2
     STATEMENT_MS = 5000
-    CONNECTIONS = 8  # at most, per relay, the listening one included: Heroku's smallest Postgres allows 20
+    # A round trip with no answer by then is cut on this side: a database that hangs (a stuck pooler,
+    # a proxy forwarding nothing) acknowledges every byte, so neither keepalives nor the server's own
+    # timeouts ever fire, and a webhook must be answered 503 while Twilio still waits.
+    ROUND_TRIP_SECONDS = 2.5
+    WATCH_EVERY = 0.1
+    COUNT_SECONDS = 1.0
+    HEAL_SECONDS = 10.0  # a heal may create or upgrade the schema: many statements
+    # A session left idle inside a transaction (its relay frozen, or cut off mid-way) is ended by the
+    # server after this, so the rows it locked go to the other relays' sweeps.
+    IDLE_IN_TRANSACTION_MS = 2500
+    REFUSED_RETRY = 30.0  # after the server refused a connection, this relay keeps to what it holds so long
     LISTEN_RETRY = 1.0
     CHANNEL = "relay_pages_given_up"
     CLOCK_SYNC_EVERY = 10.0
@@ -1778,7 +1801,7 @@ class PgStore(Store):
     NEWEST_BATCH = 20
     FORGET_CAPS = 500  # idle caps forgotten a minute, at most: each holds its lock to the commit
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, connections: int = 5):
         import_psycopg()
         self.dsn = database_dsn(url)
         self.lock = threading.RLock()
@@ -1788,10 +1811,16 @@ class PgStore(Store):
         self.open_now = 0
         self.synced_at = self.retained_at = -math.inf
         # A connection per transaction in progress, kept idle between them: the webhook, the sweep and
-        # the sends each run their own, so none waits behind another's round trips.
+        # the sends each run their own, so none waits behind another's round trips. At most
+        # `connections` in all, the listener's included; fewer for a while after the server refused one.
         self.idle: list[psycopg.Connection] = []
-        self.idle_lock = threading.Lock()
-        self.slots = threading.BoundedSemaphore(self.CONNECTIONS - 1)
+        self.held = 0  # open for transactions, idle or in use
+        self.budget = self.most = max(1, connections - 1)
+        self.refused_until = -math.inf
+        self.pool = threading.Condition()
+        self.watched: dict[int, tuple[float, psycopg.Connection]] = {}  # round trips under way: their deadlines
+        self.watch_lock = threading.Lock()
+        self.watchdog: threading.Thread | None = None
         self.local = threading.local()  # this thread's transaction: its connection and the sids it claimed
         self.heal_lock = threading.Lock()
 
@@ -1807,14 +1836,20 @@ class PgStore(Store):
 
     def heal(self) -> None:
         with self.heal_lock:
+            self._drop_idle()  # they may be from before the failure; closed first, their slots are free
+            conn = None
             try:
-                with self._connect() as conn:  # a fresh connection: the idle ones may be from before
-                    self._migrate(conn)
-                    self._sync_clock(conn)
+                conn = self._checkout(time.monotonic() + self.CONNECT_SECONDS)
+                self._watch(conn, self.HEAL_SECONDS)
+                self._migrate(conn)
+                self._sync_clock(conn)
             except psycopg.Error as e:
                 self.failed = f"database unreachable: {first_line(e)}"
                 raise StoreFailure(self.failed) from None
-            self._drop_idle()
+            finally:
+                if conn is not None:
+                    self._unwatch(conn)
+                    self._checkin(conn)
             self.failed = None
 
     def _connect(self) -> psycopg.Connection:
@@ -1822,7 +1857,8 @@ class PgStore(Store):
             self.dsn,
             autocommit=True,
             connect_timeout=self.CONNECT_SECONDS,
-            options=f"-c statement_timeout={self.STATEMENT_MS} -c synchronous_commit=off",
+            options=f"-c statement_timeout={self.STATEMENT_MS} -c synchronous_commit=off "
+            f"-c idle_in_transaction_session_timeout={self.IDLE_IN_TRANSACTION_MS}",
             application_name="relay",
             keepalives=1,
             keepalives_idle=5,
@@ -1858,32 +1894,78 @@ class PgStore(Store):
         self.offset, self.synced_at = now - (before + after) / 2, after
 
     def _drop_idle(self) -> None:
-        with self.idle_lock:
+        with self.pool:
             idle, self.idle = self.idle, []
+            self.held -= len(idle)
+            self.pool.notify_all()
         for conn in idle:
             conn.close()
 
-    def _checkout(self) -> psycopg.Connection:
-        if not self.slots.acquire(timeout=self.CONNECT_SECONDS):
-            raise StoreFailure("database: every connection of this relay is busy")
+    def _checkout(self, deadline: float) -> psycopg.Connection:
+        """An idle connection, else a new one within this relay's budget, else the first one handed back."""
+        with self.pool:
+            while not self.idle:
+                if time.monotonic() >= self.refused_until:
+                    self.most = self.budget
+                if self.held < self.most:
+                    self.held += 1
+                    break
+                if not self.pool.wait(deadline - time.monotonic()):
+                    raise StoreFailure(f"database: all {self.held} connection(s) of this relay are busy")
+            else:
+                return self.idle.pop()
         try:
-            with self.idle_lock:
-                if self.idle:
-                    return self.idle.pop()
             return self._connect()
-        except BaseException:
-            self.slots.release()
+        except psycopg.Error as e:
+            with self.pool:
+                self.held -= 1
+                refused = is_refused_for_slots(e) and self.held > 0
+                if refused:  # not a dead database: serve on the connections this relay has
+                    if self.most > self.held:
+                        log("warning", "database_connection_limit", holding=self.held, reason=first_line(e))
+                    self.most, self.refused_until = self.held, time.monotonic() + self.REFUSED_RETRY
+            if refused:
+                return self._checkout(deadline)
             raise
 
     def _checkin(self, conn: psycopg.Connection) -> None:
-        try:
-            if conn.broken or conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.close()
+        keep = not (conn.broken or conn.closed)
+        keep = keep and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if not keep:
+            conn.close()
+        with self.pool:
+            if keep:
+                self.idle.append(conn)
             else:
-                with self.idle_lock:
-                    self.idle.append(conn)
-        finally:
-            self.slots.release()
+                self.held -= 1
+            self.pool.notify()
+
+    # -- the watchdog: a round trip that hangs is cut ------------------------
+
+    def _watch(self, conn: psycopg.Connection, seconds: float | None = None) -> None:
+        with self.watch_lock:
+            self.watched[id(conn)] = (time.monotonic() + (seconds or self.ROUND_TRIP_SECONDS), conn)
+            if self.watchdog is None:
+                self.watchdog = threading.Thread(target=self._cut_hung, name="db-watchdog", daemon=True)
+                self.watchdog.start()
+
+    def _unwatch(self, conn: psycopg.Connection) -> None:
+        with self.watch_lock:
+            self.watched.pop(id(conn), None)
+
+    def _cut_hung(self) -> None:
+        """Shut the socket of a round trip past its deadline: the waiting call then fails at once."""
+        while True:
+            time.sleep(self.WATCH_EVERY)
+            now = time.monotonic()
+            with self.watch_lock:
+                hung = [conn for deadline, conn in self.watched.values() if deadline <= now]
+                for conn in hung:
+                    del self.watched[id(conn)]
+            for conn in hung:
+                with contextlib.suppress(OSError, psycopg.Error):
+                    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
 
     @property
     def failure(self) -> str | None:
@@ -1893,7 +1975,10 @@ class PgStore(Store):
         return self.failed
 
     @contextlib.contextmanager
-    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
+    def transaction(
+        self, key: str | None = None, reading: bool = False, redone: bool = False, patience: float | None = None
+    ):
+        """(`patience`: how long a round trip may take before it is cut, if not ROUND_TRIP_SECONDS.)"""
         if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
             yield
             return
@@ -1901,8 +1986,9 @@ class PgStore(Store):
             raise StoreFailure(self.failed)
         conn = None
         try:
-            conn = self._checkout()
+            conn = self._checkout(time.monotonic() + self.CONNECT_SECONDS)
             self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, [], reading, None
+            self.local.patience = patience
             self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
             if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
                 yield
@@ -1916,7 +2002,9 @@ class PgStore(Store):
                             conn.execute("ROLLBACK")
                     raise
                 if self.local.opening is None:  # else nothing was begun, and nothing is to commit
+                    self._watch(conn)
                     conn.execute("COMMIT")
+                    self._unwatch(conn)
         except psycopg.Error as e:
             # Whatever the statement, nothing of the transaction is stored. A cut connection (a
             # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
@@ -1928,6 +2016,7 @@ class PgStore(Store):
         finally:
             self.local.conn = self.local.cursor = self.local.opening = None
             if conn is not None:
+                self._unwatch(conn)
                 self._checkin(conn)
 
     @staticmethod
@@ -1949,18 +2038,22 @@ class PgStore(Store):
 
     def _q(self, sql: str, params: tuple = ()):
         cursor, opening = self.local.cursor, self.local.opening
-        if opening is None:
-            return cursor.execute(sql, params)
-        # The transaction's opening and its first statement in one round trip (a round trip costs the
-        # relay and the database CPU, besides the wait), their values written in. The statement's
-        # result is the last one.
-        (opening_sql, opening_params), self.local.opening = opening, None
-        cursor.execute(
-            psycopg.ClientCursor(cursor.connection).mogrify(f"{opening_sql}; {sql}", (*opening_params, *params))
-        )
-        while cursor.nextset():
-            pass
-        return cursor
+        self._watch(cursor.connection, self.local.patience)
+        try:
+            if opening is None:
+                return cursor.execute(sql, params)
+            # The transaction's opening and its first statement in one round trip (a round trip costs
+            # the relay and the database CPU, besides the wait), their values written in. The
+            # statement's result is the last one.
+            (opening_sql, opening_params), self.local.opening = opening, None
+            cursor.execute(
+                psycopg.ClientCursor(cursor.connection).mogrify(f"{opening_sql}; {sql}", (*opening_params, *params))
+            )
+            while cursor.nextset():
+                pass
+            return cursor
+        finally:
+            self._unwatch(cursor.connection)
 
     def _docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
         return [Conversation.from_json(doc) for (doc,) in self._q(sql, params)]
@@ -2079,7 +2172,8 @@ class PgStore(Store):
 
     def open_count(self) -> int:
         # Counted afresh (other relays change it too); the last count stands while the database is away.
-        with contextlib.suppress(StoreFailure), self.transaction(reading=True):
+        # /healthz asks: it must answer within a second or two even while the database hangs.
+        with contextlib.suppress(StoreFailure), self.transaction(reading=True, patience=self.COUNT_SECONDS):
             (self.open_now,) = self._q(f"SELECT count(*) FROM relay_conversations WHERE {OPEN_SQL}").fetchone()
         return self.open_now
 
@@ -4419,7 +4513,7 @@ def cmd_serve(args) -> int:
     tame_library_logging()
     settings, config = prepare(args.dry_run)
     settings.require_credentials()
-    store = open_store(settings)
+    store = open_store(settings, config)
     gateway = DryRunGateway(settings.state_dir) if settings.dry_run else TwilioGateway(settings)
     relay = Relay(settings, config, store, gateway)
     for text in describe(settings, config):
@@ -4455,10 +4549,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings, config: Config) -> Store:
     """The store `serve` runs on. An unreachable database is said in one line and tried again after."""
     if settings.database_url:
-        store = PgStore(settings.database_url)
+        store = PgStore(settings.database_url, config.database_connections)
         try:
             store.open()
         except SchemaTooNew as e:

@@ -1,0 +1,151 @@
+"""The shared database failing gray: it hangs without closing, runs out of connection slots, or
+keeps a frozen relay's rows locked. Relays stay honest: a quick 503 rather than a late 200, and
+nobody's work held up for long."""
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+from conftest import BACKUP, CUSTOMER, SERGIO, Postgres, config_text, wait_until
+
+import relay as relay_module
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of PostgreSQL. While `hanging`, it keeps every connection
+    open, acknowledges what it is sent, and forwards nothing either way: a stuck pooler."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.hanging = False
+        self.sockets: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database_url: str) -> str:
+        return database_url.replace(f":{self.target}/", f":{self.port}/")
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if self.hanging:
+                threading.Thread(target=self._pump, args=(client, None), daemon=True).start()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink):
+        try:
+            while data := source.recv(65536):
+                if sink is not None and not self.hanging:
+                    sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def proxied(postgres, database_url):
+    proxy = Proxy(postgres.port)
+    yield proxy, proxy.url(database_url)
+    proxy.close()
+
+
+def timed(call):
+    began = time.monotonic()
+    result = call()
+    return result, time.monotonic() - began
+
+
+def test_while_the_database_hangs_a_text_is_answered_503_within_5s_and_healthz_within_2s(start_relay, proxied):
+    proxy, url = proxied
+    relay = start_relay(config_text(), env={"DATABASE_URL": url})
+    assert relay.inbound(CUSTOMER, "before")[0] == 200
+    proxy.hanging = True
+    (status, _), took = timed(lambda: relay.inbound(CUSTOMER, "engine will not start"))
+    assert status == 503 and took < 5, (status, took)
+    (status, _), took = timed(lambda: relay.get("/healthz"))
+    assert status == 503 and took < 2, (status, took)
+
+
+def test_once_a_hang_ends_the_relay_carries_on_by_itself_within_5s(start_relay, fake_twilio, proxied):
+    proxy, url = proxied
+    relay = start_relay(config_text(), env={"DATABASE_URL": url})
+    proxy.hanging = True
+    assert relay.inbound(CUSTOMER, "during")[0] == 503
+    proxy.hanging = False
+    back = time.monotonic()
+    wait_until(relay.healthy, timeout=5)
+    assert time.monotonic() - back < 5
+    assert relay.inbound(CUSTOMER, "after")[0] == 200
+    wait_until(lambda: fake_twilio.delivered(SERGIO))
+
+
+def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_locks_freed(database_url):
+    store = relay_module.PgStore(database_url)
+    store.open()
+    frozen = store._connect()  # a relay's session, as it connects every one
+    frozen.execute("BEGIN")
+    frozen.execute("SELECT pg_advisory_xact_lock(42)")
+    began = time.monotonic()
+    with psycopg.connect(database_url, autocommit=True) as other:
+        wait_until(lambda: other.execute("SELECT pg_try_advisory_lock(42)").fetchone()[0], timeout=6)
+    assert time.monotonic() - began <= relay_module.PgStore.IDLE_IN_TRANSACTION_MS / 1000 + 1
+    frozen.close()
+
+
+def relay_sessions(database_url: str) -> int:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay' AND datname = current_database()"
+        ).fetchone()[0]
+
+
+def test_a_relay_opens_at_most_database_connections_its_listener_included(start_relay, fake_twilio, database_url):
+    relay = start_relay(config_text(extra_relay="database_connections = 3"), env={"DATABASE_URL": database_url})
+    most = 0
+    with ThreadPoolExecutor(12) as pool:
+        answers = pool.map(lambda i: relay.inbound(f"+1555123{i:04d}", "flood")[0], range(40))
+        while not pool._work_queue.empty():
+            most = max(most, relay_sessions(database_url))
+        assert set(answers) <= {200, 503}
+    most = max(most, relay_sessions(database_url))
+    assert 1 <= most <= 3
+
+
+@pytest.fixture
+def crowded_postgres():
+    """A cluster with room for 12 connections in all."""
+    cluster = Postgres(settings="-c max_connections=12 -c superuser_reserved_connections=0").start()
+    yield cluster
+    cluster.close()
+
+
+def test_three_relays_on_a_server_with_max_connections_12_all_serve_and_page_every_text_they_took(
+    start_relay, fake_twilio, crowded_postgres
+):
+    url = crowded_postgres.new_database()
+    relays = [start_relay(config_text(), env={"DATABASE_URL": url}, name=name) for name in ("a", "b", "c")]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda i: (i, relays[i % 3].inbound(f"+1555123{i:04d}", f"text {i}")[0]), range(24)))
+    taken = [i for i, status in answers if status == 200]
+    assert len(taken) >= 12, answers
+    for i in taken:
+        wait_until(lambda i=i: any(f"text {i}" in m["Body"] for m in fake_twilio.delivered(SERGIO)), timeout=10)
+    for relay in relays:  # each still serves: none left answering 503
+        assert wait_until(lambda relay=relay: relay.inbound(CUSTOMER, "still there?")[0] == 200, timeout=5)
+    assert fake_twilio.delivered(BACKUP) == []
