@@ -573,6 +573,7 @@ class Page:
     counted: bool = False  # counted against the outbound cap (once, whatever the retries)
     call_status: str | None = None  # a call's last progress report from Twilio (ringing, in-progress...)
     lease: float = 0.0  # shared store: until when one relay has claimed it to send (0: unclaimed)
+    holder: str | None = None  # shared store: which relay claimed it last (Relay.id), so a lapsed claim sends nothing
 
 
 @dataclass(slots=True)
@@ -782,11 +783,13 @@ class Store(abc.ABC):
         """None when state can be written, else the reason; cheap, and writes nothing."""
 
     @abc.abstractmethod
-    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
+    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False, prompt: bool = False):
         """A context for one change; with `key`, no other change with that key runs meanwhile.
         `reading`: it only looks, and saves nothing. `redone`: nobody is answered on the strength
         of it, so if the store itself crashes and loses it, the work is simply done again (a
-        page sent twice at worst); the store need not wait for the disk before it returns."""
+        page sent twice at worst); the store need not wait for the disk before it returns.
+        `prompt`: somebody waits for its outcome (a text's webhook): a store that cannot do it
+        within a few seconds raises StoreFailure rather than make them wait."""
 
     @abc.abstractmethod
     def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
@@ -843,10 +846,10 @@ class Store(abc.ABC):
         nothing to store), then `in_flight()` says which of its pages this relay is sending. Returns
         it once durable. `apply` may run twice, each time on a fresh copy: it changes only the copy."""
 
-    def renew(self, in_flight: dict[str, set[int]], until: float) -> None:
-        """Where other relays could take them (LEASE set): hold this relay's claim on the pages it is
-        sending or has queued, conversation id -> page indexes, until `until` (0: give it up, and
-        wake the other relays' sweeps)."""
+    def renew(self, in_flight: dict[str, set[int]], until: float, holder: str) -> None:
+        """Where other relays could take them (LEASE set): hold this relay's claim (`holder`) on the
+        pages it is sending or has queued, conversation id -> page indexes, until `until` (0: give it
+        up, and wake the other relays' sweeps). A page another relay has claimed since is left alone."""
         raise NotImplementedError("only a store shared by relays has leases")
 
     def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
@@ -1300,7 +1303,7 @@ class JsonStore(Store):
         if when is not None:
             heapq.heappush(self.timers, (when, conv.id))
 
-    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False):
+    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False, prompt: bool = False):
         return self.lock
 
     def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
@@ -1785,8 +1788,13 @@ class PgStore(Store):
     STATEMENT_MS = 5000
     # A round trip with no answer by then is cut on this side: a database that hangs (a stuck pooler,
     # a proxy forwarding nothing) acknowledges every byte, so neither keepalives nor the server's own
-    # timeouts ever fire, and a webhook must be answered 503 while Twilio still waits.
-    ROUND_TRIP_SECONDS = 2.5
+    # timeouts ever fire. A server that is only slow answers within its statement_timeout, if only
+    # with an error, so it is never taken for a hung one.
+    ROUND_TRIP_SECONDS = STATEMENT_MS / 1000 + 1
+    # A text's webhook is answered within 5 s, Twilio waiting: its statements have shorter limits.
+    PROMPT_STATEMENT_MS = 3000
+    PROMPT_SECONDS = PROMPT_STATEMENT_MS / 1000 + 0.5
+    PROMPT_CHECKOUT_SECONDS = 1.0
     WATCH_EVERY = 0.1
     COUNT_SECONDS = 1.0
     HEAL_SECONDS = 10.0  # a heal may create or upgrade the schema: many statements
@@ -1814,7 +1822,7 @@ class PgStore(Store):
         # the sends each run their own, so none waits behind another's round trips. At most
         # `connections` in all, the listener's included; fewer for a while after the server refused one.
         self.idle: list[psycopg.Connection] = []
-        self.held = 0  # open for transactions, idle or in use
+        self.opened = 0  # open for transactions, idle or in use
         self.budget = self.most = max(1, connections - 1)
         self.refused_until = -math.inf
         self.pool = threading.Condition()
@@ -1896,7 +1904,7 @@ class PgStore(Store):
     def _drop_idle(self) -> None:
         with self.pool:
             idle, self.idle = self.idle, []
-            self.held -= len(idle)
+            self.opened -= len(idle)
             self.pool.notify_all()
         for conn in idle:
             conn.close()
@@ -1907,23 +1915,23 @@ class PgStore(Store):
             while not self.idle:
                 if time.monotonic() >= self.refused_until:
                     self.most = self.budget
-                if self.held < self.most:
-                    self.held += 1
+                if self.opened < self.most:
+                    self.opened += 1
                     break
                 if not self.pool.wait(deadline - time.monotonic()):
-                    raise StoreFailure(f"database: all {self.held} connection(s) of this relay are busy")
+                    raise StoreFailure(f"database: all {self.opened} connection(s) of this relay are busy")
             else:
                 return self.idle.pop()
         try:
             return self._connect()
         except psycopg.Error as e:
             with self.pool:
-                self.held -= 1
-                refused = is_refused_for_slots(e) and self.held > 0
+                self.opened -= 1
+                refused = is_refused_for_slots(e) and self.opened > 0
                 if refused:  # not a dead database: serve on the connections this relay has
-                    if self.most > self.held:
-                        log("warning", "database_connection_limit", holding=self.held, reason=first_line(e))
-                    self.most, self.refused_until = self.held, time.monotonic() + self.REFUSED_RETRY
+                    if self.most > self.opened:
+                        log("warning", "database_connection_limit", holding=self.opened, reason=first_line(e))
+                    self.most, self.refused_until = self.opened, time.monotonic() + self.REFUSED_RETRY
             if refused:
                 return self._checkout(deadline)
             raise
@@ -1937,7 +1945,7 @@ class PgStore(Store):
             if keep:
                 self.idle.append(conn)
             else:
-                self.held -= 1
+                self.opened -= 1
             self.pool.notify()
 
     # -- the watchdog: a round trip that hangs is cut ------------------------
@@ -1976,9 +1984,14 @@ class PgStore(Store):
 
     @contextlib.contextmanager
     def transaction(
-        self, key: str | None = None, reading: bool = False, redone: bool = False, patience: float | None = None
+        self,
+        key: str | None = None,
+        reading: bool = False,
+        redone: bool = False,
+        prompt: bool = False,
+        patience: float | None = None,
     ):
-        """(`patience`: how long a round trip may take before it is cut, if not ROUND_TRIP_SECONDS.)"""
+        """(`patience`: how long a round trip may take before it is cut, if not as `prompt` says.)"""
         if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
             yield
             return
@@ -1986,14 +1999,14 @@ class PgStore(Store):
             raise StoreFailure(self.failed)
         conn = None
         try:
-            conn = self._checkout(time.monotonic() + self.CONNECT_SECONDS)
+            conn = self._checkout(time.monotonic() + (self.PROMPT_CHECKOUT_SECONDS if prompt else self.CONNECT_SECONDS))
             self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, [], reading, None
-            self.local.patience = patience
+            self.local.patience = patience or (self.PROMPT_SECONDS if prompt else self.ROUND_TRIP_SECONDS)
             self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
             if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
                 yield
             else:
-                self.local.opening = self._opening(key, redone)  # sent with the first statement
+                self.local.opening = self._opening(key, redone, prompt)  # sent with the first statement
                 try:
                     yield
                 except BaseException:
@@ -2002,7 +2015,7 @@ class PgStore(Store):
                             conn.execute("ROLLBACK")
                     raise
                 if self.local.opening is None:  # else nothing was begun, and nothing is to commit
-                    self._watch(conn)
+                    self._watch(conn, self.local.patience)
                     conn.execute("COMMIT")
                     self._unwatch(conn)
         except psycopg.Error as e:
@@ -2020,7 +2033,7 @@ class PgStore(Store):
                 self._checkin(conn)
 
     @staticmethod
-    def _opening(key: str | None, redone: bool) -> tuple[str, tuple]:
+    def _opening(key: str | None, redone: bool, prompt: bool) -> tuple[str, tuple]:
         """BEGIN, and what comes with it, sent with the transaction's first statement.
 
         A change that can be redone (the connection's default) commits without waiting for its WAL
@@ -2032,6 +2045,8 @@ class PgStore(Store):
         opening = ["BEGIN"]
         if not redone:
             opening.append("SET LOCAL synchronous_commit TO on")
+        if prompt:
+            opening.append(f"SET LOCAL statement_timeout TO {PgStore.PROMPT_STATEMENT_MS}")
         if key is not None:
             opening.append("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")
         return "; ".join(opening), (key,) if key is not None else ()
@@ -2239,7 +2254,7 @@ class PgStore(Store):
             self.save(conv)
         return conv
 
-    def renew(self, in_flight: dict[str, set[int]], until: float) -> None:
+    def renew(self, in_flight: dict[str, set[int]], until: float, holder: str) -> None:
         # Two statements however many pages are queued (a flood's, with the caps lifted). A
         # conversation another change holds now is left for the next renewal: this one waits for none.
         with self.transaction(redone=True):
@@ -2248,8 +2263,9 @@ class PgStore(Store):
             )
             for conv in convs:
                 for index in in_flight[conv.id]:
-                    if index < len(conv.pages) and conv.pages[index].state == "pending":
-                        conv.pages[index].lease = until
+                    page = conv.pages[index] if index < len(conv.pages) else None
+                    if page is not None and page.state == "pending" and page.holder == holder:
+                        page.lease = until
             self._q(  # `c.id = ANY`: else the join may be planned as a read of the whole table
                 """UPDATE relay_conversations AS c SET wake_at = t.wake_at, doc = t.doc
                    FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json)
@@ -3391,6 +3407,7 @@ class Relay:
         self.sweep_at = math.inf  # when the sweep looks next (inf: it is looking now)
         self.leases_renewed = 0.0
         self.random = random.Random()
+        self.id = os.urandom(6).hex()  # this relay process, as the holder of the pages it claims
         # Lines whose texts carriers block, since when and why, until one of their texts is delivered
         # again (as this relay has heard): alarms then go by call too, and /healthz names it.
         self.carrier_blocked: dict[str, dict] = {}
@@ -3458,7 +3475,7 @@ class Relay:
             raise BadRequest(503, "state_unwritable", self.store.failure)
         to_send: list = []
         with self._sending_once_stored(to_send):
-            with self.store.transaction(f"{line.name} {sender}"):
+            with self.store.transaction(f"{line.name} {sender}", prompt=True):
                 contact = line.contact(sender)
                 arrival = self.store.arrival(sid, line.name, sender, now, customer=contact is None)
                 if arrival.answered is not None:
@@ -3787,24 +3804,20 @@ class Relay:
         """One attempt at one page, its outcome stored before anything else."""
         with self.store.transaction(reading=True):
             conv = self.store.get(conv_id)
-            page = conv.pages[index] if conv and index < len(conv.pages) else None
-            if page is None or page.state != "pending":
-                # Taken (or reloaded) since the sweep chose it: a page not yet with Twilio stays unsent.
-                with self.lock:
-                    self._done_sending(conv_id, index)
-                return
-            if page.kind == "call":
-                gather = self.callback_url("/api/voice/gather", conv, index) or ""
-                twiml = call_twiml(conv, gather)
-                request = functools.partial(
-                    self.gateway.call, conv.number, page.to, twiml, self.callback_url("/api/voice/status", conv, index)
-                )
-            elif page.kind == "end_call":
-                hang_up = "completed" if self._call_status(conv, page.body) == "in-progress" else "canceled"
-                request = functools.partial(self.gateway.end_call, page.body, hang_up)
-            else:
-                callback = self.callback_url("/api/sms/status", conv, index)
-                request = functools.partial(self.gateway.send, conv.number, page.to, page.body, callback, page.media)
+            page = self._still_to_send(conv, index)
+            if page is not None and self.store.LEASE and page.lease <= self.clock():
+                conv = None  # claimed, but the claim lapsed before its send began: renewed first
+            elif page is not None:
+                request = self._request(conv, index)
+        if page is not None and conv is None:
+            conv = self.store.change(conv_id, functools.partial(self._reclaim, index=index), lambda: ())
+            page = self._still_to_send(conv, index)
+            if page is not None:
+                request = self._request(conv, index)
+        if page is None:  # a page not yet with Twilio stays unsent
+            with self.lock:
+                self._done_sending(conv_id, index)
+            return
         try:
             outcome: SendError | str | None = request()
         except SendError as e:
@@ -3816,8 +3829,6 @@ class Relay:
         def record(conv: Conversation) -> bool:
             nonlocal event, result
             event = result = None
-            with self.lock:
-                self._done_sending(conv_id, index)
             if index >= len(conv.pages):  # the store was reloaded and has no such page
                 return False
             page = conv.pages[index]
@@ -3831,10 +3842,14 @@ class Relay:
                 event, result = None, "sent"
             return True
 
-        conv = self.store.change(conv_id, record, lambda: self.in_flight.get(conv_id, frozenset()))
-        if conv is None or result is None:  # the store was reloaded and has no such page
+        # In flight until its outcome is stored (so its claim is renewed meanwhile), but not for its
+        # own next look: a retry is due at its retry time.
+        try:
+            conv = self.store.change(conv_id, record, lambda: self.in_flight.get(conv_id, set()) - {index})
+        finally:
             with self.lock:
                 self._done_sending(conv_id, index)
+        if conv is None or result is None:  # the store was reloaded and has no such page
             return
         page = conv.pages[index]
         SENDS.labels(result).inc()
@@ -3851,17 +3866,52 @@ class Relay:
                 self._after_change(conv, event, reason=outcome.reason)
         self.wake_sweep(self._next_look(conv))
 
+    def _still_to_send(self, conv: Conversation | None, index: int) -> Page | None:
+        """The page, if it is still this relay's to send: not taken, reloaded or sent since it was
+        claimed, nor claimed by another relay since this one's claim lapsed (cut off or frozen)."""
+        page = conv.pages[index] if conv and index < len(conv.pages) else None
+        if page is None or page.state != "pending" or (self.store.LEASE and page.holder != self.id):
+            return None
+        return page
+
+    def _reclaim(self, conv: Conversation, index: int) -> bool:
+        """Renew this relay's lapsed claim on a page, if no other relay has claimed it since."""
+        if self._still_to_send(conv, index) is None:
+            return False
+        conv.pages[index].lease = self.clock() + self.store.LEASE
+        return True
+
+    def _request(self, conv: Conversation, index: int) -> Callable[[], str | None]:
+        """The call to Twilio that sends the page."""
+        page = conv.pages[index]
+        if page.kind == "call":
+            gather = self.callback_url("/api/voice/gather", conv, index) or ""
+            twiml = call_twiml(conv, gather)
+            status = self.callback_url("/api/voice/status", conv, index)
+            return functools.partial(self.gateway.call, conv.number, page.to, twiml, status)
+        if page.kind == "end_call":
+            hang_up = "completed" if self._call_status(conv, page.body) == "in-progress" else "canceled"
+            return functools.partial(self.gateway.end_call, page.body, hang_up)
+        callback = self.callback_url("/api/sms/status", conv, index)
+        return functools.partial(self.gateway.send, conv.number, page.to, page.body, callback, page.media)
+
     # -- the sweep -----------------------------------------------------------
 
     def sweep(self) -> float | None:
         """Fire what is due; returns when next to look. Sends are queued on their recipient's thread."""
         if self.store.failure:
             return None
-        started, now = time.thread_time(), self.clock()
-        events, to_send, tickets, lag = [], [], [], 0.0
+        started, began = time.thread_time(), time.monotonic()
+        events, to_send, tickets, lag, more = [], [], [], 0.0, False
         with self._sending_once_stored(to_send):
             with self.store.transaction(redone=True):
-                for conv in self.store.due(now, self.in_flight):
+                for conv in self.store.due(self.clock(), self.in_flight):
+                    if time.monotonic() - began > SWEEP_BATCH_SECONDS:  # a slow database: send these first
+                        more = True
+                        break
+                    # Read after its lock was taken and the writes before it: a step begun now gets
+                    # all its wait, and a claim made now starts whole, however slow the database.
+                    now = self.clock()
                     deadline, changed = conv.deadline, False
                     if event := expire(conv, now):
                         lag = max(lag, now - deadline)
@@ -3869,9 +3919,9 @@ class Relay:
                         changed = True
                     changed |= self._claim_pages(conv, now, to_send)
                     tickets.append(self._save(conv, changed))
-                self.last_sweep = now
+                self.last_sweep = self.clock()
                 SWEEP_LAG.set(lag)
-                next_at = self.store.next_due()
+                next_at = self.last_sweep if more else self.store.next_due()
             for ticket in tickets:
                 self.store.wait(ticket)
         for conv, event in events:
@@ -3899,7 +3949,7 @@ class Relay:
                     continue
                 page.counted = changed = True
             if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
-                page.lease, changed = now + self.store.LEASE, True
+                page.lease, page.holder, changed = now + self.store.LEASE, self.id, True
             claimed.add(index)
             to_send.append((conv.id, index, page.to))
         if claimed:
@@ -3948,7 +3998,7 @@ class Relay:
                     given_up.setdefault(conv_id, set()).add(index)
         if given_up and self.store.LEASE and not self.store.failure:
             with contextlib.suppress(StoreFailure):
-                self.store.renew(given_up, 0.0)
+                self.store.renew(given_up, 0.0, self.id)
         return sum(map(len, given_up.values()))
 
     def renew_leases(self) -> None:
@@ -3960,7 +4010,7 @@ class Relay:
         if not in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
             return
         self.leases_renewed = time.monotonic()
-        self.store.renew(in_flight, self.clock() + self.store.LEASE)
+        self.store.renew(in_flight, self.clock() + self.store.LEASE, self.id)
 
     @staticmethod
     def _call_status(conv: Conversation, call_sid: str) -> str | None:
@@ -4235,6 +4285,9 @@ def make_app(relay: Relay) -> bottle.Bottle:
 # ---------------------------------------------------------------------------
 
 HOUSEKEEPING_EVERY = 1.0
+# A sweep commits, and sends what it claimed, after this long; the rest of what is due is taken at
+# once by the next: a slow database then delays each page by its own writes, not by all of them.
+SWEEP_BATCH_SECONDS = 0.5
 SWEEP_STALL = 10.0
 
 

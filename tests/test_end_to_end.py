@@ -193,3 +193,13 @@ def test_status_shows_times_in_the_lines_time_zone_and_says_which(start_relay, f
     wait_until(lambda: relay.events("relay_sent"))
     out = relay.run("status").stdout
     assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d P[SD]T; paged", out), out
+
+
+def test_a_text_held_by_the_sender_cap_goes_out_once_a_live_edit_raises_the_cap(start_relay, fake_twilio, tmp_path):
+    relay = start_relay(config_text(extra_relay="sender_hourly_cap = 1"))
+    relay.inbound(CUSTOMER, "engine will not start")
+    relay.inbound(CUSTOMER, "and the bilge alarm is on")
+    wait_until(lambda: relay.events("inbound_held"))
+    assert len(wait_until(lambda: fake_twilio.delivered(SERGIO))) == 1
+    (relay.workdir / "config.toml").write_text(config_text(extra_relay="sender_hourly_cap = 5"))
+    wait_until(lambda: any("bilge alarm" in m["Body"] for m in fake_twilio.delivered(SERGIO)), timeout=5)

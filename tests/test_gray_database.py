@@ -2,6 +2,7 @@
 keeps a frozen relay's rows locked. Relays stay honest: a quick 503 rather than a late 200, and
 nobody's work held up for long."""
 
+import datetime
 import socket
 import threading
 import time
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from conftest import BACKUP, CUSTOMER, SERGIO, Postgres, config_text, wait_until
+from conftest import BACKUP, CUSTOMER, SERGIO, Postgres, config_text, msid, wait_until
 
 import relay as relay_module
 
@@ -149,3 +150,130 @@ def test_three_relays_on_a_server_with_max_connections_12_all_serve_and_page_eve
     for relay in relays:  # each still serves: none left answering 503
         assert wait_until(lambda relay=relay: relay.inbound(CUSTOMER, "still there?")[0] == 200, timeout=5)
     assert fake_twilio.delivered(BACKUP) == []
+
+
+class Queued:
+    """Stands in for the sender threads: a submitted send waits until the test runs it."""
+
+    def __init__(self):
+        self.waiting = []
+
+    def submit(self, fn, *args):
+        self.waiting.append((fn, args))
+
+    def run(self):
+        while self.waiting:
+            fn, args = self.waiting.pop(0)
+            fn(*args)
+
+
+def relay_on(store, tmp_path) -> relay_module.Relay:
+    from conftest import LINE, PUBLIC_URL, TOKEN, RecordingGateway
+
+    chain = (relay_module.Contact("Sergio", SERGIO, 60), relay_module.Contact("Backup", BACKUP, 60))
+    config = relay_module.Config(lines=(relay_module.Line("QDN", LINE, chain),), public_url=PUBLIC_URL)
+    settings = relay_module.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(tmp_path)})
+    service = relay_module.Relay(settings, config, store, RecordingGateway())
+    service.senders = Queued()
+    return service
+
+
+def test_a_page_whose_claim_another_relay_took_over_is_never_sent(database_url, tmp_path):
+    from conftest import LINE, msid
+
+    store = relay_module.PgStore(database_url)
+    store.open()
+    frozen = relay_on(store, tmp_path)
+    frozen.receive({"MessageSid": msid("claimed"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    with psycopg.connect(database_url, autocommit=True) as conn:  # its lease lapsed; another relay claimed it
+        conn.execute(
+            """UPDATE relay_conversations SET doc = jsonb_set(doc::jsonb, '{pages,0,holder}', '"another"')::json"""
+        )
+    frozen.senders.run()
+    assert frozen.gateway.sent == []
+
+
+def test_a_page_whose_claim_lapsed_is_claimed_anew_before_it_is_sent_once(database_url, tmp_path):
+    from conftest import LINE, msid
+
+    store = relay_module.PgStore(database_url)
+    store.open()
+    slow = relay_on(store, tmp_path)
+    slow.receive({"MessageSid": msid("lapsed"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    store.offset += store.LEASE  # storing the claim took as long as the claim lasts
+    sending = slow.gateway.send
+
+    def send_seeing_the_claim(*args):
+        with store.transaction(reading=True):
+            page = store.get(msid("lapsed")).pages[0]
+        assert page.holder == slow.id and page.lease > store.clock()  # renewed before it went out
+        return sending(*args)
+
+    slow.gateway.send = send_seeing_the_claim
+    slow.senders.run()
+    assert len(slow.gateway.sent) == 1
+
+
+def test_a_step_begun_after_a_slow_wait_for_its_lock_gets_all_its_wait(database_url, tmp_path, monkeypatch):
+    from conftest import LINE, msid
+
+    store = relay_module.PgStore(database_url)
+    store.open()
+    service = relay_on(store, tmp_path)
+    service.receive({"MessageSid": msid("slow"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    service.senders.run()
+    store.offset += 61  # Sergio's wait has run out
+    due = store.due
+
+    def slow_due(now, in_flight):
+        found = due(now, in_flight)
+        store.offset += 8  # the locks took eight seconds to come
+        return found
+
+    monkeypatch.setattr(store, "due", slow_due)
+    service.sweep()
+    with store.transaction(reading=True):
+        conv = store.get(msid("slow"))
+    assert conv.step == 1 and conv.deadline - store.clock() == pytest.approx(60, abs=0.5)
+
+
+def slow_every_write(database_url: str, seconds: float) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            f"""CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$"""
+        )
+        for table in ("relay_conversations", "relay_messages"):
+            conn.execute(
+                f"CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION slow_write()"
+            )
+
+
+def test_with_every_write_slowed_to_300ms_two_relays_lose_nothing_and_page_nobody_twice(
+    start_relay, fake_twilio, database_url
+):
+    config = config_text(primary_wait="4s", backup_wait="60s")
+    first = start_relay(config, env={"DATABASE_URL": database_url}, name="a")
+    second = start_relay(config, env={"DATABASE_URL": database_url}, name="b")
+    slow_every_write(database_url, 0.3)
+    relays = (first, second)
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(
+            pool.map(
+                lambda i: relays[i % 2].inbound(f"+1555123{i:04d}", f"text {i}", sid=msid(f"slow {i}"))[0], range(10)
+            )
+        )
+    taken = [i for i, status in enumerate(answers) if status == 200]
+    assert len(taken) >= 5, answers
+
+    def pages(to, i):
+        return [r for r in fake_twilio.requests if r["form"]["To"] == to and f": text {i}\n" in r["form"]["Body"]]
+
+    for i in taken:
+        wait_until(lambda i=i: pages(BACKUP, i), timeout=20)
+    accepted = {e["message_sid"]: e["ts"] for r in relays for e in r.events("inbound_accepted")}
+    for i in taken:
+        assert len(pages(SERGIO, i)) == 1 and len(pages(BACKUP, i)) == 1, i
+        due = datetime.datetime.fromisoformat(accepted[msid(f"slow {i}")]).timestamp() + 4
+        # Within 2 s of its deadline plus the database's own delay: a few of its 300 ms writes.
+        assert pages(BACKUP, i)[0]["at"] - due < 2 + 1.5, (i, pages(BACKUP, i)[0]["at"] - due)

@@ -164,7 +164,7 @@ def test_texts_and_lease_renewals_read_no_table_whole_however_many_texts_are_rem
         service.senders = RunAtOnce()
         for n in range(8):  # past the fifth, psycopg prepares each statement and the server may cache a plan
             service.receive({"MessageSid": msid(n), "From": f"+1555123{n:04d}", "To": LINE, "Body": "hi"})
-            store.renew({msid(n): {0}}, store.clock() + store.LEASE)
+            store.renew({msid(n): {0}}, store.clock() + store.LEASE, service.id)
         assert len(service.gateway.sent) == 8
         assert whole_table_reads(admin) == before
 
@@ -219,6 +219,7 @@ def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
     giver, listener = opened_store(database_url), opened_store(database_url)
     line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),))
     conv = relay.start_conversation(line, relay.Config(lines=(line,)), msid("q"), CUSTOMER, "hi", "1", giver.clock())
+    conv.pages[0].holder = "giver"
     with giver.transaction():
         taken(giver, msid("q"))
         giver.save(conv, in_flight={0})
@@ -227,7 +228,7 @@ def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
     listening.start()
     try:
         wait_until(lambda: wakes)  # one on connecting: what was given up while nobody listened
-        giver.renew({conv.id: {0}}, 0.0)
+        giver.renew({conv.id: {0}}, 0.0, "giver")
         wait_until(lambda: len(wakes) == 2, timeout=5)  # the listener's only other wake: a notification
     finally:
         stop.set()
