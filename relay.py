@@ -410,7 +410,7 @@ class Settings:
             auth_token=get("TWILIO_AUTH_TOKEN"),
             api_key=get("TWILIO_API_KEY"),
             api_secret=get("TWILIO_API_SECRET"),
-            database_url=get("DATABASE_URL"),
+            database_url=_database_url(url) if (url := get("DATABASE_URL")) else None,
             files_do_not_last=bool(get("DYNO")),
             heartbeat_url=_public_url(url, "RELAY_HEARTBEAT_URL", "https://hc-ping.com/your-check-uuid")
             if (url := get("RELAY_HEARTBEAT_URL"))
@@ -444,6 +444,19 @@ class Settings:
 
     def public_url_for(self, config: Config) -> str | None:
         return self.public_url or config.public_url
+
+
+def _database_url(value: str) -> str:
+    """Only a URL: libpq's key=value strings put a password where nothing marks it, and a refusal
+    here never repeats the value."""
+    if not value.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("DATABASE_URL: not a postgres:// or postgresql:// URL (key=value strings are not taken)")
+    if shown_database(value).startswith("postgresql://("):  # else libpq's errors could quote the password
+        raise ConfigError(
+            "DATABASE_URL: libpq cannot tell its user and password apart; percent-encode the password's "
+            "special characters (/ as %2F, @ as %40)"
+        )
+    return value
 
 
 def load_dotenv_file(path: Path = Path(".env")) -> None:
@@ -1618,8 +1631,8 @@ def import_psycopg() -> None:
     from psycopg.types.json import Json
 
 
-class SchemaTooNew(Exception):
-    """The database holds a schema from a newer relay than this one."""
+class SchemaRefused(Exception):
+    """The database holds a schema from a newer relay than this one, or one the relay cannot mend."""
 
 
 OPEN_SQL = "status IN ('open', 'held')"
@@ -1746,6 +1759,23 @@ SCHEMA = {
     ],
 }
 SCHEMA_VERSION = max(SCHEMA)
+SCHEMA_LOST = {"42P01", "42883"}  # undefined_table, undefined_function
+# What the schema holds, looked for at every start and heal: tables (and the sequence) hold data, so a
+# missing one is refused, never recreated; functions hold none, and are created again as written.
+SCHEMA_RELATIONS = (
+    "relay_conversations",
+    "relay_messages",
+    "relay_codes",
+    "relay_cap_uses",
+    "relay_marks",
+    "relay_caps",
+)
+SCHEMA_FUNCTIONS = {
+    re.match(r"CREATE FUNCTION (\w+)", statement)[1]: statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
+    for statements in SCHEMA.values()
+    for statement in statements
+    if statement.startswith("CREATE FUNCTION")
+}
 SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through PgBouncer too)
 TIDY_LOCK = 7_301_002
 
@@ -1761,8 +1791,33 @@ def database_dsn(url: str) -> str:
     return "postgresql://" + url.removeprefix("postgres://") if url.startswith("postgres://") else url
 
 
+def shown_database(url: str) -> str:
+    """What may be shown of DATABASE_URL: its user, host, port and database as libpq reads them (a URL
+    parser reads a password holding # or ? differently, and would show part of it), never the password."""
+    import_psycopg()
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(database_dsn(url))
+    except psycopg.Error:
+        parts = {}
+    if not parts or ("@" in url and not parts.get("user")):  # its user and password were not told apart
+        return "postgresql://(a URL libpq cannot read: percent-encode the special characters in the password)"
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{parts.get('host', 'localhost')}{port}/{parts.get('dbname', '')}"
+
+
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def schema_missing(conn) -> tuple[list[str], list[str]]:
+    """The relay's tables, then its functions, that the database does not hold."""
+
+    def held(kind: str, name: str) -> bool:
+        return conn.execute(f"SELECT to_{kind}(%s)", (name,)).fetchone()[0] is not None
+
+    tables = [name for name in SCHEMA_RELATIONS if not held("regclass", name)]
+    return tables, [name for name in SCHEMA_FUNCTIONS if not held("regproc", name)]
 
 
 def schema_version(conn) -> int:
@@ -1839,7 +1894,7 @@ class PgStore(Store):
     # -- connecting ---------------------------------------------------------
 
     def open(self) -> None:
-        """Connect, create or upgrade the tables; raise StoreFailure (unreachable) or SchemaTooNew."""
+        """Connect, create or upgrade the tables; raise StoreFailure (unreachable) or SchemaRefused."""
         self.heal()
 
     def heal(self) -> None:
@@ -1854,6 +1909,9 @@ class PgStore(Store):
             except psycopg.Error as e:
                 self.failed = f"database unreachable: {first_line(e)}"
                 raise StoreFailure(self.failed) from None
+            except SchemaRefused as e:
+                self.failed = str(e).removeprefix("DATABASE_URL: ")
+                raise
             finally:
                 if conn is not None:
                     self._unwatch(conn)
@@ -1880,13 +1938,21 @@ class PgStore(Store):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             version = schema_version(conn)
             if version > SCHEMA_VERSION:
-                raise SchemaTooNew(
+                raise SchemaRefused(
                     f"DATABASE_URL: the database has relay schema version {version}, newer than this "
                     f"relay's {SCHEMA_VERSION}: run the newer relay"
                 )
+            if version == 0 and conn.execute("SELECT to_regclass('relay_schema')").fetchone()[0] is not None:
+                raise SchemaRefused(
+                    "DATABASE_URL: the relay_schema table has lost its version row; if the relay's tables "
+                    f"are whole, put it back: INSERT INTO relay_schema VALUES ({SCHEMA_VERSION})"
+                )
+            if version == 0 and (found := conn.execute("SELECT to_regclass('relay_conversations')").fetchone()[0]):
+                raise SchemaRefused(f"DATABASE_URL: {found} exists but relay_schema does not; restore it from a backup")
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in SCHEMA[step]:
                     conn.execute(statement)
+            self._mend(conn)
             if version == 0:
                 conn.execute("CREATE TABLE relay_schema (version integer NOT NULL)")
                 conn.execute("INSERT INTO relay_schema VALUES (%s)", (SCHEMA_VERSION,))
@@ -1894,6 +1960,19 @@ class PgStore(Store):
                 conn.execute("UPDATE relay_schema SET version = %s", (SCHEMA_VERSION,))
             if version < SCHEMA_VERSION:
                 log("info", "schema_upgraded", from_version=version, to_version=SCHEMA_VERSION)
+
+    @staticmethod
+    def _mend(conn: psycopg.Connection) -> None:
+        """Refuse a schema missing a table; create again any function missing (in the migration's lock)."""
+        tables, functions = schema_missing(conn)
+        if tables:
+            raise SchemaRefused(
+                f"DATABASE_URL: the relay's table {tables[0]} is missing; restore it from a backup "
+                "(the relay does not create it again over the data it held)"
+            )
+        for name in functions:
+            conn.execute(SCHEMA_FUNCTIONS[name])
+            log("warning", "schema_mended", function=name)
 
     def _sync_clock(self, conn: psycopg.Connection) -> None:
         before = time.monotonic()
@@ -2024,6 +2103,9 @@ class PgStore(Store):
             if conn is None or conn.broken or conn.closed:
                 self.failed = f"database unreachable: {first_line(e)}"
                 self._drop_idle()
+                raise StoreFailure(self.failed) from None
+            if getattr(e, "sqlstate", None) in SCHEMA_LOST:  # a table or function dropped: mended or named
+                self.failed = f"database: the relay's schema is damaged: {first_line(e)}"
                 raise StoreFailure(self.failed) from None
             raise StoreFailure(f"database: {first_line(e)}") from None
         finally:
@@ -2183,7 +2265,7 @@ class PgStore(Store):
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay' AND query = %s",
                 (f"LISTEN {self.CHANNEL}",),
             ).fetchone()
-        return f"PostgreSQL at {loggable_url(self.dsn)}; {listening} relay(s) running on it"
+        return f"PostgreSQL at {shown_database(self.dsn)}; {listening} relay(s) running on it"
 
     def open_count(self) -> int:
         # Counted afresh (other relays change it too); the last count stands while the database is away.
@@ -3408,6 +3490,7 @@ class Relay:
         self.leases_renewed = 0.0
         self.random = random.Random()
         self.id = os.urandom(6).hex()  # this relay process, as the holder of the pages it claims
+        self.heal_failed: str | None = None  # why the store's last heal failed, as logged
         # Lines whose texts carriers block, since when and why, until one of their texts is delivered
         # again (as this relay has heard): alarms then go by call too, and /healthz names it.
         self.carrier_blocked: dict[str, dict] = {}
@@ -4082,9 +4165,12 @@ class Relay:
         reason = self.store.failure
         try:
             self.store.heal()
-        except StoreFailure as e:
-            log("error", "state_unwritable", reason=str(e))
+        except (StoreFailure, SchemaRefused) as e:
+            if str(e) != self.heal_failed:  # tried every second: said once, and again when it changes
+                log("error", "state_unwritable", reason=str(e))
+                self.heal_failed = str(e)
             return
+        self.heal_failed = None
         self.wake_sweep()
         log("warning", "state_writable_again", after=reason, open_conversations=self.store.open_count())
         self.tell_about_damage()
@@ -4462,7 +4548,7 @@ def describe(settings: Settings, config: Config) -> list[str]:
         )
     out.append("mode: dry-run, nothing is sent" if settings.dry_run else f"REST: {settings.api_base_url}")
     if settings.database_url:
-        out.append(f"store: PostgreSQL at {loggable_url(database_dsn(settings.database_url))} (DATABASE_URL)")
+        out.append(f"store: PostgreSQL at {shown_database(settings.database_url)} (DATABASE_URL)")
     else:
         out.append(f"store: JSON files under {settings.state_dir}")
     if settings.files_do_not_last and not settings.database_url:
@@ -4608,7 +4694,7 @@ def open_store(settings: Settings, config: Config) -> Store:
         store = PgStore(settings.database_url, config.database_connections)
         try:
             store.open()
-        except SchemaTooNew as e:
+        except SchemaRefused as e:
             raise ConfigError(str(e)) from None
         except StoreFailure as e:
             log("error", "database_unreachable", reason=str(e), detail="answering 503 until it is back")
@@ -4721,14 +4807,23 @@ def check_database(url: str) -> bool:
         with psycopg.connect(database_dsn(url), connect_timeout=PgStore.CONNECT_SECONDS) as conn:
             version = schema_version(conn)
             server = conn.info.parameter_status("server_version")
+            tables, functions = schema_missing(conn)
+            found = conn.execute("SELECT to_regclass('relay_schema'), to_regclass('relay_conversations')").fetchone()
     except psycopg.Error as e:
         print(f"database: cannot connect: {first_line(e)}")
         return False
     if version > SCHEMA_VERSION:
         print(f"database: connects (PostgreSQL {server}); schema version {version} is newer than this relay's")
         return False
+    if version == 0 and any(found):
+        print(f"database: connects (PostgreSQL {server}); the relay's tables are there but its version row is not")
+        return False
+    if version and tables:
+        print(f"database: connects (PostgreSQL {server}); the relay's table {tables[0]} is missing: restore it")
+        return False
     held = f"relay schema version {version}" if version else "no relay tables yet (created at the first start)"
-    print(f"database: connects (PostgreSQL {server}); {held}; this relay uses version {SCHEMA_VERSION}")
+    mended = f"; missing function(s) {', '.join(functions)}, created again at start" if version and functions else ""
+    print(f"database: connects (PostgreSQL {server}); {held}; this relay uses version {SCHEMA_VERSION}{mended}")
     return True
 
 
@@ -4984,7 +5079,7 @@ def reachable_database(url: str) -> PgStore:
     store = PgStore(url)
     try:
         store.open()
-    except (StoreFailure, SchemaTooNew) as e:
+    except (StoreFailure, SchemaRefused) as e:
         raise ConfigError(str(e)) from None
     return store
 

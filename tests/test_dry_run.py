@@ -106,7 +106,7 @@ def test_check_says_the_json_store_is_in_use_without_a_database_url(tmp_path):
 def test_check_says_the_database_connects_and_which_schema_it_holds(tmp_path, database_url):
     relay = RelayProcess(tmp_path, None, config_text(), dry_run=True, env={"DATABASE_URL": database_url})
     out = relay.run("check", "--dry-run").stdout
-    assert "store: PostgreSQL at postgresql://127.0.0.1" in out
+    assert "store: PostgreSQL at postgresql://postgres@127.0.0.1" in out
     assert "no relay tables yet" in out and out.rstrip().endswith("ok")
     relay.start()
     try:

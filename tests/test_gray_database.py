@@ -277,3 +277,79 @@ def test_with_every_write_slowed_to_300ms_two_relays_lose_nothing_and_page_nobod
         due = datetime.datetime.fromisoformat(accepted[msid(f"slow {i}")]).timestamp() + 4
         # Within 2 s of its deadline plus the database's own delay: a few of its 300 ms writes.
         assert pages(BACKUP, i)[0]["at"] - due < 2 + 1.5, (i, pages(BACKUP, i)[0]["at"] - due)
+
+
+def drop(database_url: str, statement: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def test_a_dropped_function_is_created_again_and_texts_are_paged(start_relay, fake_twilio, database_url):
+    relay = start_relay(config_text(), env={"DATABASE_URL": database_url})
+    drop(database_url, "DROP FUNCTION relay_arrival")
+    relay.inbound(CUSTOMER, "first after the drop")  # finds it missing: the relay mends it
+    wait_until(lambda: relay.events("schema_mended"), timeout=5)
+    assert relay.events("schema_mended")[0]["function"] == "relay_arrival"
+    assert wait_until(lambda: relay.inbound(CUSTOMER, "engine will not start")[0] == 200, timeout=5)
+    wait_until(lambda: any("engine will not start" in m["Body"] for m in fake_twilio.delivered(SERGIO)))
+
+
+def test_a_dropped_table_is_named_by_healthz_check_and_status_with_no_traceback(start_relay, database_url):
+    relay = start_relay(config_text(), env={"DATABASE_URL": database_url})
+    drop(database_url, "DROP TABLE relay_messages")
+    assert relay.inbound(CUSTOMER, "engine will not start")[0] == 503
+    said = wait_until(lambda: (found := relay.get("/healthz"))[0] == 503 and "is missing" in found[1] and found[1])
+    assert "the relay's table relay_messages is missing; restore it from a backup" in said
+    time.sleep(2)  # two more heals
+    assert len(relay.events("state_unwritable")) == 1  # said once, not every second
+    for command in ("check", "status"):
+        result = relay.run(command)
+        assert result.returncode == 1, command
+        said = result.stdout + result.stderr
+        assert "relay_messages is missing" in said and "Traceback" not in said, said
+
+
+def test_a_lost_version_row_is_refused_in_one_line_at_start(start_relay, database_url, tmp_path):
+    relay = start_relay(config_text(), env={"DATABASE_URL": database_url})
+    relay.stop()
+    drop(database_url, "DELETE FROM relay_schema")
+    result = relay.run("serve", timeout=10)
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"the relay_schema table has lost its version row; if the relay's tables are whole, put it back: "
+            f"INSERT INTO relay_schema VALUES ({relay_module.SCHEMA_VERSION})"
+        )
+    )
+    assert "relay_conversations" in relay.run("check").stdout or relay.run("check").returncode == 1
+
+
+PASSWORD = "p#ss?w:rd%2F%40x!"  # URL delimiters, the two libpq needs encoded percent-encoded
+
+
+def test_a_password_full_of_url_delimiters_never_appears_in_any_output(start_relay, postgres, database_url):
+    url = database_url.replace("postgres@", f"postgres:{PASSWORD}@")
+    relay = start_relay(config_text(), env={"DATABASE_URL": url})
+    assert relay.inbound(CUSTOMER, "engine will not start")[0] == 200
+    outputs = [relay.run(command) for command in ("check", "status")]
+    assert all(result.returncode == 0 for result in outputs), outputs
+    seen = relay.log_path.read_text() + "".join(result.stdout + result.stderr for result in outputs)
+    assert "postgresql://postgres@127.0.0.1" in seen
+    for piece in ("p#ss", "?w:rd", "%2F", "%40x"):
+        assert piece not in seen
+
+
+def test_a_key_value_database_string_is_refused_in_one_line_without_repeating_it(tmp_path):
+    from conftest import RelayProcess
+
+    url = "host=127.0.0.1 dbname=relay password=hunter2"
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True, env={"DATABASE_URL": url})
+    result = relay.run("check", "--dry-run")
+    assert result.returncode != 0 and "hunter2" not in result.stdout + result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("DATABASE_URL: not a postgres:// or postgresql:// URL (key=value strings are not taken)")
+    )
