@@ -1849,7 +1849,7 @@ class PgStore(Store):
     # A text's webhook is answered within 5 s, Twilio waiting: its statements have shorter limits.
     PROMPT_STATEMENT_MS = 3000
     PROMPT_SECONDS = PROMPT_STATEMENT_MS / 1000 + 0.5
-    PROMPT_CHECKOUT_SECONDS = 1.0
+    PROMPT_CHECKOUT_SECONDS = 2.5  # waiting for a connection ends at once if the database is found gone
     WATCH_EVERY = 0.1
     COUNT_SECONDS = 1.0
     HEAL_SECONDS = 10.0  # a heal may create or upgrade the schema: many statements
@@ -1902,7 +1902,7 @@ class PgStore(Store):
             self._drop_idle()  # they may be from before the failure; closed first, their slots are free
             conn = None
             try:
-                conn = self._checkout(time.monotonic() + self.CONNECT_SECONDS)
+                conn = self._checkout(time.monotonic() + self.CONNECT_SECONDS, healing=True)
                 self._watch(conn, self.HEAL_SECONDS)
                 self._migrate(conn)
                 self._sync_clock(conn)
@@ -1988,10 +1988,12 @@ class PgStore(Store):
         for conn in idle:
             conn.close()
 
-    def _checkout(self, deadline: float) -> psycopg.Connection:
+    def _checkout(self, deadline: float, healing: bool = False) -> psycopg.Connection:
         """An idle connection, else a new one within this relay's budget, else the first one handed back."""
         with self.pool:
             while not self.idle:
+                if self.failed and not healing:  # found gone meanwhile: answered now, not at the deadline
+                    raise StoreFailure(self.failed)
                 if time.monotonic() >= self.refused_until:
                     self.most = self.budget
                 if self.opened < self.most:
@@ -2012,7 +2014,7 @@ class PgStore(Store):
                         log("warning", "database_connection_limit", holding=self.opened, reason=first_line(e))
                     self.most, self.refused_until = self.opened, time.monotonic() + self.REFUSED_RETRY
             if refused:
-                return self._checkout(deadline)
+                return self._checkout(deadline, healing)
             raise
 
     def _checkin(self, conn: psycopg.Connection) -> None:
@@ -3491,6 +3493,7 @@ class Relay:
         self.random = random.Random()
         self.id = os.urandom(6).hex()  # this relay process, as the holder of the pages it claims
         self.heal_failed: str | None = None  # why the store's last heal failed, as logged
+        self.lease = store.LEASE  # how long a claim lasts, longer while the database is slow to write
         # Lines whose texts carriers block, since when and why, until one of their texts is delivered
         # again (as this relay has heard): alarms then go by call too, and /healthz names it.
         self.carrier_blocked: dict[str, dict] = {}
@@ -3897,6 +3900,13 @@ class Relay:
             page = self._still_to_send(conv, index)
             if page is not None:
                 request = self._request(conv, index)
+        counting = page is not None and not page.counted and page.kind not in NEVER_HELD
+        if counting:  # counted now, by itself: the cap's lock is held for the count alone
+            with self.store.transaction(reading=True):
+                counted = self._outbound_take(page, self.clock())
+            if not counted:
+                self._hold_over_cap(conv_id, index)
+                page = None
         if page is None:  # a page not yet with Twilio stays unsent
             with self.lock:
                 self._done_sending(conv_id, index)
@@ -3917,6 +3927,7 @@ class Relay:
             page = conv.pages[index]
             page.attempts += 1
             page.lease = 0.0
+            page.counted = page.counted or counting
             if isinstance(outcome, SendError):
                 event = record_send_error(conv, index, outcome, self.clock(), self.random.random())
                 result = "retry" if event == "retry" else "failed"
@@ -3949,6 +3960,18 @@ class Relay:
                 self._after_change(conv, event, reason=outcome.reason)
         self.wake_sweep(self._next_look(conv))
 
+    def _hold_over_cap(self, conv_id: str, index: int) -> None:
+        """The outbound cap is spent: the page waits, held, for the hour to make room (release_held)."""
+        with self.store.transaction(redone=True):
+            conv = self.store.get(conv_id)
+            if self._still_to_send(conv, index) is None:
+                return
+            hold_page(conv.pages[index], "outbound cap")
+            self._cap_reached("outbound", conv, self.clock())
+            ticket = self._save(conv)
+        self.store.wait(ticket)
+        self.wake_sweep(self._next_look(conv))  # the cap's alarm, if one was added
+
     def _still_to_send(self, conv: Conversation | None, index: int) -> Page | None:
         """The page, if it is still this relay's to send: not taken, reloaded or sent since it was
         claimed, nor claimed by another relay since this one's claim lapsed (cut off or frozen)."""
@@ -3961,7 +3984,7 @@ class Relay:
         """Renew this relay's lapsed claim on a page, if no other relay has claimed it since."""
         if self._still_to_send(conv, index) is None:
             return False
-        conv.pages[index].lease = self.clock() + self.store.LEASE
+        conv.pages[index].lease = self.clock() + self.lease
         return True
 
     def _request(self, conv: Conversation, index: int) -> Callable[[], str | None]:
@@ -4015,8 +4038,8 @@ class Relay:
     def _claim_pages(self, conv: Conversation, now: float, to_send: list) -> bool:
         """Claim the conversation's pages due now for this relay to send (in a transaction).
 
-        Each is counted against the outbound cap (or held by it), leased where other relays could
-        take it, marked in flight, and added to `to_send`; returns whether the conversation changed.
+        Each is leased where other relays could take it, marked in flight, and added to `to_send`
+        (the outbound cap counts it when its send begins); returns whether the conversation changed.
         """
         changed, claimed = False, set()
         with self.lock:  # only this conversation's: a flood's outbox may hold thousands
@@ -4024,15 +4047,8 @@ class Relay:
         for index, page in enumerate(conv.pages):
             if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
                 continue
-            if not page.counted and page.kind not in NEVER_HELD:
-                if not self._outbound_take(page, now):
-                    hold_page(page, "outbound cap")
-                    self._cap_reached("outbound", conv, now)
-                    changed = True
-                    continue
-                page.counted = changed = True
             if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
-                page.lease, page.holder, changed = now + self.store.LEASE, self.id, True
+                page.lease, page.holder, changed = now + self.lease, self.id, True
             claimed.add(index)
             to_send.append((conv.id, index, page.to))
         if claimed:
@@ -4092,8 +4108,11 @@ class Relay:
             in_flight = {conv_id: set(pages) for conv_id, pages in self.in_flight.items()}
         if not in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
             return
-        self.leases_renewed = time.monotonic()
-        self.store.renew(in_flight, self.clock() + self.store.LEASE, self.id)
+        self.leases_renewed = began = time.monotonic()
+        self.store.renew(in_flight, self.clock() + self.lease, self.id)
+        # A database slow to write renews slowly: claims then last longer than three renewals, so
+        # they do not lapse while being renewed (and another relay send the page too).
+        self.lease = min(MAX_LEASE, max(self.store.LEASE, 3 * (time.monotonic() - began)))
 
     @staticmethod
     def _call_status(conv: Conversation, call_sid: str) -> str | None:
@@ -4371,6 +4390,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
 # ---------------------------------------------------------------------------
 
 HOUSEKEEPING_EVERY = 1.0
+MAX_LEASE = 10.0  # a claim lasts at most this long, however slow the database: a dead relay's pages wait no more
 # A sweep commits, and sends what it claimed, after this long; the rest of what is due is taken at
 # once by the next: a slow database then delays each page by its own writes, not by all of them.
 SWEEP_BATCH_SECONDS = 0.5
@@ -4384,7 +4404,6 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
         with relay.lock:
             relay.sweep_at = math.inf
         try:
-            relay.renew_leases()
             next_at = relay.sweep()
             if time.monotonic() >= next_housekeeping:
                 relay.housekeeping()
@@ -4397,6 +4416,18 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
             if timeout > 0 and relay.sweep_at == math.inf:  # else it was asked to look again meanwhile
                 relay.sweep_at = relay.clock() + timeout
                 relay.wake.wait(timeout)
+
+
+def run_renewer(relay: Relay, stop: threading.Event) -> None:
+    """Keep this relay's claims on the pages it is sending, on a thread of its own: a sweep slowed by
+    the database must not let them lapse, or another relay would send them too."""
+    while not stop.wait(relay.store.LEASE / 3):
+        try:
+            relay.renew_leases()
+        except StoreFailure:
+            pass  # the claims lapse, and are taken anew: the webhook and the sweep report the store
+        except Exception as e:
+            log("error", "renew_failed", error=repr(e))
 
 
 # ---------------------------------------------------------------------------
@@ -4680,6 +4711,8 @@ def cmd_serve(args) -> int:
         signal.signal(signum, stop_gracefully)
     sweeper.start()
     threading.Thread(target=store.listen, args=(relay.wake_sweep, stop), name="listener", daemon=True).start()
+    if store.LEASE:
+        threading.Thread(target=run_renewer, args=(relay, stop), name="renewer", daemon=True).start()
     if not settings.dry_run and config.catch_up:
         threading.Thread(target=run_catch_up, args=(relay, stop), name="catch-up", daemon=True).start()
     if settings.heartbeat_url:

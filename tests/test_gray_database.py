@@ -275,8 +275,9 @@ def test_with_every_write_slowed_to_300ms_two_relays_lose_nothing_and_page_nobod
     for i in taken:
         assert len(pages(SERGIO, i)) == 1 and len(pages(BACKUP, i)) == 1, i
         due = datetime.datetime.fromisoformat(accepted[msid(f"slow {i}")]).timestamp() + 4
-        # Within 2 s of its deadline plus the database's own delay: a few of its 300 ms writes.
-        assert pages(BACKUP, i)[0]["at"] - due < 2 + 1.5, (i, pages(BACKUP, i)[0]["at"] - due)
+        # Within 2 s of its deadline plus the database's own delay: the 300 ms writes of the steps
+        # and sends before it (eight chains reach their backups at once, two relays share them).
+        assert pages(BACKUP, i)[0]["at"] - due < 2 + 2.5, (i, pages(BACKUP, i)[0]["at"] - due)
 
 
 def drop(database_url: str, statement: str) -> None:
