@@ -186,3 +186,23 @@ def test_check_live_says_whether_the_credentials_may_list_texts(tmp_path, fake_t
     process = RelayProcess(tmp_path, fake_twilio, config_text(), env={"TWILIO_AUTH_TOKEN": TOKEN})
     out = process.run("check", "--live").stdout
     assert "may list received texts" in out
+
+
+def test_catch_up_never_reads_past_its_window_even_after_list_calls_failed_for_longer(start_relay, fake_twilio):
+    fake_twilio.list_faults.extend([(500, 20500)] * 4)  # four passes, a second apart: twice the window
+    start_relay(config_text(extra_relay=f'{EVERY_SECOND}\ncatch_up_window = "2s"'))
+    wait_until(lambda: len(fake_twilio.list_requests) >= 5, timeout=10)
+    read_from = fake_twilio.list_requests[4]["DateSent>"]
+    since = time.mktime(time.strptime(read_from, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert time.time() - since <= 2 + 1.5
+
+
+def test_a_live_edit_to_catch_up_0_stops_catch_up(start_relay, fake_twilio):
+    relay = start_relay(config_text(extra_relay=EVERY_SECOND))
+    wait_until(lambda: len(fake_twilio.list_requests) >= 2)
+    (relay.workdir / "config.toml").write_text(config_text(extra_relay="catch_up = 0"))
+    wait_until(lambda: relay.events("config_reloaded"), timeout=5)
+    time.sleep(1.1)  # a pass already waiting ends
+    asked = len(fake_twilio.list_requests)
+    time.sleep(2)  # two periods of the old setting
+    assert len(fake_twilio.list_requests) == asked

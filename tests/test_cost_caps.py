@@ -308,3 +308,18 @@ def test_a_send_that_crashes_leaves_the_recipients_later_pages_going(tmp_path, c
         "QDN #1 from +15550000001",
         "QDN #2 from +15550000002",
     ]
+
+
+def test_the_bundle_goes_to_the_contact_on_duty_not_the_first_while_his_hours_say_he_is_off(tmp_path, clock):
+    from conftest import BACKUP
+
+    day_only = relay.Line(
+        "QDN", LINE, (relay.Contact("Sergio", SERGIO, 60, hours="06:00-10:00"), relay.Contact("Backup", BACKUP, 60))
+    )
+    service = capped_relay(tmp_path, outbound_cap=1, line=day_only)  # at 12:00 UTC Sergio is off
+    text(service, "+15550000001", 0)
+    text(service, "+15550000002", 1, "mooring line snapped")
+    service.housekeeping()
+    service.sweep()
+    assert any("held by a cost cap" in body for body in sent_to(service, BACKUP))
+    assert not any("held by a cost cap" in body for body in sent_to(service, SERGIO))

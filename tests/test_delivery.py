@@ -233,3 +233,14 @@ def test_a_page_acknowledged_before_its_send_starts_is_never_sent_and_leaves_no_
     held.run()
     assert service.gateway.sent == []
     assert service.in_flight == {}  # else it stays this relay's, as long as the relay runs
+
+
+def test_a_page_refused_with_retry_after_is_tried_again_no_sooner_than_twilio_asked():
+    qdn = relay_module.Line("QDN", LINE, (relay_module.Contact("Sergio", SERGIO, 60),))
+    conv = relay_module.start_conversation(
+        qdn, relay_module.Config(lines=(qdn,)), "SM" + "a" * 32, "+15551230001", "hi", "1", 1000.0
+    )
+    conv.pages[0].attempts = 1
+    busy = relay_module.SendError("twilio 429 20429", permanent=False, retry_after=30.0)
+    assert relay_module.record_send_error(conv, 0, busy, 1000.0, jitter=0.0) == "retry"
+    assert conv.pages[0].retry_at >= 1030.0

@@ -449,3 +449,24 @@ def test_sigterm_with_twilio_hanging_exits_0_within_10_s_and_the_page_goes_after
     del fake_twilio.stalls[SERGIO]
     relay.start()
     wait_until(lambda: fake_twilio.delivered(SERGIO))  # handed back, not lost
+
+
+def test_no_log_line_is_over_2_kib_in_bytes_whatever_its_characters(capsys):
+    from relay import log
+
+    log("warning", "rejected", reason="é" * 400, path="🚤" * 400, sender="ñ" * 400)  # 2 and 4 bytes each
+    line = capsys.readouterr().out
+    assert len(line.encode()) <= 2048 and "éé" in line
+
+
+def test_sigterm_closes_the_listening_socket_while_sends_in_flight_drain(start_relay, fake_twilio):
+    fake_twilio.stalls[SERGIO] = "hang"  # the page stays with Twilio: the drain waits for it
+    relay = start_relay(config_text())
+    relay.inbound(CUSTOMER, "engine will not start")
+    wait_until(lambda: fake_twilio.attempts(SERGIO))
+    relay.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: relay.events("stopping"))
+    time.sleep(0.2)
+    assert relay.proc.poll() is None  # still draining
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", relay.port), timeout=1)

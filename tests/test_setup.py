@@ -140,3 +140,12 @@ def test_check_live_skips_a_number_outside_the_us_and_says_so(tmp_path, fake_twi
     result = relay.run("check", "--live")
     assert result.returncode == 0, result.stdout
     assert "not a US (+1) number" in said_of(result, LONDON) and fake_twilio.messaging_requests == []
+
+
+def test_setup_notices_a_webhook_asked_for_by_get_and_apply_makes_it_post(tmp_path, fake_twilio):
+    relay = relay_for(tmp_path, fake_twilio)
+    fake_twilio.add_number(LINE, sms_url=relay.url + "/api/sms/inbound")["sms_method"] = "GET"
+    result = relay.run("setup")
+    assert result.returncode == 1 and f"texts go to GET {relay.url}/api/sms/inbound, not to the relay" in result.stdout
+    assert relay.run("setup", "--apply").returncode == 0
+    assert fake_twilio.numbers[LINE]["sms_method"] == "POST"

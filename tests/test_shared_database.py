@@ -601,3 +601,15 @@ def test_a_second_relay_on_the_same_database_is_not_refused(start_relay, databas
     (tmp_path / "b").mkdir()
     second = RelayProcess(tmp_path / "b", None, config_text(), env=first.env | {"PORT": str(free_port())})
     assert second.run("check", "--dry-run").returncode == 0
+
+
+def test_a_schema_upgrade_records_its_version_so_the_next_start_runs_it_no_more(database_url):
+    with psycopg.connect(database_url, autocommit=True) as conn:  # as the first version of the relay left it
+        for statement in relay.SCHEMA[1]:
+            conn.execute(statement)
+        conn.execute("CREATE TABLE relay_schema (version integer NOT NULL)")
+        conn.execute("INSERT INTO relay_schema VALUES (1)")
+    opened_store(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM relay_schema").fetchall() == [(relay.SCHEMA_VERSION,)]
+    opened_store(database_url)  # a second start: nothing to upgrade, nothing refused
