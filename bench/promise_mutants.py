@@ -185,6 +185,58 @@ MUTANTS = [
 ]
 
 
+MUTANTS += [
+    Mutant(
+        "a key press 1 after the conversation was taken does not take it again",
+        '            if digits == "1" and conv.is_takeable:',
+        '            if digits == "1":',
+        "tests/test_calls.py",
+    ),
+    Mutant(
+        "a key press 2 from a caller who no longer holds the step passes nothing on",
+        "    if conv.is_open and contact_at(conv, conv.step).phone == contact.phone:",
+        "    if conv.is_open:",
+        "tests/test_calls.py tests/test_rules.py",
+    ),
+    Mutant(
+        "list names only the conversations paged to the contact who asks",
+        "            mine = [c for c in self.store.open_on(line.name) if contact.phone in reached_phones(c)]",
+        "            mine = list(self.store.open_on(line.name))",
+        "tests/test_calls.py tests/test_unanswered.py",
+    ),
+    Mutant(
+        "after a failed list call the next catch-up pass still reads what it should have read",
+        "        if done:\n            since = began - CATCH_UP_OVERLAP",
+        "        if True:\n            since = began - CATCH_UP_OVERLAP",
+        "tests/test_catch_up.py",
+    ),
+    Mutant(
+        "a catch-up pass reads every page of the list",
+        "        for message in self.messages.stream(to=number, date_sent_after=after, page_size=CATCH_UP_PAGE):",
+        "        for message in self.messages.stream(to=number, date_sent_after=after, limit=CATCH_UP_PAGE):",
+        "tests/test_catch_up.py",
+    ),
+    Mutant(
+        "a new conversation takes its line's time zone for contacts' hours",
+        "        timezone=line.timezone,",
+        '        timezone="UTC",',
+        "tests/test_business_line.py tests/test_rules.py",
+    ),
+    Mutant(
+        "a contact's reply found only by catch-up that matched nothing gets its answer by SMS",
+        "                confirm = said if received_at is not None and contact is not None else None",
+        "                confirm = None",
+        "tests/test_catch_up.py",
+    ),
+    Mutant(
+        "on PostgreSQL, a retry of a contact's unmatched reply gets the same answer again",
+        '        self._q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))',
+        "        pass",
+        "tests/test_shared_database.py tests/test_end_to_end.py tests/test_unanswered.py",
+    ),
+]
+
+
 def run(mutant: Mutant, source: str, workdir: Path) -> str:
     if source.count(mutant.old) != 1:
         return "stale"
@@ -197,6 +249,7 @@ def run(mutant: Mutant, source: str, workdir: Path) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-k", default="", help="only mutants whose promise holds this text")
+    parser.add_argument("--first", type=int, default=0, help="skip the mutants before this index (from 0)")
     args = parser.parse_args()
     source = (ROOT / "relay.py").read_text()
     workdir = Path(tempfile.mkdtemp(prefix="relay-promise-")) / "main"
@@ -206,7 +259,7 @@ def main() -> int:
         shutil.copy2(ROOT / name, workdir / name)
     if (ROOT / ".prism").exists():
         (workdir / ".prism").symlink_to(ROOT / ".prism")
-    chosen = [m for m in MUTANTS if args.k in m.promise]
+    chosen = [m for m in MUTANTS[args.first :] if args.k in m.promise]
     outcomes: dict[str, int] = {}
     began = time.monotonic()
     for mutant in chosen:

@@ -330,3 +330,10 @@ def test_escalating_to_an_off_duty_last_contact_pages_them_not_the_first_again(c
     clock.tick(120)
     relay.expire(conv, time.time())
     assert [p.to for p in conv.pages] == [SERGIO, BACKUP] and conv.step == 1
+
+
+def test_a_new_conversation_reads_its_contacts_hours_in_its_line_s_time_zone():
+    day = relay.Contact("Sergio", SERGIO, 120, hours="07:00-22:00")
+    with freeze_time("2026-11-27 05:00:00"):  # 21:00 in Los Angeles, 05:00 in UTC
+        conv = start(line(chain=(day, BACKUP_C), timezone="America/Los_Angeles"))
+    assert conv.timezone == "America/Los_Angeles" and [p.to for p in conv.pages] == [SERGIO]

@@ -463,3 +463,28 @@ def test_calls_have_their_own_hourly_cap_and_a_held_call_goes_out_later(tmp_path
     service.housekeeping()
     service.sweep()
     assert calls == [SERGIO, SERGIO]
+
+
+def test_a_key_press_1_after_another_contact_took_it_leaves_it_theirs(tmp_path, clock):
+    service = service_with(tmp_path)
+    service.gateway = gateway = CallsHangUntilReleased()
+    gateway.released.set()
+    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.sweep()
+    clock.tick(120)
+    service.sweep()  # the backup is paged, and takes it
+    service.receive({"MessageSid": msid("take"), "From": BACKUP, "To": LINE, "Body": "ok"})
+    words = service.key_pressed(msid(1), 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
+    assert "It was already taken by Backup." in words
+    assert service.store.conversations[msid(1)].acknowledged_by == "Backup"
+
+
+def test_list_names_only_the_conversations_paged_to_the_contact_who_asks(tmp_path, clock):
+    service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
+    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    clock.tick(120)
+    service.sweep()  # this one has reached the backup too
+    service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
+    service.sweep()  # this one only Sergio
+    listed = service.receive({"MessageSid": msid("list"), "From": BACKUP, "To": LINE, "Body": "list"})
+    assert "1 open for you" in listed and CUSTOMER in listed and OTHER_CUSTOMER not in listed

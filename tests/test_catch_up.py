@@ -206,3 +206,22 @@ def test_a_live_edit_to_catch_up_0_stops_catch_up(start_relay, fake_twilio):
     asked = len(fake_twilio.list_requests)
     time.sleep(2)  # two periods of the old setting
     assert len(fake_twilio.list_requests) == asked
+
+
+def test_after_a_failed_list_call_the_next_pass_reads_back_as_far_as_the_failed_one_would_have(
+    start_relay, fake_twilio
+):
+    start_relay(config_text(extra_relay=EVERY_SECOND))
+    wait_until(lambda: len(fake_twilio.list_requests) >= 2)  # passes that went through
+    fake_twilio.list_faults.extend([(500, 20500)] * 3)
+    failed_from = len(fake_twilio.list_requests)
+    wait_until(lambda: len(fake_twilio.list_requests) >= failed_from + 4, timeout=8)
+    read_from = [q["DateSent>"] for q in fake_twilio.list_requests[failed_from : failed_from + 4]]
+    assert len(set(read_from)) == 1  # each retry, and the pass that went through, read from the same time
+
+
+def test_a_pass_reads_every_page_of_the_list_back_to_the_last(start_relay, fake_twilio):
+    for n in range(relay_module.CATCH_UP_PAGE + 5):  # more than one page, all missed by the webhook
+        fake_twilio.receive(f"+1555{n:07d}", LINE, f"text {n}", ago=60 - n * 0.5)
+    start_relay(config_text(extra_relay=EVERY_SECOND))
+    wait_until(lambda: len(fake_twilio.delivered(SERGIO)) == relay_module.CATCH_UP_PAGE + 5, timeout=15)

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from conftest import BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO, barrier, config_text, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, OTHER_CUSTOMER, SERGIO, barrier, config_text, msid, wait_until
 
 pytestmark = pytest.mark.both_stores  # the shared behaviour suite: run on each store
 
@@ -203,3 +203,11 @@ def test_a_text_held_by_the_sender_cap_goes_out_once_a_live_edit_raises_the_cap(
     assert len(wait_until(lambda: fake_twilio.delivered(SERGIO))) == 1
     (relay.workdir / "config.toml").write_text(config_text(extra_relay="sender_hourly_cap = 5"))
     wait_until(lambda: any("bilge alarm" in m["Body"] for m in fake_twilio.delivered(SERGIO)), timeout=5)
+
+
+def test_a_retry_of_a_contacts_reply_that_matched_nothing_gets_the_same_answer(start_relay):
+    relay = start_relay(config_text())
+    first = relay.inbound(SERGIO, "ok", sid=msid("nothing open"))
+    again = relay.inbound(SERGIO, "ok", sid=msid("nothing open"))  # Twilio's retry of the same text
+    assert first[0] == again[0] == 200
+    assert "<Message>" in first[1] and again[1] == first[1]
