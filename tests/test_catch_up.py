@@ -204,7 +204,7 @@ def test_a_live_edit_to_catch_up_0_stops_catch_up(start_relay, fake_twilio):
     wait_until(lambda: relay.events("config_reloaded"), timeout=5)
     time.sleep(1.1)  # a pass already waiting ends
     asked = len(fake_twilio.list_requests)
-    time.sleep(2)  # two periods of the old setting
+    time.sleep(1.5)  # a period and a half of the old setting
     assert len(fake_twilio.list_requests) == asked
 
 
