@@ -1,6 +1,7 @@
 """Many relays on one PostgreSQL database (DATABASE_URL): each text handled once, each step taken
 once, each page sent by one relay, and a killed relay's work taken up by another."""
 
+import json
 import re
 import threading
 import time
@@ -18,6 +19,7 @@ from conftest import (
     RecordingGateway,
     RelayProcess,
     RunAtOnce,
+    barrier,
     clock_shim,
     config_text,
     free_port,
@@ -613,3 +615,24 @@ def test_a_schema_upgrade_records_its_version_so_the_next_start_runs_it_no_more(
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert conn.execute("SELECT version FROM relay_schema").fetchall() == [(relay.SCHEMA_VERSION,)]
     opened_store(database_url)  # a second start: nothing to upgrade, nothing refused
+
+
+def test_import_state_brings_the_archives_texts_so_a_retry_of_one_pages_nobody(tmp_path, fake_twilio, database_url):
+    state = tmp_path / "files" / "state"
+    state.mkdir(parents=True)
+    line = relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 120),))
+    now = time.time()
+    done = relay.start_conversation(line, relay.Config(lines=(line,)), msid("archived"), CUSTOMER, "hi", "7", now)
+    relay.acknowledge(done, line.chain[0], {"sid": msid("took it"), "from": SERGIO, "body": "ok", "at": now}, now)
+    (state / "archive-2026-12-07.jsonl").write_text(json.dumps({"conversation": done.to_dict()}) + "\n")
+    (tmp_path / "db").mkdir()
+    database = RelayProcess(tmp_path / "db", fake_twilio, config_text())
+    database.env["DATABASE_URL"] = database_url
+    assert "imported 1 of 1 conversation(s)" in database.run("import-state", str(state)).stdout
+    try:
+        database.start()
+        assert database.inbound(CUSTOMER, "hi", sid=msid("archived"))[0] == 200  # Twilio's retry, late
+        barrier(database, fake_twilio)
+        assert database.events("inbound_duplicate") and fake_twilio.delivered(SERGIO)[:-1] == []
+    finally:
+        database.stop()
