@@ -2031,9 +2031,9 @@ class PgStore(Store):
 
     # -- the watchdog: a round trip that hangs is cut ------------------------
 
-    def _watch(self, conn: psycopg.Connection, seconds: float | None = None) -> None:
+    def _watch(self, conn: psycopg.Connection, seconds: float) -> None:
         with self.watch_lock:
-            self.watched[id(conn)] = (time.monotonic() + (seconds or self.ROUND_TRIP_SECONDS), conn)
+            self.watched[id(conn)] = (time.monotonic() + seconds, conn)
             if self.watchdog is None:
                 self.watchdog = threading.Thread(target=self._cut_hung, name="db-watchdog", daemon=True)
                 self.watchdog.start()
@@ -3143,6 +3143,7 @@ FOLLOWUP_SHARE = 0.75
 BUNDLE_EVERY = 600.0
 # A flood of pages to one contact goes out this many at a time (their fsyncs shared), started in order.
 SENDS_PER_RECIPIENT = 4
+MAX_LEASE = 10.0  # a claim lasts at most this long, however slow the database: a dead relay's pages wait no more
 
 
 def sender_cap(line: str, sender: str) -> str:
@@ -4390,7 +4391,6 @@ def make_app(relay: Relay) -> bottle.Bottle:
 # ---------------------------------------------------------------------------
 
 HOUSEKEEPING_EVERY = 1.0
-MAX_LEASE = 10.0  # a claim lasts at most this long, however slow the database: a dead relay's pages wait no more
 # A sweep commits, and sends what it claimed, after this long; the rest of what is due is taken at
 # once by the next: a slow database then delays each page by its own writes, not by all of them.
 SWEEP_BATCH_SECONDS = 0.5
