@@ -102,11 +102,35 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Contact:
+    """A chain step, and who it pages. A rotation's step names the rotation until it begins, and then
+    whoever was on shift (see contact_at)."""
+
     name: str
-    phone: str
+    phone: str  # "" for a rotation's step that has not begun
     wait: int
     hours: str | None = None  # "07:00-22:00" in the line's time zone; None is always
     via: str = "sms"  # "sms", "call" or "sms+call": how a step pages this contact
+    rotation: str | None = None  # the rotation this step pages whoever is on shift of
+
+
+class Member(typing.NamedTuple):
+    name: str
+    phone: str
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """People taking turns: members[k mod n] holds the k-th shift since `start` (see Roster)."""
+
+    name: str
+    timezone: str
+    start: datetime.datetime  # local wall time of the first handoff, in `timezone` (naive)
+    shift: int  # seconds; whole days hand off at the same local clock time across DST
+    members: tuple[Member, ...]
+    remind_before: int | None = None  # each shift's person is texted this long before it starts
+
+    def member(self, phone: str) -> Member | None:
+        return next((m for m in self.members if m.phone == phone), None)
 
 
 @dataclass(frozen=True)
@@ -119,9 +143,14 @@ class Line:
     received_text: str | None = None  # answered at once to a customer's first text
     acknowledged_text: str | None = None  # texted to the customer when a contact takes it
     unanswered_text: str | None = None  # texted to the customer when nobody did
+    rotations: tuple[Rotation, ...] = ()  # those its chain names, in chain order
 
     def contact(self, phone: str) -> Contact | None:
-        return next((c for c in self.chain if c.phone == phone), None)
+        """The line's contact or rotation member with this phone: their texts are replies."""
+        if found := next((c for c in self.chain if c.phone == phone), None):
+            return found
+        member = next((m for r in self.rotations if (m := r.member(phone))), None)
+        return Contact(member.name, member.phone, 0) if member else None
 
 
 @dataclass(frozen=True)
@@ -142,14 +171,21 @@ class Config:
     heartbeat_every: int = 60  # seconds between pings of RELAY_HEARTBEAT_URL
     fallback: bool = True  # `setup --apply` also installs Twilio's own fallback (a Studio flow per line)
     database_connections: int = 5  # with DATABASE_URL: at most this many per relay, its listener included
+    rotations: tuple[Rotation, ...] = ()
+
+    def rotation(self, name: str) -> Rotation | None:
+        return next((r for r in self.rotations if r.name == name), None)
 
     def line_for(self, number: str) -> Line | None:
         return next((line for line in self.lines if line.number == number), None)
 
 
-RELAY_KEYS = {f.name for f in dataclasses.fields(Config)} - {"lines"}
-LINE_KEYS = {f.name for f in dataclasses.fields(Line)}
+RELAY_KEYS = {f.name for f in dataclasses.fields(Config)} - {"lines", "rotations"}
+LINE_KEYS = {f.name for f in dataclasses.fields(Line)} - {"rotations"}
 CONTACT_KEYS = {f.name for f in dataclasses.fields(Contact)}
+ROTATION_KEYS = {f.name for f in dataclasses.fields(Rotation)}
+MEMBER_KEYS = set(Member._fields)
+LOCAL_TIME_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S")
 HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
 TEMPLATE_FIELDS = {"line": "QDN", "contact": "Sergio"}
 CHANNELS = {"sms": ("page",), "call": ("call",), "sms+call": ("page", "call")}  # via -> kinds of page
@@ -252,16 +288,74 @@ def _named(raw: object, kind: str, fallback: str) -> str:
     return f'{kind} "{name.strip()}"' if isinstance(name, str) and name.strip() else fallback
 
 
-def _parse_contact(raw: object, line_where: str, step: int, default_wait: int) -> Contact:
-    where = f"{line_where}, {_named(raw, 'contact', f'chain step {step}')}"
-    raw = _table(raw, CONTACT_KEYS, where)
+def _parse_step(raw: object, line_where: str, step: int, default_wait: int, rotations: dict) -> Contact:
+    """A chain step: a contact (`name`, `phone`) or a rotation (`rotation`), with its wait, via and hours."""
+    if isinstance(raw, dict) and "rotation" in raw:
+        where = f"{line_where}, chain step {step}"
+        raw = _table(raw, CONTACT_KEYS - {"name", "phone"}, where)
+        name = _text(raw["rotation"], _at(where, "rotation"))
+        if name not in rotations:
+            meant = difflib.get_close_matches(name, rotations, n=1)
+            hint = f"did you mean {meant[0]}?" if meant else f"known: {', '.join(rotations) or 'none'}"
+            raise ConfigError(f'{_at(where, "rotation")}: "{name}" is no [[rotations]] name ({hint})')
+        person = Member(name, "")
+    else:
+        where = f"{line_where}, {_named(raw, 'contact', f'chain step {step}')}"
+        raw = _table(raw, CONTACT_KEYS - {"rotation"}, where)
+        name = None
+        person = Member(_text(raw.get("name"), _at(where, "name")), _phone(raw.get("phone"), _at(where, "phone")))
     return Contact(
-        _text(raw.get("name"), _at(where, "name")),
-        _phone(raw.get("phone"), _at(where, "phone")),
+        *person,
         parse_duration(raw["wait"], _at(where, "wait")) if "wait" in raw else default_wait,
         _hours(raw["hours"], _at(where, "hours")) if "hours" in raw else None,
         _via(raw["via"], _at(where, "via")) if "via" in raw else "sms",
+        name,
     )
+
+
+def _local_time(value: object, key: str) -> datetime.datetime:
+    for form in LOCAL_TIME_FORMATS:
+        with contextlib.suppress(TypeError, ValueError):
+            return datetime.datetime.strptime(value.strip(), form)
+    raise ConfigError(f'{key}: {value!r} is not a local time like "2026-12-07 08:00" or "2026-12-07 08:00:30"')
+
+
+def _parse_rotation(raw: object, index: int) -> Rotation:
+    where = _named(raw, "rotation", f"rotations[{index}]")
+    raw = _table(raw, ROTATION_KEYS, where)
+    for key in ("timezone", "start", "shift"):
+        if key not in raw:
+            raise ConfigError(f"{_at(where, key)}: missing (a rotation needs name, timezone, start, shift, members)")
+    members = raw.get("members")
+    if not isinstance(members, list) or not members:
+        raise ConfigError(f"{_at(where, 'members')}: the rotation has no members; list at least one")
+    people = []
+    for j, entry in enumerate(members):
+        at = f"{where}, {_named(entry, 'member', f'member {j + 1}')}"
+        entry = _table(entry, MEMBER_KEYS, at)
+        people.append(Member(_text(entry.get("name"), _at(at, "name")), _phone(entry.get("phone"), _at(at, "phone"))))
+    rotation = Rotation(
+        _text(raw.get("name"), _at(where, "name")),
+        _timezone(raw["timezone"], _at(where, "timezone")),
+        _local_time(raw["start"], _at(where, "start")),
+        parse_duration(raw["shift"], _at(where, "shift")),
+        tuple(people),
+        parse_duration(raw["remind_before"], _at(where, "remind_before")) if "remind_before" in raw else None,
+    )
+    _refuse_twice(rotation.members, where, "rotation")
+    return rotation
+
+
+def _refuse_twice(people: Iterable, where: str, among: str) -> None:
+    first: dict = {}
+    for person in people:
+        if (twin := first.setdefault(person.phone, person)) is not person:
+            both = f'"{twin.name}" and "{person.name}"' if twin.name != person.name else f'"{twin.name}" twice'
+            kind = "contact" if among == "chain" else "member"
+            raise ConfigError(
+                f'{where}, {kind} "{person.name}", phone: {person.phone} is in the {among} for {both}; '
+                "a phone paged twice gives no extra cover (list each person once)"
+            )
 
 
 def _via(value: object, key: str) -> str:
@@ -270,7 +364,7 @@ def _via(value: object, key: str) -> str:
     return value
 
 
-def _parse_line(raw: object, index: int, default_wait: int) -> Line:
+def _parse_line(raw: object, index: int, default_wait: int, rotations: dict) -> Line:
     where = _named(raw, "line", f"lines[{index}]")
     raw = _table(raw, LINE_KEYS, where)
     chain = raw.get("chain")
@@ -284,26 +378,22 @@ def _parse_line(raw: object, index: int, default_wait: int) -> Line:
     for key in ("received_text", "acknowledged_text", "unanswered_text"):
         if key in raw:
             options[key] = _template(raw[key], _at(where, key))
+    steps = tuple(_parse_step(c, where, j + 1, default_wait, rotations) for j, c in enumerate(chain))
+    named = dict.fromkeys(c.rotation for c in steps if c.rotation)
     line = Line(
         _text(raw.get("name"), _at(where, "name")),
         _phone(raw.get("number"), _at(where, "number")),
-        tuple(_parse_contact(c, where, j + 1, default_wait) for j, c in enumerate(chain)),
+        steps,
         **options,
+        rotations=tuple(rotations[name] for name in named),
     )
-    first: dict[str, Contact] = {}
-    for contact in line.chain:
-        if (twin := first.setdefault(contact.phone, contact)) is not contact:
-            both = f'"{twin.name}" and "{contact.name}"' if twin.name != contact.name else f'"{twin.name}" twice'
-            raise ConfigError(
-                f'{where}, contact "{contact.name}", phone: {contact.phone} is in the chain for {both}; '
-                "a phone paged twice gives no extra cover (list each person once)"
-            )
+    _refuse_twice((c for c in line.chain if not c.rotation), where, "chain")
     return line
 
 
 def parse_config(data: dict) -> Config:
     """Build a Config from parsed TOML, refusing anything doubtful with the key and why."""
-    _refuse_unknown(data, {"relay", "lines"}, "")
+    _refuse_unknown(data, {"relay", "lines", "rotations"}, "")
     relay = _table(data.get("relay", {}), RELAY_KEYS, "relay")
     options: dict = {}
     if "public_url" in relay:
@@ -326,11 +416,19 @@ def parse_config(data: dict) -> Config:
         if key in relay:
             options[key] = _flag(relay[key], f"relay.{key}")
 
+    raw_rotations = data.get("rotations", [])
+    if not isinstance(raw_rotations, list):
+        raise ConfigError("rotations: must be [[rotations]] tables")
+    rotations: dict[str, Rotation] = {}
+    for i, raw in enumerate(raw_rotations):
+        rotation = _parse_rotation(raw, i)
+        if rotations.setdefault(rotation.name, rotation) is not rotation:
+            raise ConfigError(f'rotation "{rotation.name}", name: already used by another rotation')
     raw_lines = data.get("lines")
     if not isinstance(raw_lines, list) or not raw_lines:
         raise ConfigError("lines: at least one [[lines]] table is needed")
     default_wait = options.get("wait", Config.wait)
-    lines = [_parse_line(raw, i, default_wait) for i, raw in enumerate(raw_lines)]
+    lines = [_parse_line(raw, i, default_wait, rotations) for i, raw in enumerate(raw_lines)]
 
     numbers = [line.number for line in lines]
     for i, line in enumerate(lines):
@@ -344,9 +442,16 @@ def parse_config(data: dict) -> Config:
                     f'line "{line.name}", contact "{contact.name}", phone: {contact.phone} is a line\'s own '
                     "number; paging it would loop back into the relay"
                 )
+    for rotation in rotations.values():
+        for member in rotation.members:
+            if member.phone in numbers:
+                raise ConfigError(
+                    f'rotation "{rotation.name}", member "{member.name}", phone: {member.phone} is a line\'s '
+                    "own number; paging it would loop back into the relay"
+                )
     if options.get("alarm_phone") in numbers:
         raise ConfigError("relay.alarm_phone: is a line's own number; it would loop back into the relay")
-    return Config(lines=tuple(lines), **options)
+    return Config(lines=tuple(lines), rotations=tuple(rotations.values()), **options)
 
 
 def _public_url(value: str, key: str, like: str = "https://relay.example.com") -> str:
@@ -466,6 +571,132 @@ def load_dotenv_file(path: Path = Path(".env")) -> None:
     if path.stat().st_mode & 0o077:
         raise ConfigError(f"{path}: readable by group or others; run: chmod 600 {path}")
     dotenv.load_dotenv(path, override=False)
+
+
+# ---------------------------------------------------------------------------
+# Schedules: who is on shift
+#
+# A rotation hands its shifts round its members from `start`; an override puts
+# another member on for a while (the newest covering a moment wins). All of it
+# is pure: rotations, overrides and a moment in, a person out.
+# ---------------------------------------------------------------------------
+
+MAX_TAKE = 31 * 86400  # the longest `take DURATION` (an override from the command line has no limit)
+HANDOFFS_LOOKED_AT = 500  # shifts walked to find when someone's time on call ends
+
+
+@dataclass(frozen=True)
+class Override:
+    """A member on call for a rotation from `start` to `end`, whoever the rotation says."""
+
+    id: str
+    rotation: str
+    name: str
+    phone: str
+    start: float
+    end: float
+    replaces: str  # who was on shift when it was made, by name
+    made: float
+
+    def covers(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+def local_time(ts: float, timezone: str) -> str:
+    """A time as an operator reads it: in the line's or rotation's time zone, saying which."""
+    return datetime.datetime.fromtimestamp(ts, zoneinfo.ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _epoch(local: datetime.datetime, timezone: str) -> float:
+    return local.replace(tzinfo=zoneinfo.ZoneInfo(timezone)).timestamp()
+
+
+def shift_at(rotation: Rotation, t: float) -> tuple[int, float, float]:
+    """Which shift holds moment `t` (k counts whole shifts since `start`), with its start and end.
+    Before `start` it is shift -1, ending at `start`. Whole days hand off at the local clock time."""
+    first = _epoch(rotation.start, rotation.timezone)
+    if t < first:
+        return -1, -math.inf, first
+    if rotation.shift % 86400:
+        k = int((t - first) // rotation.shift)
+        return k, first + k * rotation.shift, first + (k + 1) * rotation.shift
+    days = rotation.shift // 86400
+
+    def handoff(i: int) -> float:
+        return _epoch(rotation.start + datetime.timedelta(days=i * days), rotation.timezone)
+
+    local = datetime.datetime.fromtimestamp(t, zoneinfo.ZoneInfo(rotation.timezone)).replace(tzinfo=None)
+    k = (local.date() - rotation.start.date()).days // days
+    while k > 0 and handoff(k) > t:
+        k -= 1
+    while handoff(k + 1) <= t:
+        k += 1
+    return k, handoff(k), handoff(k + 1)
+
+
+def scheduled(rotation: Rotation, k: int) -> Member:
+    """The member the rotation gives shift k (before the first: the first member)."""
+    return rotation.members[max(k, 0) % len(rotation.members)]
+
+
+class Roster:
+    """The rotations with their overrides: who is on shift when."""
+
+    def __init__(self, rotations: Iterable[Rotation] = (), overrides: Iterable[Override] = ()):
+        self.rotations = {r.name: r for r in rotations}
+        self.overrides = sorted(overrides, key=lambda o: (o.made, o.id), reverse=True)  # newest first
+
+    def on_shift(self, name: str, t: float) -> Member | None:
+        """Who is on call for the rotation at `t`: the newest override covering it, else its turn."""
+        rotation = self.rotations.get(name)
+        if rotation is None:
+            return None
+        covering = next((o for o in self.overrides if o.rotation == name and o.covers(t)), None)
+        return Member(covering.name, covering.phone) if covering else scheduled(rotation, shift_at(rotation, t)[0])
+
+    def _next_change(self, name: str, t: float) -> float:
+        """The next moment after `t` at which who is on call could change."""
+        edges = [shift_at(self.rotations[name], t)[2]]
+        edges += [e for o in self.overrides if o.rotation == name for e in (o.start, o.end) if e > t]
+        return min(edges)
+
+    def handoffs(self, name: str, t: float, count: int) -> list[tuple[float, Member]]:
+        """The next `count` times after `t` when someone else goes on call, and who."""
+        found, holder = [], self.on_shift(name, t)
+        for _ in range(HANDOFFS_LOOKED_AT):
+            if len(found) == count:
+                break
+            t = self._next_change(name, t)
+            if (now_on := self.on_shift(name, t)) != holder:
+                found.append((t, now_on))
+                holder = now_on
+        return found
+
+    def until(self, name: str, t: float) -> float | None:
+        """When whoever is on call at `t` hands over (None: nobody else comes within the shifts looked at)."""
+        ahead = self.handoffs(name, t, 1)
+        return ahead[0][0] if ahead else None
+
+    def reminders_due(self, rotation: Rotation, now: float) -> list[tuple[float, float, Member]]:
+        """Shifts not yet begun whose reminder is due by `now`: (start, end, who holds it then)."""
+        if not rotation.remind_before:
+            return []
+        due, start = [], shift_at(rotation, now)[2]
+        while start - rotation.remind_before <= now and len(due) < HANDOFFS_LOOKED_AT:
+            end = shift_at(rotation, start)[2]
+            due.append((start, end, self.on_shift(rotation.name, start)))
+            start = end
+        return due
+
+    def next_reminder(self, now: float) -> float:
+        """When the next reminder falls due, after those due by `now`."""
+        upcoming = [math.inf]
+        for rotation in self.rotations.values():
+            if rotation.remind_before:
+                starts = [start for start, _, _ in self.reminders_due(rotation, now)]
+                start = shift_at(rotation, starts[-1])[2] if starts else shift_at(rotation, now)[2]
+                upcoming.append(start - rotation.remind_before)
+        return min(upcoming)
 
 
 # ---------------------------------------------------------------------------
@@ -617,6 +848,7 @@ class Conversation:
     customer_texts: dict = field(default_factory=dict)  # "acknowledged"/"unanswered" -> template
     received_at: float | None = None  # when Twilio got the text, if the relay heard of it only later
     forwarded: bool = False  # heard of only later, while Twilio's fallback flow had texted it to the crew
+    shifts: dict = field(default_factory=dict)  # a rotation's step begun -> [name, phone] of whom it paged
 
     def to_dict(self) -> dict:
         # dataclasses.asdict deep-copies every value; this is ten times faster and the same JSON.
@@ -704,9 +936,11 @@ def page_mark(page: Page) -> int:
 
 
 @functools.cache
-def shared_contact(name: str, phone: str, wait: int, hours: str | None = None, via: str = "sms") -> Contact:
+def shared_contact(
+    name: str, phone: str, wait: int, hours: str | None = None, via: str = "sms", rotation: str | None = None
+) -> Contact:
     """One Contact object for all the conversations that froze the same chain."""
-    return Contact(name, phone, wait, hours, via)
+    return Contact(name, phone, wait, hours, via, rotation)
 
 
 HOUR = 3600.0
@@ -906,6 +1140,22 @@ class Store(abc.ABC):
         """Housekeeping: what is finished leaves, after `retention`; returns how much was pruned."""
 
     @abc.abstractmethod
+    def overrides(self, now: float) -> list[Override]:
+        """The overrides not yet ended, as every relay on this state sees them."""
+
+    @abc.abstractmethod
+    def add_override(self, override: Override) -> None:
+        """Keep an override (durable when it returns); within a transaction, part of it."""
+
+    @abc.abstractmethod
+    def delete_override(self, override_id: str, now: float) -> Override | None:
+        """Delete the override not yet ended with this ID; returns it, or None if there was none."""
+
+    @abc.abstractmethod
+    def remind_once(self, key: str, now: float) -> bool:
+        """True the first time ever for `key` (a shift's reminder), whatever restarts or relays."""
+
+    @abc.abstractmethod
     def note_catch_up(self, began: float, ok: bool) -> None:
         """For `status`: when the last catch-up pass began and whether it went through."""
 
@@ -1040,6 +1290,110 @@ def archived_sids(path: Path):
                     log("error", "state_line_unreadable", file=path.name)
 
 
+def override_record(override: Override) -> dict:
+    return dataclasses.asdict(override)
+
+
+SCHEDULE_FILE = "schedule.jsonl"
+
+
+class ScheduleFile:
+    """Overrides and the reminders sent, as JSON lines, with the Store's methods for them.
+
+    `relay.py override` appends to it while the relay runs. Every writer appends under an flock of
+    the file; the relay rewrites it without what has ended under the same lock, and a writer that
+    then finds the file replaced opens it anew."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seen: tuple | None = None  # the file's identity and size when last read
+        self.made: dict[str, Override] = {}  # by ID, ended ones too until tidied
+        self.reminded: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            os.close(fd)
+        try:
+            self.load()
+            yield fd
+        finally:
+            os.close(fd)
+
+    def load(self) -> None:
+        """Read the file again if it changed; a torn or garbled line (a crash mid-append) is skipped."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.seen, self.made, self.reminded = None, {}, {}
+            return
+        if (st.st_ino, st.st_size, st.st_mtime_ns) == self.seen:
+            return
+        overrides, reminded = {}, {}
+        for record in json_lines(self.path):
+            with contextlib.suppress(TypeError, KeyError, AttributeError):
+                if "override" in record:
+                    override = Override(**record["override"])
+                    overrides[override.id] = override
+                elif "deleted" in record:
+                    overrides.pop(record["deleted"], None)
+                elif "reminded" in record:
+                    reminded[record["reminded"]] = float(record["at"])
+        self.seen, self.made, self.reminded = (st.st_ino, st.st_size, st.st_mtime_ns), overrides, reminded
+
+    def _append(self, fd: int, record: dict) -> None:
+        try:
+            write_all(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode())
+            os.fsync(fd)
+        except OSError as e:
+            raise StoreFailure(f"{self.path}: {e.strerror}") from None
+        self.seen = None  # read again next time, with what others appended
+
+    def add_override(self, override: Override) -> None:
+        with self._locked() as fd:
+            self._append(fd, {"override": override_record(override)})
+        self.made[override.id] = override
+
+    def delete_override(self, override_id: str, now: float) -> Override | None:
+        with self._locked() as fd:
+            override = self.made.get(override_id)
+            if override is None or override.end <= now:
+                return None
+            self._append(fd, {"deleted": override_id})
+        return self.made.pop(override_id)
+
+    def remind_once(self, key: str, now: float) -> bool:
+        with self._locked() as fd:
+            if key in self.reminded:
+                return False
+            self._append(fd, {"reminded": key, "at": now})
+        self.reminded[key] = now
+        return True
+
+    def overrides(self, now: float) -> list[Override]:
+        self.load()
+        return [o for o in self.made.values() if o.end > now]
+
+    def tidy(self, now: float, retention: int) -> None:
+        """Rewrite the file without what ended more than `retention` ago, when there is any."""
+        if not self.path.exists():
+            return
+        with self._locked():
+            cutoff = now - retention
+            if all(o.end > cutoff for o in self.made.values()) and all(at > cutoff for at in self.reminded.values()):
+                return
+            kept = [{"override": override_record(o)} for o in self.made.values() if o.end > cutoff]
+            kept += [{"reminded": key, "at": at} for key, at in self.reminded.items() if at > cutoff]
+            write_atomically(self.path, (json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+            self.seen = None
+
+
 class Journal:
     """An append-only file of lines; appends waiting together share one fsync."""
 
@@ -1130,6 +1484,7 @@ class JsonStore(Store):
         self.clock = steady_clock()
         self.caps = HourlyWindow()  # cost caps: what was sent this past hour, per cap
         self.marks: dict[str, float] = {}  # once_every's keys, when last marked
+        self.schedule = ScheduleFile(directory / SCHEDULE_FILE)
         self.codes: dict[str, int] = {}  # line -> the last reply code given
         self.retention = Config.retention  # as tidy was last told: how long unanswered ones stay listed
         self.fold_waiting = False  # a fold is due but the disk has no room for it (said once)
@@ -1516,8 +1871,22 @@ class JsonStore(Store):
         with self.lock:
             return self._tidy(now, retention)
 
+    def overrides(self, now: float) -> list[Override]:
+        return self.schedule.overrides(now)
+
+    def add_override(self, override: Override) -> None:
+        self.schedule.add_override(override)
+
+    def delete_override(self, override_id: str, now: float) -> Override | None:
+        return self.schedule.delete_override(override_id, now)
+
+    def remind_once(self, key: str, now: float) -> bool:
+        return self.schedule.remind_once(key, now)
+
     def _tidy(self, now: float, retention: int) -> int:
         self.retention = retention
+        with contextlib.suppress(OSError):  # tried again at the next tidy; what it would drop has ended
+            self.schedule.tidy(now, retention)
         if self.needs_fold() and self.room_to_fold():
             before = len(self.conversations)
             self.fold()
@@ -1636,6 +2005,7 @@ class SchemaRefused(Exception):
 
 
 OPEN_SQL = "status IN ('open', 'held')"
+OVERRIDE_COLUMNS = "id, rotation, name, phone, start_at, end_at, replaces, made"
 
 # Each version's statements bring the schema from the version before it. Times are seconds since the
 # epoch on the database's clock (PgStore.clock), as the JSON store keeps them on the local one.
@@ -1758,6 +2128,18 @@ SCHEMA = {
             END $$""",
     ],
 }
+SCHEMA[4] = [
+    """CREATE TABLE relay_overrides (
+        id text PRIMARY KEY,
+        rotation text NOT NULL,
+        name text NOT NULL,
+        phone text NOT NULL,
+        start_at double precision NOT NULL,
+        end_at double precision NOT NULL,
+        replaces text NOT NULL,
+        made double precision NOT NULL
+    )""",
+]
 SCHEMA_VERSION = max(SCHEMA)
 SCHEMA_LOST = {"42P01", "42883"}  # undefined_table, undefined_function
 # What the schema holds, looked for at every start and heal: tables (and the sequence) hold data, so a
@@ -1769,6 +2151,7 @@ SCHEMA_RELATIONS = (
     "relay_cap_uses",
     "relay_marks",
     "relay_caps",
+    "relay_overrides",
 )
 SCHEMA_FUNCTIONS = {
     re.match(r"CREATE FUNCTION (\w+)", statement)[1]: statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
@@ -2397,6 +2780,30 @@ class PgStore(Store):
             row = self._q("SELECT key, at FROM relay_marks WHERE key LIKE 'catch_up:%%' ORDER BY at DESC").fetchone()
         return (row[1], row[0] == "catch_up:ok") if row else None
 
+    def overrides(self, now: float) -> list[Override]:
+        with self.transaction(reading=True):
+            rows = self._q(f"SELECT {OVERRIDE_COLUMNS} FROM relay_overrides WHERE end_at > %s", (now,)).fetchall()
+        return [Override(*row) for row in rows]
+
+    def add_override(self, override: Override) -> None:
+        with self.transaction():
+            self._q(
+                f"INSERT INTO relay_overrides ({OVERRIDE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                dataclasses.astuple(override),
+            )
+
+    def delete_override(self, override_id: str, now: float) -> Override | None:
+        with self.transaction():
+            row = self._q(
+                f"DELETE FROM relay_overrides WHERE id = %s AND end_at > %s RETURNING {OVERRIDE_COLUMNS}",
+                (override_id, now),
+            ).fetchone()
+        return Override(*row) if row else None
+
+    def remind_once(self, key: str, now: float) -> bool:
+        with self.transaction():
+            return self.once_every(f"remind:{key}", math.inf, now)
+
     def import_state(self, convs: list[Conversation], strays: list[dict]) -> tuple[int, int]:
         """Add conversations and remembered texts not yet here; returns how many of each were new."""
         added = added_strays = 0
@@ -2452,6 +2859,8 @@ class PgStore(Store):
                         (now - retention,),
                     ).fetchone()
                     self._q("DELETE FROM relay_messages WHERE conversation IS NULL AND at < %s", (now - retention,))
+                    self._q("DELETE FROM relay_overrides WHERE end_at < %s", (now - retention,))
+                    self._q("DELETE FROM relay_marks WHERE key LIKE 'remind:%%' AND at < %s", (now - retention,))
                     self._q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_CAPS))
         return pruned
 
@@ -2842,7 +3251,7 @@ def all_media(conv: Conversation) -> list[str]:
 
 
 def alarm_text(conv: Conversation) -> str:
-    names = ", ".join(dict.fromkeys(c.name for c in conv.chain))
+    names = ", ".join(dict.fromkeys(c.name for c in people(conv)))
     first = conv.messages[0]["body"]
     return fit_sms(
         f"UNANSWERED {conv.line} #{conv.code} from {conv.sender}; nobody of {names} took it. "
@@ -2851,7 +3260,22 @@ def alarm_text(conv: Conversation) -> str:
 
 
 def contact_at(conv: Conversation, step: int) -> Contact:
-    return conv.chain[step % len(conv.chain)]
+    """Who the step pages: its contact, or for a rotation's step once begun, whoever was on shift."""
+    contact = conv.chain[step % len(conv.chain)]
+    if contact.rotation and (paged := conv.shifts.get(str(step))):
+        return shared_contact(*paged, contact.wait, contact.hours, contact.via, contact.rotation)
+    return contact
+
+
+def step_name(contact: Contact) -> str:
+    """A step as people read it: its contact, or a rotation's step not yet begun."""
+    return f"whoever is on shift of {contact.rotation}" if contact.rotation and not contact.phone else contact.name
+
+
+def people(conv: Conversation) -> list[Contact]:
+    """Everyone the conversation's chain names or has paged, each once."""
+    fixed = [c for c in conv.chain if not c.rotation]
+    return fixed + [contact_at(conv, int(step)) for step in conv.shifts]
 
 
 def on_duty(contact: Contact, timezone: str, now: float) -> bool:
@@ -2866,13 +3290,27 @@ def on_duty(contact: Contact, timezone: str, now: float) -> bool:
     return start <= minute < end if start < end else minute >= start or minute < end
 
 
-def _begin_step(conv: Conversation, step: int, now: float) -> None:
-    """Page the first contact from `step` on who is on duty; if nobody is, the last one anyway."""
+def first_on_duty(line: Line, roster: Roster, now: float) -> Contact:
+    """Whom the line's chain would page first now: its first step on duty (else its last), a
+    rotation's step as whoever is on shift."""
+    step = next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1])
+    member = roster.on_shift(step.rotation, now) if step.rotation else None
+    return Contact(*member, step.wait, step.hours, step.via, step.rotation) if member else step
+
+
+def _begin_step(conv: Conversation, step: int, now: float, roster: Roster | None) -> None:
+    """Page the first contact from `step` on who is on duty; if nobody is, the last one anyway.
+    A rotation's step pages whoever is on shift now (one whose rotation has left the config: nobody)."""
     last = len(conv.chain) * conv.rounds - 1
     step = next((s for s in range(step, last + 1) if on_duty(contact_at(conv, s), conv.timezone, now)), last)
+    if (rotation := contact_at(conv, step).rotation) is not None:
+        if roster is None:
+            raise ValueError("a rotation's step begins only with the roster")
+        if member := roster.on_shift(rotation, now):
+            conv.shifts[str(step)] = list(member)
     contact = contact_at(conv, step)
     conv.step, conv.step_started, conv.deadline = step, now, now + contact.wait
-    for kind in CHANNELS[contact.via]:
+    for kind in CHANNELS[contact.via] if contact.phone else ():
         media = all_media(conv) if kind == "page" else []
         page = Page(to=contact.phone, body=relay_text(conv), kind=kind, step=step, retry_at=now, media=media)
         conv.pages.append(page)
@@ -2897,6 +3335,7 @@ def start_conversation(
     media: list[str] = (),
     received_at: float | None = None,
     forwarded: bool = False,
+    roster: Roster | None = None,
 ) -> Conversation:
     conv = Conversation(
         id=sid,
@@ -2922,7 +3361,7 @@ def start_conversation(
         received_at=received_at,
         forwarded=forwarded,
     )
-    _begin_step(conv, 0, now)
+    _begin_step(conv, 0, now, roster)
     return conv
 
 
@@ -2930,26 +3369,35 @@ def message(sid: str, body: str, now: float, media: list[str] = ()) -> dict:
     return {"sid": sid, "body": body, "at": now, **({"media": list(media)} if media else {})}
 
 
-def escalate(conv: Conversation, now: float) -> str:
+def escalate(conv: Conversation, now: float, roster: Roster | None = None) -> str:
     """Move to the next contact, or end the conversation unanswered; says which."""
     if conv.step + 1 < len(conv.chain) * conv.rounds:
-        _begin_step(conv, conv.step + 1, now)
+        _begin_step(conv, conv.step + 1, now, roster)
         return "escalated"
     conv.status, conv.finished_at = UNANSWERED_STATUS, now
-    conv.pages.append(Page(to=alarm_phone(conv), body=alarm_text(conv), kind="alarm", retry_at=now))
+    conv.pages.append(Page(to=alarm_phone(conv, now, roster), body=alarm_text(conv), kind="alarm", retry_at=now))
     tell_customer(conv, "unanswered", now)
     return "unanswered"
 
 
-def alarm_phone(conv: Conversation) -> str:
-    """Who hears of a chain that ran out: the alarm phone, else the chain's first contact."""
-    return conv.alarm_phone or conv.chain[0].phone
+def alarm_phone(conv: Conversation, now: float, roster: Roster | None) -> str:
+    """Who hears of a chain that ran out: the alarm phone, else the chain's first contact (for a
+    rotation: whoever is on shift now, else whom its step paged)."""
+    first = conv.chain[0]
+    if conv.alarm_phone or not first.rotation:
+        return conv.alarm_phone or first.phone
+    member = roster.on_shift(first.rotation, now) if roster else None
+    return member.phone if member else next((c.phone for c in people(conv)), "")
 
 
-def expire(conv: Conversation, now: float) -> str | None:
+def alarm_page(conv: Conversation) -> Page | None:
+    return next((p for p in reversed(conv.pages) if p.kind == "alarm"), None)
+
+
+def expire(conv: Conversation, now: float, roster: Roster | None = None) -> str | None:
     """Escalate when the current step's wait has run out."""
     if conv.is_open and now >= conv.deadline:
-        return escalate(conv, now)
+        return escalate(conv, now, roster)
     return None
 
 
@@ -3037,7 +3485,9 @@ def ask(response: VoiceResponse, gather_url: str, *prompts: str) -> None:
 NOT_TAKEN_STATUSES = {"no-answer", "busy", "failed", "canceled"}
 
 
-def call_progress(conv: Conversation, index: int, status: str, answered_by: str, sid: str, now: float) -> str | None:
+def call_progress(
+    conv: Conversation, index: int, status: str, answered_by: str, sid: str, now: float, roster: Roster | None = None
+) -> str | None:
     """Twilio's report on a call: one not taken (or taken by a machine) moves the chain on at once."""
     page = conv.pages[index]
     page.call_status = status or ("in-progress" if answered_by else page.call_status)  # a verdict means answered
@@ -3050,20 +3500,20 @@ def call_progress(conv: Conversation, index: int, status: str, answered_by: str,
         page.state, page.error = "not_taken", f"call {answered_by if machine else status}"
         if machine and status not in ("completed", *NOT_TAKEN_STATUSES):
             conv.pages.append(Page(to=page.to, body=page.sid or "", kind="end_call", retry_at=now))
-        return delivery_failed(conv, index, now)
+        return delivery_failed(conv, index, now, roster)
     return None
 
 
-def pass_on(conv: Conversation, contact: Contact, now: float) -> str | None:
+def pass_on(conv: Conversation, contact: Contact, now: float, roster: Roster | None = None) -> str | None:
     """A contact says "not me": the next contact is paged at once, if this one holds the current step."""
     if conv.is_open and contact_at(conv, conv.step).phone == contact.phone:
-        return escalate(conv, now)
+        return escalate(conv, now, roster)
     return None
 
 
 def others_told(conv: Conversation) -> str:
     """For the contact who took it: who else was paged and is told, or that nobody was."""
-    names = {c.phone: c.name for c in conv.chain}
+    names = {c.phone: c.name for c in people(conv)}
     others = [names[phone] for phone in reached_phones(conv, delivered_only=True) if phone != conv.acknowledged_phone]
     if not others:
         return "Nobody else is paged."
@@ -3227,7 +3677,9 @@ def record_sent(conv: Conversation, index: int, sid: str | None, now: float) -> 
             conv.pages.append(Page(to=page.to, body=sid or "", kind="end_call", retry_at=now))
 
 
-def record_send_error(conv: Conversation, index: int, error: SendError, now: float, jitter: float) -> str:
+def record_send_error(
+    conv: Conversation, index: int, error: SendError, now: float, jitter: float, roster: Roster | None = None
+) -> str:
     """Retry a transient failure; a permanent one (or too many) moves the chain on at once."""
     page = conv.pages[index]
     page.error = error.reason
@@ -3235,10 +3687,10 @@ def record_send_error(conv: Conversation, index: int, error: SendError, now: flo
         page.retry_at = now + retry_delay(page.attempts, error.retry_after, jitter)
         return "retry"
     page.state = "failed"
-    return delivery_failed(conv, index, now) or "failed"
+    return delivery_failed(conv, index, now, roster) or "failed"
 
 
-def delivery_failed(conv: Conversation, index: int, now: float) -> str | None:
+def delivery_failed(conv: Conversation, index: int, now: float, roster: Roster | None = None) -> str | None:
     """The page to the contact on duty will never reach them: do not wait out the timer.
 
     On an sms+call step that holds only when the other channel has failed too.
@@ -3248,7 +3700,7 @@ def delivery_failed(conv: Conversation, index: int, now: float) -> str | None:
         return None
     step_pages = [p for p in conv.pages if p.kind in STEP_KINDS and p.step == page.step]
     if all(p.state in FAILED_STATES for p in step_pages):
-        return escalate(conv, now)
+        return escalate(conv, now, roster)
     return None
 
 
@@ -3257,7 +3709,13 @@ CARRIER_BLOCK_CODES = {"30032", "30034", "30007"}
 
 
 def record_status(
-    conv: Conversation, index: int, status: str, error_code: str | None, now: float, call_when_blocked: bool = False
+    conv: Conversation,
+    index: int,
+    status: str,
+    error_code: str | None,
+    now: float,
+    call_when_blocked: bool = False,
+    roster: Roster | None = None,
 ) -> str | None:
     page = conv.pages[index]
     if status in ("delivered", "read"):
@@ -3266,7 +3724,7 @@ def record_status(
         page.state, page.error = status, f"callback {status} {error_code or ''}".strip()
         if call_when_blocked and error_code in CARRIER_BLOCK_CODES and call_instead(conv, index, now):
             return None
-        return delivery_failed(conv, index, now)
+        return delivery_failed(conv, index, now, roster)
     return None
 
 
@@ -3293,6 +3751,24 @@ def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float 
 PASS_WORDS = {"pass", "no", "can't", "cant", "cannot"}
 LIST_WORDS = {"list", "?"}
 APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "`": "'", "´": "'"})
+
+
+TAKE = re.compile(r"take(?:\s+(\S.*))?", re.IGNORECASE)
+
+
+def take_request(body: str) -> int | str | None:
+    """`take` (0: until the shift ends) or `take DURATION` (its seconds); the words when they are no
+    duration (a string); None when the text is no take."""
+    found = TAKE.fullmatch(body.strip())
+    if found is None:
+        return None
+    if found[1] is None:
+        return 0
+    try:
+        seconds = parse_duration(found[1], "take")
+    except ConfigError:
+        return found[1]
+    return seconds if seconds <= MAX_TAKE else found[1]
 
 
 def reply_word(body: str) -> str | None:
@@ -3498,6 +3974,8 @@ class Relay:
         # Lines whose texts carriers block, since when and why, until one of their texts is delivered
         # again (as this relay has heard): alarms then go by call too, and /healthz names it.
         self.carrier_blocked: dict[str, dict] = {}
+        self.roster = Roster(config.rotations)  # with the store's overrides once read (refresh_roster)
+        self.reminder_at = -math.inf  # when the next shift's reminder falls due
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -3561,6 +4039,7 @@ class Relay:
         if self.store.failure:
             raise BadRequest(503, "state_unwritable", self.store.failure)
         to_send: list = []
+        later: list[tuple[str, str, str]] = []  # (from, to, text) sent on their own once stored
         with self._sending_once_stored(to_send):
             with self.store.transaction(f"{line.name} {sender}", prompt=True):
                 contact = line.contact(sender)
@@ -3572,7 +4051,7 @@ class Relay:
                         answer.message(arrival.answered)
                     return str(answer)
                 if contact is not None:
-                    conv, event, fields = self._reply(line, contact, sid, body, now, answer)
+                    conv, event, fields = self._reply(line, contact, sid, body, now, answer, later)
                 elif (conv := arrival.joins) is not None:
                     event, fields = "inbound_joined", self._ids(conv)
                     # A customer talking with a contact on a two-way line is never cut off by the sender cap.
@@ -3590,7 +4069,7 @@ class Relay:
                         event = "inbound_held"
                 else:
                     conv = start_conversation(
-                        line, config, sid, sender, body, arrival.code, now, media, received_at, forwarded
+                        line, config, sid, sender, body, arrival.code, now, media, received_at, forwarded, self.roster
                     )
                     event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
                     if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
@@ -3616,7 +4095,12 @@ class Relay:
         if conv is not None:
             self.wake_sweep(self._next_look(conv))
         if confirm:  # a caught-up reply that matched nothing: no conversation to carry the answer
-            self.senders.submit(self._send_direct, line.number, sender, confirm)
+            later.append((line.number, sender, confirm))
+        for text in later:
+            self.senders.submit(self._send_direct, *text)
+        if event == "reply_take":
+            with contextlib.suppress(StoreFailure):  # else the next housekeeping reads it
+                self.refresh_roster()
         if received_at is not None:
             INBOUND.labels("caught_up").inc()
             log(
@@ -3632,11 +4116,17 @@ class Relay:
             log("info", event, message_sid=sid, **fields, body=self._body(body))
         return str(answer)
 
-    def _reply(self, line: Line, contact: Contact, sid: str, body: str, now: float, answer: MessagingResponse):
-        """A text from one of the line's contacts (lock held)."""
+    def _reply(
+        self, line: Line, contact: Contact, sid: str, body: str, now: float, answer: MessagingResponse, later: list
+    ):
+        """A text from one of the line's contacts (lock held). `later`: texts to send once it is stored."""
         fields = {"line": line.name, "to": None, "contact": contact.name}
         if is_keyword(body):
             return None, "reply_keyword", fields
+        if (taking := take_request(body)) is not None:
+            text, event = self._take(line, contact, taking, now, later)
+            answer.message(text)
+            return None, event, fields
         talking = self.store.talking(line.name, now)
         word = reply_word(body)
         if word == "list":
@@ -3652,7 +4142,7 @@ class Relay:
         reply = {"sid": sid, "from": contact.phone, "body": body, "at": now}
         if word == "pass":
             conv.replies.append(reply)
-            if event := pass_on(conv, contact, now):
+            if event := pass_on(conv, contact, now, self.roster):
                 self._after_change(conv, event, reason=f"passed on by {contact.name}")
                 reply["answer"] = f"{line.name} #{conv.code}: passed on; {self._next_paged(conv)}."
             else:
@@ -3679,6 +4169,82 @@ class Relay:
         answer.message(text)
         return conv, event, self._ids(conv, contact=contact.name, way="sms" if event == "acknowledged" else None)
 
+    def _take(
+        self, line: Line, contact: Contact, duration: int | str | None, now: float, later: list
+    ) -> tuple[str, str]:
+        """A member's `take`: an override of each of the line's rotations they are in (lock held).
+        Returns the answer and the event to log."""
+        theirs = [r for r in line.rotations if r.member(contact.phone)]
+        if not theirs:
+            names = ", ".join(r.name for r in line.rotations) or "none"
+            refusal = f"take is for members of the line's rotations ({names}); you are in none"
+            return f"{line.name}: {refusal}. Nothing changed.", "reply_take_refused"
+        if isinstance(duration, str):
+            refusal = f"{duration!r} is no duration; text take, take 3h or take 2d (at most {say_duration(MAX_TAKE)})"
+            return f"{line.name}: {refusal}. Nothing changed.", "reply_take_refused"
+        said = []
+        for rotation in theirs:
+            tz = rotation.timezone
+            end = now + duration if duration else shift_at(rotation, now)[2]
+            holder, until = self.roster.on_shift(rotation.name, now), self.roster.until(rotation.name, now)
+            if holder.phone == contact.phone and (until or math.inf) >= end:
+                said.append(
+                    f"you are on call for {rotation.name} already"
+                    + (f", until {local_time(until, tz)}" if until else "")
+                )
+                continue
+            override = Override(
+                os.urandom(3).hex(), rotation.name, contact.name, contact.phone, now, end, holder.name, now
+            )
+            self.store.add_override(override)
+            log(
+                "info",
+                "override_made",
+                id=override.id,
+                rotation=rotation.name,
+                contact=contact.name,
+                replaces=holder.name,
+                way="sms",
+            )
+            if holder.phone != contact.phone:
+                said.append(f"you are on call for {rotation.name} until {local_time(end, tz)}, replacing {holder.name}")
+                later.append(
+                    (
+                        line.number,
+                        holder.phone,
+                        f"{line.name}: {contact.name} covers {rotation.name} for you until {local_time(end, tz)}.",
+                    )
+                )
+            else:
+                said.append(f"you are on call for {rotation.name} until {local_time(end, tz)}")
+        return f"{line.name}: {'; '.join(said)}.", "reply_take"
+
+    def refresh_roster(self) -> None:
+        """Overrides as the store has them now: made by text on any relay, or from the command line."""
+        overrides = self.store.overrides(self.clock())
+        if {o.id for o in overrides} != {o.id for o in self.roster.overrides}:
+            log("info", "overrides_changed", ids=sorted(o.id for o in overrides))
+        self.roster = Roster(self.config.rotations, overrides)
+
+    def remind(self) -> None:
+        """Text each shift's person `remind_before` it starts, once whatever restarts or relays."""
+        now = self.clock()
+        if now < self.reminder_at:
+            return
+        for rotation in self.config.rotations:
+            for start, end, member in self.roster.reminders_due(rotation, now):
+                if not self.store.remind_once(f"{rotation.name} {start:.3f}", now):
+                    continue
+                line = next((x for x in self.config.lines if rotation in x.rotations), self.config.lines[0])
+                tz = rotation.timezone
+                text = (
+                    f"{line.name}: reminder: your {rotation.name} shift starts {local_time(start, tz)} "
+                    f"and ends {local_time(end, tz)}."
+                )
+                log("info", "shift_reminder", rotation=rotation.name, contact=member.name, to=member.phone)
+                self.senders.submit(self._send_direct, line.number, member.phone, text)
+        self.reminder_at = self.roster.next_reminder(now)
+
     def _open_for_reply(self, line: Line, contact: Contact, body: str) -> list[Conversation]:
         """The open conversations a reply may be about: the one holding the code it names, else the
         newest paged to its sender. Not all the line's open ones: a flood may have left thousands."""
@@ -3696,7 +4262,8 @@ class Relay:
     def _next_paged(self, conv: Conversation) -> str:
         if conv.is_open:
             return f"{contact_at(conv, conv.step).name} is paged now"
-        told = next((c.name for c in conv.chain if c.phone == alarm_phone(conv)), "the alarm phone")
+        page = alarm_page(conv)
+        told = next((c.name for c in people(conv) if page and c.phone == page.to), "the alarm phone")
         return f"nobody else is left to page: it is listed as unanswered and {told} is told"
 
     # -- calls ---------------------------------------------------------------
@@ -3715,7 +4282,7 @@ class Relay:
             conv, page = self._call_page(conv_id, index)
             if page is None:
                 return key_twiml("This message is no longer waiting. Goodbye.")
-            contact = next(c for c in conv.chain if c.phone == page.to)
+            contact = next(c for c in people(conv) if c.phone == page.to)
             page.call_status = "in-progress"  # someone is there to press keys
             if digits not in ("1", "2"):
                 if repeated:  # the call ends without 1 or 2: Twilio's report of it moves the chain on
@@ -3730,7 +4297,7 @@ class Relay:
                 words = f"Thank you, {contact.name}. It is yours. {others_told(conv)}"
             elif digits == "1":
                 words = f"It was already taken by {conv.acknowledged_by}." if conv.acknowledged_by else "It has ended."
-            elif event := pass_on(conv, contact, now):
+            elif event := pass_on(conv, contact, now, self.roster):
                 page.state = "passed"
                 words = f"Passed on. {self._next_paged(conv).capitalize()}."
             else:
@@ -3753,7 +4320,7 @@ class Relay:
             if page is None:
                 log("warning", "call_status_unknown", conversation=conv_id, page=index, status=status)
                 return
-            event = call_progress(conv, index, status, answered_by, sid, self.clock())
+            event = call_progress(conv, index, status, answered_by, sid, self.clock(), self.roster)
             ticket = self._save(conv)
         self.store.wait(ticket)
         log("info", "call_status", **self._ids(conv, to=page.to, status=status, answered_by=answered_by or None))
@@ -3796,7 +4363,7 @@ class Relay:
                 return
             code = params.get("ErrorCode")
             pages_before = len(conv.pages)
-            event = record_status(conv, index, status, code, self.clock(), self.config.call_when_blocked)
+            event = record_status(conv, index, status, code, self.clock(), self.config.call_when_blocked, self.roster)
             ticket = self._save(conv)
             to = conv.pages[index].to
         self.store.wait(ticket)
@@ -3930,7 +4497,7 @@ class Relay:
             page.lease = 0.0
             page.counted = page.counted or counting
             if isinstance(outcome, SendError):
-                event = record_send_error(conv, index, outcome, self.clock(), self.random.random())
+                event = record_send_error(conv, index, outcome, self.clock(), self.random.random(), self.roster)
                 result = "retry" if event == "retry" else "failed"
             else:
                 record_sent(conv, index, outcome, self.clock())
@@ -4020,7 +4587,7 @@ class Relay:
                     # all its wait, and a claim made now starts whole, however slow the database.
                     now = self.clock()
                     deadline, changed = conv.deadline, False
-                    if event := expire(conv, now):
+                    if event := expire(conv, now, self.roster):
                         lag = max(lag, now - deadline)
                         events.append((conv, event))
                         changed = True
@@ -4147,7 +4714,7 @@ class Relay:
                 held = [c for c in still if c.line == line.name]
                 if held and self.store.once_every(f"bundle:{line.name}", BUNDLE_EVERY, now):
                     newest = max(held, key=lambda c: c.created)
-                    duty = next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1])
+                    duty = first_on_duty(line, self.roster, now)
                     body = bundle_text(line.name, sorted(held, key=lambda c: c.created))
                     newest.pages.append(Page(to=duty.phone, body=body, kind="bundle", retry_at=now))
                     tickets.append(self._save(newest))
@@ -4171,9 +4738,12 @@ class Relay:
                 log("error", "config_rejected", reason=str(e))
             else:
                 log("info", "config_reloaded", lines=[line.name for line in self.config.lines])
+                self.roster = Roster(self.config.rotations, self.roster.overrides)
+                self.reminder_at = -math.inf
         if self.store.failure:
             self.heal()
             return
+        self.refresh_roster()
         now = self.clock()
         self.release_held(now)
         pruned = self.store.tidy(now, self.config.retention)
@@ -4408,11 +4978,17 @@ def run_sweeper(relay: Relay, stop: threading.Event) -> None:
             if time.monotonic() >= next_housekeeping:
                 relay.housekeeping()
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+            if not relay.store.failure:
+                relay.remind()
         except Exception as e:  # keep paging whatever one pass hit; /healthz shows a stall
             log("error", "sweep_failed", error=repr(e))
             next_at = None
         with relay.lock:
-            timeout = min(HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock(), relay.store.POLL)
+            timeout = min(
+                HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock(),
+                relay.reminder_at - relay.clock(),
+                relay.store.POLL,
+            )
             if timeout > 0 and relay.sweep_at == math.inf:  # else it was asked to look again meanwhile
                 relay.sweep_at = relay.clock() + timeout
                 relay.wake.wait(timeout)
@@ -4553,8 +5129,8 @@ def describe(settings: Settings, config: Config) -> list[str]:
     out = []
     for line in config.lines:
         steps = " -> ".join(
-            f"{c.name} {c.phone} (by {c.via}, wait {say_duration(c.wait)}"
-            f"{f', on duty {c.hours} {line.timezone}' if c.hours else ''})"
+            f"{step_name(c)}{'' if c.rotation else f' {c.phone}'} "
+            f"(by {c.via}, wait {say_duration(c.wait)}{f', on duty {c.hours} {line.timezone}' if c.hours else ''})"
             for c in line.chain
         )
         out.append(f"line {line.name} {line.number}: {steps}; repeat {config.repeat}")
@@ -4563,7 +5139,7 @@ def describe(settings: Settings, config: Config) -> list[str]:
         told = [e for e in ("received", "acknowledged", "unanswered") if getattr(line, f"{e}_text")]
         if told:
             out.append(f"line {line.name}: the customer is told when a text is {', '.join(told)}")
-    firsts = ", ".join(f"{line.chain[0].name} for {line.name}" for line in config.lines)
+    firsts = ", ".join(f"{step_name(line.chain[0])} for {line.name}" for line in config.lines)
     out.append(
         f"alarm: {config.alarm_phone or f'none set; a chain that runs out is told to its first contact ({firsts})'}"
     )
@@ -4826,6 +5402,11 @@ def cmd_check(args) -> int:
         print(text)
     if settings.database_url and not check_database(settings.database_url):
         return 1
+    if config.rotations:
+        now = time.time()
+        roster = Roster(config.rotations, schedule_of(settings).overrides(now))
+        for text in oncall_report(config, roster, lambda timezone: now, handoffs=1):
+            print(text)
     if args.live and not check_numbers(settings, config, apply=False):
         return 1
     warnings = sum(text.startswith("WARNING") for text in described)
@@ -4939,7 +5520,8 @@ def fallback_text(line: Line) -> str:
 
 def line_phones(line: Line) -> list[str]:
     """Every phone the line pages, each once."""
-    return list(dict.fromkeys(contact.phone for contact in line.chain))
+    members = [m.phone for rotation in line.rotations for m in rotation.members]
+    return list(dict.fromkeys([*(c.phone for c in line.chain if not c.rotation), *members]))
 
 
 def fallback_definition(line: Line) -> dict:
@@ -5117,9 +5699,109 @@ def reachable_database(url: str) -> PgStore:
     return store
 
 
-def local_time(ts: float, timezone: str) -> str:
-    """A time as an operator reads it: in the line's time zone, saying which."""
-    return datetime.datetime.fromtimestamp(ts, zoneinfo.ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
+def schedule_of(settings: Settings) -> Store | ScheduleFile:
+    """Where overrides are kept, for the commands: beside a running relay's, which acts on them."""
+    if settings.database_url:
+        return reachable_database(settings.database_url)
+    return ScheduleFile(settings.state_dir / SCHEDULE_FILE)
+
+
+def parse_when(value: str, timezone: str, *, flag: str) -> float:
+    """`YYYY-MM-DD HH:MM[:SS]` in `timezone`, or ISO 8601 with an offset."""
+    try:
+        when = datetime.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f'{flag}: {value!r} is not a time like "2026-12-07 08:00" ({timezone}) or 2026-12-07T08:00-08:00'
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=zoneinfo.ZoneInfo(timezone))).timestamp()
+
+
+def oncall_report(config: Config, roster: Roster, at: Callable[[str], float], handoffs: int = 3) -> list[str]:
+    """Who is on call for each rotation, until when and the next handoffs; and each line's first step.
+    `at`: the moment asked about, given a time zone (a local time means a moment in each zone)."""
+    out = []
+    for rotation in config.rotations:
+        tz, name = rotation.timezone, rotation.name
+        now = at(tz)
+        holder, until = roster.on_shift(name, now), roster.until(name, now)
+        covering = next((o for o in roster.overrides if o.rotation == name and o.covers(now)), None)
+        out.append(
+            f"rotation {name}: {holder.name} {holder.phone} is on call now"
+            + (f" until {local_time(until, tz)}" if until else ", and nobody else is on the rotation")
+            + (f" (override {covering.id}, for {covering.replaces})" if covering else "")
+        )
+        out += [f"  then {m.name} {m.phone} from {local_time(t, tz)}" for t, m in roster.handoffs(name, now, handoffs)]
+    for line in config.lines:
+        first = line.chain[0]
+        if first.rotation:
+            tz = roster.rotations[first.rotation].timezone
+            now = at(tz)
+            holder, until = roster.on_shift(first.rotation, now), roster.until(first.rotation, now)
+            when = f"until {local_time(until, tz)}" if until else "for now"
+            out.append(f"line {line.name} first step: {holder.name} {holder.phone} ({first.rotation}, {when})")
+        else:
+            hours = f", on duty {first.hours} {line.timezone}" if first.hours else ""
+            out.append(f"line {line.name} first step: {first.name} {first.phone}{hours}")
+    return out
+
+
+def cmd_oncall(args) -> int:
+    settings, config = prepare(dry_run=True)
+    now = time.time()
+    at = functools.partial(parse_when, args.at, flag="--at") if args.at else lambda timezone: now
+    at("UTC")  # a malformed --at is refused before anything is read
+    if not config.rotations:
+        print("no [[rotations]] in the config; each line's chain names fixed contacts")
+    roster = Roster(config.rotations, schedule_of(settings).overrides(-math.inf) if config.rotations else ())
+    for text in oncall_report(config, roster, at):
+        print(text)
+    return 0
+
+
+def shown_override(override: Override, rotation: Rotation | None) -> str:
+    tz = rotation.timezone if rotation else "UTC"
+    return (
+        f"{override.id} {override.rotation}: {override.name} {override.phone} from {local_time(override.start, tz)} "
+        f"until {local_time(override.end, tz)}, for {override.replaces}"
+    )
+
+
+def cmd_override(args) -> int:
+    settings, config = prepare(dry_run=True)
+    schedule, now = schedule_of(settings), time.time()
+    if args.list:
+        overrides = sorted(schedule.overrides(now), key=lambda o: o.start)
+        for override in overrides:
+            print(shown_override(override, config.rotation(override.rotation)))
+        print(f"{len(overrides)} override(s)" if overrides else "no overrides now or to come")
+        return 0
+    if args.delete:
+        gone = schedule.delete_override(args.delete, now)
+        if gone is None:
+            raise ConfigError(f"--delete: no override {args.delete!r} now or to come (see override --list)")
+        print(f"deleted {shown_override(gone, config.rotation(gone.rotation))}")
+        return 0
+    if not args.rotation or not args.name or not args.until:
+        raise ConfigError("override: give ROTATION NAME --until TIME (or --list, or --delete ID)")
+    rotation = config.rotation(args.rotation)
+    if rotation is None:
+        known = ", ".join(r.name for r in config.rotations) or "none in the config"
+        raise ConfigError(f"override: {args.rotation!r} is no rotation (known: {known})")
+    member = next((m for m in rotation.members if m.name.lower() == args.name.strip().lower()), None)
+    if member is None:
+        known = ", ".join(m.name for m in rotation.members)
+        raise ConfigError(f"override: {args.name!r} is not a member of {rotation.name} (members: {known})")
+    start = parse_when(args.from_, rotation.timezone, flag="--from") if args.from_ else now
+    end = parse_when(args.until, rotation.timezone, flag="--until")
+    if end <= max(start, now):
+        raise ConfigError("--until: must be after --from and after now")
+    roster = Roster(config.rotations, schedule.overrides(now))
+    replaces = roster.on_shift(rotation.name, start)
+    override = Override(os.urandom(3).hex(), rotation.name, member.name, member.phone, start, end, replaces.name, now)
+    schedule.add_override(override)
+    print(shown_override(override, rotation))
+    return 0
 
 
 def cmd_status(args) -> int:
@@ -5164,7 +5846,11 @@ def cmd_status(args) -> int:
             for p in conv.pages
             if p.kind in STEP_KINDS
         )
-        nxt = contact_at(conv, conv.step + 1).name if conv.step + 1 < len(conv.chain) * conv.rounds else "unanswered"
+        nxt = (
+            step_name(contact_at(conv, conv.step + 1))
+            if conv.step + 1 < len(conv.chain) * conv.rounds
+            else "unanswered"
+        )
         print(
             f"{head} since {when(conv.created)}; paged: {paged}; "
             f"step {conv.step + 1} since {when(conv.step_started)}; next: {nxt} at {when(conv.deadline)}"
@@ -5188,9 +5874,16 @@ def cmd_import_state(args) -> int:
         convs.extend(Conversation.from_json(r["conversation"]) for r in json_lines(path) if r and "conversation" in r)
     store = reachable_database(settings.database_url)
     added, added_strays = store.import_state(convs, list(source.strays.values()))
+    now = time.time()
+    overrides = ScheduleFile(directory / SCHEDULE_FILE).overrides(now)
+    known = {o.id for o in store.overrides(now)}
+    for override in overrides:
+        if override.id not in known:
+            store.add_override(override)
     print(
-        f"imported {added} of {len(convs)} conversation(s) and {added_strays} of {len(source.strays)} other "
-        f"text(s) from {directory}; the rest were already in the database"
+        f"imported {added} of {len(convs)} conversation(s), {added_strays} of {len(source.strays)} other "
+        f"text(s) and {len(set(o.id for o in overrides) - known)} of {len(overrides)} override(s) from "
+        f"{directory}; the rest were already in the database"
     )
     return 0
 
@@ -5221,6 +5914,24 @@ def main(argv: list[str] | None = None) -> int:
     press = commands.add_parser("press", help="press a key on a dry-run call (the newest, or --call SID)")
     press.add_argument("digits", choices=[*"0123456789*#"], metavar="KEY", help="one key: 1 takes it, 2 passes it on")
     press.add_argument("--call", help="the call's sid, as outbox.jsonl has it")
+    oncall = commands.add_parser("oncall", help="who is on call now for each rotation, and the next handoffs")
+    oncall.add_argument(
+        "--at",
+        metavar="TIME",
+        help='instead of now: "YYYY-MM-DD HH:MM[:SS]" in each rotation\'s time zone, or ISO 8601',
+    )
+    override = commands.add_parser("override", help="put a member on call for a rotation for a while")
+    override.add_argument("rotation", nargs="?", metavar="ROTATION", help="the rotation's name")
+    override.add_argument("name", nargs="?", metavar="NAME", help="the member who covers, by name")
+    override.add_argument(
+        "--from",
+        dest="from_",
+        metavar="TIME",
+        help='start (default now): "YYYY-MM-DD HH:MM[:SS]" in the rotation\'s zone',
+    )
+    override.add_argument("--until", metavar="TIME", help="end, written like --from")
+    override.add_argument("--list", action="store_true", help="list the overrides now or to come, each ID first")
+    override.add_argument("--delete", metavar="ID", help="delete the override with this ID")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
@@ -5231,6 +5942,8 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
         "setup": cmd_setup,
         "import-state": cmd_import_state,
+        "oncall": cmd_oncall,
+        "override": cmd_override,
     }
     handler = {**commands_by_name, "status": cmd_status}[args.command]
     try:

@@ -585,9 +585,9 @@ def test_import_state_copies_a_state_directory_and_a_second_run_changes_nothing(
     database = RelayProcess(tmp_path / "db", fake_twilio, config_text(primary_wait="2s"))
     database.env["DATABASE_URL"] = database_url
     first = database.run("import-state", str(files.state_dir))
-    assert first.returncode == 0 and "imported 1 of 1 conversation(s) and 1 of 1 other text(s)" in first.stdout
+    assert first.returncode == 0 and "imported 1 of 1 conversation(s), 1 of 1 other text(s)" in first.stdout
     again = database.run("import-state", str(files.state_dir)).stdout
-    assert "imported 0 of 1 conversation(s) and 0 of 1 other text(s)" in again
+    assert "imported 0 of 1 conversation(s), 0 of 1 other text(s)" in again
     assert "from +15551230001" in database.run("status").stdout
     try:
         database.start()
