@@ -15,6 +15,7 @@ RUN pip install -r requirements.txt \
     && useradd --system --uid 10001 --user-group --no-create-home relay
 COPY deploy/entrypoint.sh /usr/local/bin/relay-entrypoint
 COPY relay.py config.toml ./
+COPY views ./views
 
 VOLUME /data
 EXPOSE 8080

@@ -24,6 +24,7 @@ import argparse
 import array
 import bisect
 import contextlib
+import csv
 import ctypes
 import dataclasses
 import datetime
@@ -34,7 +35,10 @@ import functools
 import gc
 import hashlib
 import heapq
+import hmac
 import html
+import io
+import ipaddress
 import itertools
 import json
 import logging
@@ -43,6 +47,7 @@ import os
 import random
 import re
 import resource
+import secrets
 import signal
 import socket
 import stat
@@ -171,6 +176,7 @@ class Config:
     heartbeat_every: int = 60  # seconds between pings of RELAY_HEARTBEAT_URL
     fallback: bool = True  # `setup --apply` also installs Twilio's own fallback (a Studio flow per line)
     database_connections: int = 5  # with DATABASE_URL: at most this many per relay, its listener included
+    console: bool = True  # the web page at / for the crew, signed in by a texted code
     rotations: tuple[Rotation, ...] = ()
 
     def rotation(self, name: str) -> Rotation | None:
@@ -412,7 +418,7 @@ def parse_config(data: dict) -> Config:
             options[key] = _count(relay[key], f"relay.{key}", least)
     if "alarm_phone" in relay:
         options["alarm_phone"] = _phone(relay["alarm_phone"], "relay.alarm_phone")
-    for key in ("log_bodies", "call_when_blocked", "fallback"):
+    for key in ("log_bodies", "call_when_blocked", "fallback", "console"):
         if key in relay:
             options[key] = _flag(relay[key], f"relay.{key}")
 
@@ -791,6 +797,7 @@ CATCH_UP_FAILURES = prometheus_client.Counter(
 # ---------------------------------------------------------------------------
 
 OPEN_STATUS = "open"
+CLOSED_STATUS = "closed"  # ended on the console without anyone taking it
 UNANSWERED_STATUS = "unanswered"  # the chain ran out: listed, and takeable, until taken or past retention
 # The newest unanswered conversations of a line kept listed in memory: a crew acts on these, and a flood
 # that ran out unanswered does not keep its thousands in memory for the retention (older ones are archived).
@@ -849,6 +856,7 @@ class Conversation:
     received_at: float | None = None  # when Twilio got the text, if the relay heard of it only later
     forwarded: bool = False  # heard of only later, while Twilio's fallback flow had texted it to the crew
     shifts: dict = field(default_factory=dict)  # a rotation's step begun -> [name, phone] of whom it paged
+    actions: list = field(default_factory=list)  # done on the console: {"at", "by", "action", "text"}
 
     def to_dict(self) -> dict:
         # dataclasses.asdict deep-copies every value; this is ten times faster and the same JSON.
@@ -1156,6 +1164,19 @@ class Store(abc.ABC):
         """True the first time ever for `key` (a shift's reminder), whatever restarts or relays."""
 
     @abc.abstractmethod
+    def console_record(self, key: str, now: float) -> dict | None:
+        """A console sign-in code, link or session kept under `key`, unless it has expired."""
+
+    @abc.abstractmethod
+    def keep_console_record(self, key: str, record: dict | None, expires: float) -> None:
+        """Keep a console record until `expires` (None drops it); durable when it returns."""
+
+    @abc.abstractmethod
+    def history(self, since: float, most: int) -> list[Conversation]:
+        """Conversations no longer open or held that arrived since `since`, archived ones too, newest
+        first, at most `most`."""
+
+    @abc.abstractmethod
     def note_catch_up(self, began: float, ok: bool) -> None:
         """For `status`: when the last catch-up pass began and whether it went through."""
 
@@ -1294,7 +1315,68 @@ def override_record(override: Override) -> dict:
     return dataclasses.asdict(override)
 
 
+@contextlib.contextmanager
+def locked_file(path: Path) -> Iterator[int]:
+    """The file (created if need be) open for appending under an flock, which every writer of it
+    takes; a file replaced meanwhile (rewritten whole by another) is opened anew."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class ConsoleFile:
+    """The console's sign-in codes, links and sessions (keys hashed), with the Store's methods for
+    them: one JSON file rewritten whole under locked_file, since `relay.py login-link` writes it too."""
+
+    def __init__(self, path: Path, clock: Callable[[], float]):
+        self.path = path
+        self.clock = clock
+        self.seen: tuple | None = None
+        self.records: dict[str, dict] = {}  # key -> {"record", "expires"}
+
+    def _load(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self.seen, self.records = None, {}
+            return
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self.seen:
+            try:
+                records = json.loads(self.path.read_bytes() or b"{}")
+            except ValueError:
+                records = {}  # a damaged file signs everyone out, and nothing else
+            self.seen, self.records = (st.st_ino, st.st_size, st.st_mtime_ns), records
+
+    def console_record(self, key: str, now: float) -> dict | None:
+        self._load()
+        kept = self.records.get(key)
+        return dict(kept["record"]) if kept and kept["expires"] > now else None
+
+    def keep_console_record(self, key: str, record: dict | None, expires: float) -> None:
+        try:
+            with locked_file(self.path):
+                self._load()
+                now = self.clock()
+                records = {k: v for k, v in self.records.items() if v["expires"] > now and k != key}
+                if record is not None:
+                    records[key] = {"record": record, "expires": expires}
+                write_atomically(self.path, json.dumps(records).encode())
+                self.seen, self.records = None, records
+        except OSError as e:
+            raise StoreFailure(f"{self.path}: {e.strerror}") from None
+
+
 SCHEDULE_FILE = "schedule.jsonl"
+CONSOLE_FILE = "console.json"  # the console's sign-in codes and sessions (hashed), rewritten whole
 
 
 class ScheduleFile:
@@ -1312,19 +1394,9 @@ class ScheduleFile:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            with contextlib.suppress(FileNotFoundError):
-                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    break
-            os.close(fd)
-        try:
+        with locked_file(self.path) as fd:
             self.load()
             yield fd
-        finally:
-            os.close(fd)
 
     def load(self) -> None:
         """Read the file again if it changed; a torn or garbled line (a crash mid-append) is skipped."""
@@ -1485,6 +1557,7 @@ class JsonStore(Store):
         self.caps = HourlyWindow()  # cost caps: what was sent this past hour, per cap
         self.marks: dict[str, float] = {}  # once_every's keys, when last marked
         self.schedule = ScheduleFile(directory / SCHEDULE_FILE)
+        self.console = ConsoleFile(directory / CONSOLE_FILE, self.clock)
         self.codes: dict[str, int] = {}  # line -> the last reply code given
         self.retention = Config.retention  # as tidy was last told: how long unanswered ones stay listed
         self.fold_waiting = False  # a fold is due but the disk has no room for it (said once)
@@ -1883,6 +1956,23 @@ class JsonStore(Store):
     def remind_once(self, key: str, now: float) -> bool:
         return self.schedule.remind_once(key, now)
 
+    def console_record(self, key: str, now: float) -> dict | None:
+        return self.console.console_record(key, now)
+
+    def keep_console_record(self, key: str, record: dict | None, expires: float) -> None:
+        self.console.keep_console_record(key, record, expires)
+
+    def history(self, since: float, most: int) -> list[Conversation]:
+        with self.lock:
+            found = {c.id: c for c in self.conversations.values() if not c.is_open and c.status != HELD_STATUS}
+        for path in sorted(self.dir.glob("archive-*.jsonl")):
+            with contextlib.suppress(OSError):
+                for record in json_lines(path):
+                    if record and "conversation" in record and record["conversation"]["created"] >= since:
+                        found.setdefault(record["conversation"]["id"], Conversation.from_json(record["conversation"]))
+        kept = sorted((c for c in found.values() if c.created >= since), key=lambda c: c.created, reverse=True)
+        return kept[:most]
+
     def _tidy(self, now: float, retention: int) -> int:
         self.retention = retention
         with contextlib.suppress(OSError):  # tried again at the next tidy; what it would drop has ended
@@ -2139,6 +2229,7 @@ SCHEMA[4] = [
         replaces text NOT NULL,
         made double precision NOT NULL
     )""",
+    "CREATE TABLE relay_console (key text PRIMARY KEY, record json NOT NULL, expires double precision NOT NULL)",
 ]
 SCHEMA_VERSION = max(SCHEMA)
 SCHEMA_LOST = {"42P01", "42883"}  # undefined_table, undefined_function
@@ -2152,6 +2243,7 @@ SCHEMA_RELATIONS = (
     "relay_marks",
     "relay_caps",
     "relay_overrides",
+    "relay_console",
 )
 SCHEMA_FUNCTIONS = {
     re.match(r"CREATE FUNCTION (\w+)", statement)[1]: statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
@@ -2804,6 +2896,30 @@ class PgStore(Store):
         with self.transaction():
             return self.once_every(f"remind:{key}", math.inf, now)
 
+    def console_record(self, key: str, now: float) -> dict | None:
+        with self.transaction(reading=True):
+            row = self._q("SELECT record FROM relay_console WHERE key = %s AND expires > %s", (key, now)).fetchone()
+        return row[0] if row else None
+
+    def keep_console_record(self, key: str, record: dict | None, expires: float) -> None:
+        with self.transaction():
+            if record is None:
+                self._q("DELETE FROM relay_console WHERE key = %s", (key,))
+            else:
+                self._q(
+                    """INSERT INTO relay_console (key, record, expires) VALUES (%s, %s, %s)
+                       ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, expires = EXCLUDED.expires""",
+                    (key, Json(record), expires),
+                )
+
+    def history(self, since: float, most: int) -> list[Conversation]:
+        with self.transaction(reading=True):
+            return self._docs(
+                f"SELECT doc FROM relay_conversations WHERE NOT ({OPEN_SQL}) AND created >= %s "
+                "ORDER BY created DESC LIMIT %s",
+                (since, most),
+            )
+
     def import_state(self, convs: list[Conversation], strays: list[dict]) -> tuple[int, int]:
         """Add conversations and remembered texts not yet here; returns how many of each were new."""
         added = added_strays = 0
@@ -2860,6 +2976,7 @@ class PgStore(Store):
                     ).fetchone()
                     self._q("DELETE FROM relay_messages WHERE conversation IS NULL AND at < %s", (now - retention,))
                     self._q("DELETE FROM relay_overrides WHERE end_at < %s", (now - retention,))
+                    self._q("DELETE FROM relay_console WHERE expires < %s", (now,))
                     self._q("DELETE FROM relay_marks WHERE key LIKE 'remind:%%' AND at < %s", (now - retention,))
                     self._q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_CAPS))
         return pruned
@@ -3031,8 +3148,11 @@ class TwilioGateway:
             return None
         return f"Twilio refuses the credentials (HTTP {self.http.refused}): check TWILIO_AUTH_TOKEN"
 
-    def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str | None:
-        """Twilio's sid for the text, or None when Twilio took it (2xx) but its answer was odd."""
+    def send(
+        self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = (), secret=False
+    ) -> str | None:
+        """Twilio's sid for the text, or None when Twilio took it (2xx) but its answer was odd.
+        (`secret`: a sign-in code; no body is ever logged here.)"""
         options = {"status_callback": status_callback} if status_callback else {}
         if media:
             options["media_url"] = list(media)
@@ -3163,8 +3283,11 @@ class DryRunGateway:
         self.count = 0
         self.lock = threading.Lock()
 
-    def send(self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = ()) -> str:
-        return self._record("SMdryrun", "dry_run_sms", from_, to, body=body, media=list(media))
+    def send(
+        self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = (), secret=False
+    ) -> str:
+        """`secret`: the body is a sign-in code, which stays out of the log (the outbox has it)."""
+        return self._record("SMdryrun", "dry_run_sms", from_, to, body=body, media=list(media), secret=secret)
 
     def call(self, from_: str, to: str, twiml: str, status_callback: str | None) -> str:
         return self._record("CA", "dry_run_call", from_, to, kind="call", twiml=twiml, status_callback=status_callback)
@@ -3174,9 +3297,10 @@ class DryRunGateway:
         with self.lock:
             self.count += 1
             sid = sid_prefix + hashlib.sha1(f"{time.time()}{self.count}".encode()).hexdigest()[: 34 - len(sid_prefix)]
+        secret = what.pop("secret", False)
         record = {"ts": time.time(), "sid": sid, "from": from_, "to": to, **what}
         append_durably(self.outbox, (json.dumps(record, ensure_ascii=False) + "\n").encode())
-        shown = {k: v for k, v in what.items() if k in ("body", "twiml")}
+        shown = {k: "(withheld: a sign-in code)" if secret else v for k, v in what.items() if k in ("body", "twiml")}
         log("info", event, sid=sid, to=to, from_number=from_, **shown)
         return sid
 
@@ -3405,22 +3529,34 @@ STEP_KINDS = ("page", "call")  # what a chain step sends its contact
 FAILED_STATES = {"failed", "undelivered", "not_taken"}
 
 
-def acknowledge(conv: Conversation, contact: Contact, reply: dict, now: float) -> None:
-    """Stop the escalation; everyone else who got the page is told who took it."""
+def acknowledge(conv: Conversation, contact: Contact, reply: dict | None, now: float) -> None:
+    """Stop the escalation; everyone else who got the page is told who took it. `reply`: the text
+    that took it (None: taken on the console)."""
     conv.status, conv.finished_at, conv.acknowledged_by = "acknowledged", now, contact.name
     conv.acknowledged_phone = contact.phone
-    conv.replies.append(reply)
+    if reply:
+        conv.replies.append(reply)
     told = [phone for phone in reached_phones(conv, delivered_only=True) if phone != contact.phone]
+    _stop_paging(conv, now, contact.phone)
+    conv.pages.extend(Page(to=phone, body=taken_text(conv), kind="notice", retry_at=now) for phone in told)
+    tell_customer(conv, "acknowledged", now, contact.name)
+
+
+def close(conv: Conversation, now: float) -> None:
+    """End it without paging anyone (on the console): nothing still to send to the crew is sent."""
+    conv.status, conv.finished_at = CLOSED_STATUS, now
+    _stop_paging(conv, now)
+
+
+def _stop_paging(conv: Conversation, now: float, taker: str | None = None) -> None:
     for page in conv.pages:
         # Pages not yet with Twilio, and follow-ups still held by a cap, have nobody left to tell.
         unsent = page.state in ("pending", "held") if page.kind in STEP_KINDS else page.state == "held"
         if unsent and page.kind in (*STEP_KINDS, "followup"):
             page.state = "cancelled"
-        if page.kind == "call" and page.state == "sent" and page.to != contact.phone:
+        if page.kind == "call" and page.state == "sent" and page.to != taker:
             # Still ringing someone else: end it. What a call ends with says which way to hang up.
             conv.pages.append(Page(to=page.to, body=page.sid or "", kind="end_call", retry_at=now))
-    conv.pages.extend(Page(to=phone, body=taken_text(conv), kind="notice", retry_at=now) for phone in told)
-    tell_customer(conv, "acknowledged", now, contact.name)
 
 
 MAX_TWIML = 4000  # Twilio's limit on inline TwiML
@@ -3529,6 +3665,8 @@ def holder_words(conv: Conversation) -> str:
         return "ended with nobody answering and is listed as unanswered"
     if conv.status == HELD_STATUS:
         return "is held by a cost cap and pages nobody yet"
+    if conv.status == CLOSED_STATUS:
+        return "was closed on the console"
     return f"was taken by {conv.acknowledged_by}"
 
 
@@ -3976,6 +4114,8 @@ class Relay:
         self.carrier_blocked: dict[str, dict] = {}
         self.roster = Roster(config.rotations)  # with the store's overrides once read (refresh_roster)
         self.reminder_at = -math.inf  # when the next shift's reminder falls due
+        self.last_webhook: float | None = None  # when Twilio last brought a text here (for the console)
+        self.twilio_errors: deque[float] = deque(maxlen=10_000)  # when sends failed, for the console's hour
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -4029,6 +4169,8 @@ class Relay:
         # A lone surrogate (a JSON escape in a listed text) cannot be written as UTF-8: it becomes "?".
         body, media = params.get("Body", "").encode("utf-8", "replace").decode("utf-8"), media_urls(params)
         config = self.config
+        if received_at is None:
+            self.last_webhook = self.clock()
         line = config.line_for(to)
         if line is None:
             INBOUND.labels("no_line").inc()
@@ -4244,6 +4386,42 @@ class Relay:
                 log("info", "shift_reminder", rotation=rotation.name, contact=member.name, to=member.phone)
                 self.senders.submit(self._send_direct, line.number, member.phone, text)
         self.reminder_at = self.roster.next_reminder(now)
+
+    def console_act(self, conv_id: str, contact: Contact, action: str, text: str = "") -> str:
+        """Take, pass, close or reply to a conversation from the console; returns what happened."""
+        now, to_send = self.clock(), []
+        with self._sending_once_stored(to_send):
+            with self.store.transaction():
+                conv = self.store.get(conv_id)
+                if conv is None:
+                    raise BadRequest(404, "no_conversation", "no such open conversation")
+                event = None
+                if action == "take" and conv.is_takeable:
+                    acknowledge(conv, contact, None, now)
+                    event, said = "acknowledged", f"#{conv.code} is yours. {others_told(conv)}"
+                elif action == "pass" and (event := pass_on(conv, contact, now, self.roster)):
+                    said = f"#{conv.code} passed on; {self._next_paged(conv)}"
+                elif action == "close" and conv.is_takeable:
+                    close(conv, now)
+                    event, said = "closed", f"#{conv.code} closed; nobody else is paged"
+                elif action == "reply" and conv.two_way and text.strip():
+                    body = fit_sms(text.strip())
+                    conv.pages.append(Page(to=conv.sender, body=body, kind="customer_reply", retry_at=now))
+                    event, said = "replied", f"texted to {conv.sender}"
+                else:
+                    return f"#{conv.code} {holder_words(conv)}; nothing changed"
+                conv.actions.append({"at": now, "by": contact.name, "action": action, "text": text.strip()})
+                self._claim_pages(conv, now, to_send)
+                ticket = self._save(conv)
+            self.store.wait(ticket)
+        self.wake_sweep(self._next_look(conv))
+        log("info", "console_action", **self._ids(conv, contact=contact.name, action=action))
+        if event == "acknowledged":
+            ACKS.inc()
+            log("info", "acknowledged", **self._ids(conv, contact=contact.name, way="console"))
+        elif event in ("escalated", "unanswered"):
+            self._after_change(conv, event, reason=f"passed on by {contact.name} on the console")
+        return said
 
     def _open_for_reply(self, line: Line, contact: Contact, body: str) -> list[Conversation]:
         """The open conversations a reply may be about: the one holding the code it names, else the
@@ -4497,6 +4675,7 @@ class Relay:
             page.lease = 0.0
             page.counted = page.counted or counting
             if isinstance(outcome, SendError):
+                self.twilio_errors.append(self.clock())
                 event = record_send_error(conv, index, outcome, self.clock(), self.random.random(), self.roster)
                 result = "retry" if event == "retry" else "failed"
             else:
@@ -4792,11 +4971,11 @@ class Relay:
         else:
             log("info", "direct_called", to=to, twilio_sid=sid)
 
-    def _send_direct(self, from_: str, to: str, text: str) -> None:
+    def _send_direct(self, from_: str, to: str, text: str, secret: bool = False) -> None:
         """A text about no conversation, sent with a few retries and not stored."""
         for attempt in range(1, 6):
             try:
-                sid = self.gateway.send(from_, to, text, None)
+                sid = self.gateway.send(from_, to, text, None, secret=secret)
             except SendError as e:
                 log("warning", "direct_send_failed", to=to, reason=e.reason, attempt=attempt)
                 if e.permanent:
@@ -4941,6 +5120,9 @@ def make_app(relay: Relay) -> bottle.Bottle:
         OPEN.set(relay.store.open_count())  # the store's count, which other relays' changes move too
         return prometheus_client.generate_latest(METRICS)
 
+    if relay.config.console:
+        Console(relay).routes(app)
+
     @app.error(404)
     @app.error(405)
     def not_here(error):
@@ -4954,6 +5136,526 @@ def make_app(relay: Relay) -> bottle.Bottle:
         return json.dumps({"error": "internal error"})
 
     return app
+
+
+# ---------------------------------------------------------------------------
+# Console: the crew's web page
+#
+# A contact signs in with a code texted to the phone the relay already pages.
+# A session is a random token in a cookie, kept hashed in the store, so any
+# relay serves it and a restart signs nobody out. Pages are Bottle's
+# SimpleTemplate views (views/), which escape whatever came from outside. A
+# form that changes something carries its session's own token, and a request
+# another site made changes nothing.
+# ---------------------------------------------------------------------------
+
+VIEWS = Path(__file__).resolve().parent / "views"
+SESSION_COOKIE = "relay_session"
+SESSION_IDLE = 12 * 3600.0
+SESSION_TOUCH = 60.0  # a session's last use is written at most this often
+CODE_VALID = 600.0
+CODES_PER_PHONE = 3  # an hour
+CODES_PER_CLIENT = 10  # an hour
+CODE_TRIES = 5
+HISTORY_DAYS = 30
+HISTORY_MOST = 10_000  # conversations a history page reads at most
+HISTORY_PAGE = 50
+SCHEDULE_DAYS = 14
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+FAILED_PAGE_STATES = {"failed", "undelivered", "not_taken"}
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def crew_member(config: Config, phone: str) -> tuple[Line, Contact] | None:
+    """The first line that has this phone as a contact or rotation member, and who they are there."""
+    return next(((line, c) for line in config.lines if (c := line.contact(phone))), None)
+
+
+def typed_phone(text: str) -> str:
+    """A phone as people type it ("+1 619-555-0111") in E.164, or "" when it is none."""
+    phone = re.sub(r"[\s().-]", "", text)
+    return phone if E164.fullmatch(phone) else ""
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """The value below which `share` of them lie (nearest rank), or None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def time_to_acknowledge(conv: Conversation) -> float | None:
+    return conv.finished_at - conv.created if conv.status == "acknowledged" else None
+
+
+def ack_figures(convs: list[Conversation], now: float) -> list[dict]:
+    """Median and 90th percentile time to acknowledge over 7 and 30 days, overall and per contact."""
+    rows = []
+    for days in (7, 30):
+        recent = [c for c in convs if c.created >= now - days * 86400 and time_to_acknowledge(c) is not None]
+        for who in [None, *sorted({c.acknowledged_by for c in recent})]:
+            times = [time_to_acknowledge(c) for c in recent if who is None or c.acknowledged_by == who]
+            rows.append(
+                {"days": days, "who": who or "everyone", "count": len(times)}
+                | {"median": percentile(times, 0.5), "p90": percentile(times, 0.9)}
+            )
+    return rows
+
+
+def timeline(conv: Conversation) -> list[dict]:
+    """Everything that happened to a conversation, oldest first: {"at", "what", "text", "status"}."""
+    names = {c.phone: c.name for c in people(conv)}
+    entries = [
+        {"at": m["at"], "what": f"text from {conv.sender}", "text": m["body"], "status": ""} for m in conv.messages
+    ]
+    for page in conv.pages:
+        if page.kind == "end_call":
+            continue
+        who = names.get(page.to, page.to)
+        what = {
+            "page": f"page to {who} (step {(page.step or 0) + 1})",
+            "call": f"call to {who} (step {(page.step or 0) + 1})",
+        }.get(page.kind, f"{page.kind.replace('_', ' ')} to {who}")
+        status = page.state + (f" ({page.error})" if page.error else "") + (f" {page.sid}" if page.sid else "")
+        entries.append({"at": page.sent_at or page.retry_at, "what": what, "text": page.body, "status": status})
+    for reply in conv.replies:
+        who = names.get(reply["from"], reply["from"])
+        entries.append({"at": reply["at"], "what": f"reply from {who}", "text": reply["body"], "status": ""})
+    for action in conv.actions:
+        what = f"{action['action']} on the console by {action['by']}"
+        entries.append({"at": action["at"], "what": what, "text": action.get("text", ""), "status": ""})
+    return sorted(entries, key=lambda e: e["at"])
+
+
+def shifts_ahead(roster: Roster, rotation: Rotation, now: float, days: int) -> list[dict]:
+    """Who is on call for the rotation from now for `days`: {"start", "end", "who", "override"}."""
+    horizon, t, rows = now + days * 86400, now, []
+    while t < horizon and len(rows) < HANDOFFS_LOOKED_AT:
+        who = roster.on_shift(rotation.name, t)
+        covering = next((o for o in roster.overrides if o.rotation == rotation.name and o.covers(t)), None)
+        ahead = roster.handoffs(rotation.name, t, 1)
+        end = min(ahead[0][0] if ahead else horizon, horizon)
+        rows.append({"start": t, "end": end, "who": who, "override": covering})
+        t = end
+    return rows
+
+
+class Console:
+    """The console's pages and actions; `routes` puts them on the app."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.store = relay.store
+
+    # -- requests ---------------------------------------------------------------
+
+    @staticmethod
+    def form() -> dict[str, str]:
+        """The form's fields, from the raw body decoded as UTF-8 (Bottle's own forms are latin-1)."""
+        request = bottle.request
+        length = request.environ.get("CONTENT_LENGTH") or "0"
+        if not length.isdigit():
+            raise bottle.HTTPError(400, "Content-Length is not a number")
+        if int(length) > MAX_BODY_BYTES:
+            raise bottle.HTTPError(413, "form too large")
+        raw = request.environ["wsgi.input"].read(int(length)).decode("utf-8", "replace")
+        return dict(urllib.parse.parse_qsl(raw, keep_blank_values=True))
+
+    def client(self) -> str:
+        """The client's address: the peer's, or behind a platform router on the same network, the one
+        it appended last to X-Forwarded-For."""
+        peer = bottle.request.environ.get("REMOTE_ADDR", "")
+        forwarded = bottle.request.environ.get("HTTP_X_FORWARDED_FOR", "")
+        with contextlib.suppress(ValueError):
+            if forwarded and ipaddress_private(peer):
+                return forwarded.split(",")[-1].strip()[:64] or peer
+        return peer
+
+    def own_origin(self) -> str:
+        base = self.relay.public_url or f"{bottle.request.urlparts.scheme}://{bottle.request.urlparts.netloc}"
+        parts = urllib.parse.urlsplit(base)
+        return f"{parts.scheme}://{parts.netloc}".lower()
+
+    def same_site(self) -> bool:
+        """Not sent by another site: its Origin, when it names one, is ours, and the browser does not
+        call it cross-site. `Origin: null` (sent under no-referrer) is left to the form's token."""
+        environ = bottle.request.environ
+        if environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "cross-site":
+            return False
+        origin = environ.get("HTTP_ORIGIN", "").strip().lower()
+        return not origin or origin == "null" or origin == self.own_origin()
+
+    def session(self) -> tuple[str, dict] | None:
+        """The signed-in session's key and record, its last use written now and then."""
+        token = bottle.request.get_cookie(SESSION_COOKIE)
+        if not token or len(token) > 128:
+            return None
+        key, now = f"session:{digest(token)}", self.relay.clock()
+        record = self.store.console_record(key, now)
+        if record is None:
+            return None
+        if now - record["used"] > SESSION_TOUCH:
+            record["used"] = now
+            self.store.keep_console_record(key, record, now + SESSION_IDLE)
+        return key, record
+
+    def start_session(self, phone: str, name: str) -> None:
+        token, now = secrets.token_urlsafe(32), self.relay.clock()
+        record = {"phone": phone, "name": name, "csrf": secrets.token_urlsafe(24), "used": now}
+        self.store.keep_console_record(f"session:{digest(token)}", record, now + SESSION_IDLE)
+        secure = (self.relay.public_url or "").startswith("https://")
+        bottle.response.set_cookie(
+            SESSION_COOKIE, token, path="/", httponly=True, samesite="lax", secure=secure, max_age=int(SESSION_IDLE)
+        )
+        log("info", "console_signed_in", contact=name)
+
+    def page(self, view: str, status: int = 200, **values) -> str:
+        bottle.response.status = status
+        return bottle.template(view, template_lookup=[str(VIEWS)], shown=local_time, **values)
+
+    def signed_in_page(self, view: str, session: dict, **values) -> str:
+        return self.page(view, me=session["name"], csrf=session["csrf"], **values)
+
+    # -- sign-in ---------------------------------------------------------------
+
+    def ask_code(self, typed: str) -> str:
+        """Text a code to a crew phone; any other phone gets the same page and no text."""
+        phone, now = typed_phone(typed), self.relay.clock()
+        shown = phone or typed.strip()[:32]
+        with self.store.transaction():  # every request counts, whoever's phone it names
+            allowed = self.store.take(f"signin phone {phone or shown}", CODES_PER_PHONE, now)
+            allowed = self.store.take(f"signin client {self.client()}", CODES_PER_CLIENT, now) and allowed
+        if not allowed:
+            return self.page("signin", 429, phone=shown, asked=False, said="Too many codes asked for; try again later.")
+        if (found := crew_member(self.relay.config, phone)) is not None:
+            line, contact = found
+            code = f"{secrets.randbelow(10**6):06d}"
+            record = {"hash": digest(f"{phone} {code}"), "tries": 0, "expires": now + CODE_VALID}
+            self.store.keep_console_record(f"code:{phone}", record, record["expires"])
+            text = f"{line.name}: your console sign-in code is {code}. It works once, for 10 minutes."
+            self.relay.senders.submit(self.relay._send_direct, line.number, phone, text, True)
+            log("info", "console_code_sent", contact=contact.name, to=phone)
+        said = f"If {shown} is on a line's chain, a 6-digit code is on its way to it."
+        return self.page("signin", phone=shown, asked=True, said=said)
+
+    def check_code(self, typed: str, code: str) -> str | None:
+        """Sign in with a texted code; the page to show again when it is wrong, else None."""
+        phone, now = typed_phone(typed), self.relay.clock()
+        key = f"code:{phone}"
+        record = self.store.console_record(key, now) if phone else None
+        if record is not None and hmac.compare_digest(record["hash"], digest(f"{phone} {code.strip()}")):
+            self.store.keep_console_record(key, None, now)  # once only
+            found = crew_member(self.relay.config, phone)
+            if found:
+                self.start_session(phone, found[1].name)
+                return None
+        elif record is not None:
+            record["tries"] += 1
+            voided = record["tries"] >= CODE_TRIES
+            self.store.keep_console_record(key, None if voided else record, record["expires"])
+        said = "That code is wrong, used or expired. Ask for a new one."
+        return self.page("signin", 403, phone=phone or typed.strip()[:32], asked=True, said=said)
+
+    # -- pages -------------------------------------------------------------------
+
+    def overview(self, session: dict) -> str:
+        relay, now = self.relay, self.relay.clock()
+        convs = self.store.unfinished()
+        lines = []
+        for line in relay.config.lines:
+            duty = first_on_duty(line, relay.roster, now)
+            until = relay.roster.until(duty.rotation, now) if duty.rotation else None
+            zone = relay.roster.rotations[duty.rotation].timezone if duty.rotation else line.timezone
+            mine = [c for c in convs if c.line == line.name]
+            lines.append({"line": line, "duty": duty, "until": until, "zone": zone, "convs": mine})
+        last = self.store.last_catch_up()
+        health = {
+            "store": self.store.failure or self.store.described(),
+            "last webhook": local_time(relay.last_webhook, "UTC") if relay.last_webhook else "none since start",
+            "last catch-up": f"{local_time(last[0], 'UTC')}, {'ok' if last[1] else 'failed'}" if last else "none yet",
+            "Twilio errors, last hour": str(sum(1 for t in relay.twilio_errors if t > now - HOUR)),
+            "texts held by caps": str(sum(len(held_pages(c)) for c in convs)),
+        }
+        return self.signed_in_page("overview", session, lines=lines, health=health, now=now, contact_at=contact_at)
+
+    def find(self, conv_id: str) -> Conversation | None:
+        with self.store.transaction(reading=True):
+            conv = self.store.get(conv_id)
+        if conv is None:
+            conv = next((c for c in self.store.history(-math.inf, HISTORY_MOST) if c.id == conv_id), None)
+        return conv
+
+    def conversation(self, session: dict, conv_id: str, said: str = "") -> str:
+        conv = self.find(conv_id)
+        if conv is None:
+            raise bottle.HTTPError(404, "no such conversation")
+        return self.signed_in_page(
+            "conversation", session, conv=conv, entries=timeline(conv), said=said, step_name=step_name
+        )
+
+    def act(self, session: dict, conv_id: str, action: str, text: str) -> str:
+        conv = self.find(conv_id)
+        line = self.relay.config.line_for(conv.number) if conv else None
+        contact = line.contact(session["phone"]) if line else None
+        if contact is None:
+            raise bottle.HTTPError(403, "you are no contact of this conversation's line")
+        try:
+            said = self.relay.console_act(conv_id, contact, action, text)
+        except BadRequest:
+            said = "it is no longer open; nothing changed"
+        return self.conversation(session, conv_id, said)
+
+    def history_rows(self, query: str) -> tuple[list[Conversation], list[dict], list[dict]]:
+        now = self.relay.clock()
+        convs = self.store.history(now - HISTORY_DAYS * 86400, HISTORY_MOST)
+        figures = ack_figures(convs, now)
+        words = query.strip().lower()
+        if words:
+            convs = [c for c in convs if words in c.sender or any(words in m["body"].lower() for m in c.messages)]
+        failed = [
+            {"conv": c, "page": p}
+            for c in convs
+            for p in c.pages
+            if p.state in FAILED_PAGE_STATES and p.kind in STEP_KINDS
+        ]
+        return convs, figures, failed
+
+    def history(self, session: dict, query: str, page: int) -> str:
+        convs, figures, failed = self.history_rows(query)
+        pages = max(1, math.ceil(len(convs) / HISTORY_PAGE))
+        page = min(max(page, 1), pages)
+        shown = convs[(page - 1) * HISTORY_PAGE : page * HISTORY_PAGE]
+        return self.signed_in_page(
+            "history",
+            session,
+            convs=shown,
+            figures=figures,
+            failed=failed[:HISTORY_PAGE],
+            query=query,
+            page=page,
+            pages=pages,
+            tta=time_to_acknowledge,
+            say=lambda s: "-" if s is None else say_duration(round(s)),
+        )
+
+    def history_csv(self, query: str) -> str:
+        convs, _, _ = self.history_rows(query)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(
+            ["arrived_utc", "line", "code", "sender", "status", "taken_by", "time_to_acknowledge_s", "text"]
+        )
+        for c in convs:
+            tta = time_to_acknowledge(c)
+            writer.writerow(
+                [
+                    local_time(c.created, "UTC"),
+                    c.line,
+                    c.code,
+                    c.sender,
+                    c.status,
+                    c.acknowledged_by or "",
+                    "" if tta is None else round(tta),
+                    csv_safe(c.messages[0]["body"]),
+                ]
+            )
+        bottle.response.content_type = "text/csv; charset=utf-8"
+        bottle.response.set_header("Content-Disposition", 'attachment; filename="relay-history.csv"')
+        return out.getvalue()
+
+    def schedule(self, session: dict, said: str = "") -> str:
+        relay, now = self.relay, self.relay.clock()
+        rotations = [
+            {"rotation": r, "shifts": shifts_ahead(relay.roster, r, now, SCHEDULE_DAYS)} for r in relay.config.rotations
+        ]
+        overrides = sorted(relay.roster.overrides, key=lambda o: o.start)
+        return self.signed_in_page("schedule", session, rotations=rotations, overrides=overrides, said=said)
+
+    def add_override(self, session: dict, form: dict[str, str]) -> str:
+        relay, now = self.relay, self.relay.clock()
+        rotation = relay.config.rotation(form.get("rotation", ""))
+        member = next((m for m in rotation.members if m.phone == form.get("member")), None) if rotation else None
+        if rotation is None or member is None:
+            return self.schedule(session, "Choose a rotation and one of its members.")
+        try:
+            start = parse_when(form["start"], rotation.timezone, flag="from") if form.get("start") else now
+            end = parse_when(form.get("end", ""), rotation.timezone, flag="until")
+        except ConfigError as e:
+            return self.schedule(session, str(e))
+        if end <= max(start, now):
+            return self.schedule(session, "The end must be after the start and after now.")
+        replaces = relay.roster.on_shift(rotation.name, start)
+        override = Override(
+            secrets.token_hex(3), rotation.name, member.name, member.phone, start, end, replaces.name, now
+        )
+        self.store.add_override(override)
+        relay.refresh_roster()
+        log(
+            "info", "console_action", contact=session["name"], action="override", id=override.id, rotation=rotation.name
+        )
+        return self.schedule(
+            session, f"{member.name} is on call for {rotation.name} until {local_time(end, rotation.timezone)}."
+        )
+
+    def delete_override(self, session: dict, override_id: str) -> str:
+        gone = self.store.delete_override(override_id, self.relay.clock())
+        self.relay.refresh_roster()
+        if gone:
+            log("info", "console_action", contact=session["name"], action="override", id=gone.id, deleted=True)
+        return self.schedule(session, f"Override {override_id} deleted." if gone else "No such override now.")
+
+    # -- routes ------------------------------------------------------------------
+
+    def routes(self, app: bottle.Bottle) -> None:
+        def console(handler):
+            """A console route: its headers, and a page saying so when the store cannot answer."""
+
+            @functools.wraps(handler)
+            def route(*args, **kwargs):
+                for name, value in CONSOLE_HEADERS.items():
+                    bottle.response.set_header(name, value)
+                if bottle.request.method == "POST" and not self.same_site():
+                    return self.page("message", 403, said="This form came from another site; nothing changed.")
+                try:
+                    return handler(*args, **kwargs)
+                except StoreFailure as e:
+                    return self.page("message", 503, said=f"The relay cannot read its state now: {e}")
+
+            return route
+
+        def signed_in(handler):
+            """A route for a signed-in contact; a POST must carry the session's own form token."""
+
+            @functools.wraps(handler)
+            def route(*args, **kwargs):
+                found = self.session()
+                if found is None:
+                    if bottle.request.method == "POST":
+                        return self.page("message", 403, said="Your session has ended; sign in again.")
+                    return self.page("signin", phone="", asked=False, said="")
+                key, session = found
+                form = self.form() if bottle.request.method == "POST" else {}
+                if form and not hmac.compare_digest(form.get("csrf", ""), session["csrf"]):
+                    return self.page("message", 403, said="This form is stale or not yours; nothing changed.")
+                if bottle.request.method == "POST" and not form:
+                    return self.page("message", 403, said="This form is stale or not yours; nothing changed.")
+                return handler(session, form, *args, **kwargs)
+
+            return route
+
+        @app.get("/")
+        @console
+        @signed_in
+        def overview(session, form):
+            return self.overview(session)
+
+        @app.get("/console.css")
+        def stylesheet():
+            return bottle.static_file("console.css", root=str(VIEWS), mimetype="text/css")
+
+        @app.post("/signin")
+        @console
+        def signin():
+            form = self.form()
+            if "code" in form:
+                return self.check_code(form.get("phone", ""), form["code"]) or bottle.redirect("/", 303)
+            return self.ask_code(form.get("phone", ""))
+
+        @app.get("/signin/link")
+        @console
+        def signin_link():
+            token, now = bottle.request.query.get("t", ""), self.relay.clock()
+            key = f"link:{digest(token)}"
+            record = self.store.console_record(key, now) if token else None
+            if record is None:
+                return self.page("message", 403, said="This sign-in link is used or expired; ask for a new one.")
+            self.store.keep_console_record(key, None, now)
+            found = crew_member(self.relay.config, record["phone"])
+            if found is None:
+                return self.page("message", 403, said="That phone is no longer on any line.")
+            self.start_session(record["phone"], found[1].name)
+            bottle.redirect("/", 303)
+
+        @app.post("/signout")
+        @console
+        @signed_in
+        def signout(session, form):
+            self.store.keep_console_record(self.session()[0], None, self.relay.clock())
+            bottle.response.delete_cookie(SESSION_COOKIE, path="/")
+            log("info", "console_signed_out", contact=session["name"])
+            bottle.redirect("/", 303)
+
+        @app.get("/c/<conv_id>")
+        @console
+        @signed_in
+        def conversation(session, form, conv_id):
+            return self.conversation(session, conv_id)
+
+        @app.post("/c/<conv_id>/<action:re:take|pass|close|reply>")
+        @console
+        @signed_in
+        def act(session, form, conv_id, action):
+            return self.act(session, conv_id, action, form.get("text", "")[:MAX_SMS_CHARS])
+
+        @app.get("/history")
+        @console
+        @signed_in
+        def history(session, form):
+            page = bottle.request.query.get("page", "1")
+            return self.history(
+                session, bottle.request.query.getunicode("q", "") or "", int(page) if page.isdigit() else 1
+            )
+
+        @app.get("/history.csv")
+        @console
+        @signed_in
+        def history_csv(session, form):
+            return self.history_csv(bottle.request.query.getunicode("q", "") or "")
+
+        @app.get("/schedule")
+        @console
+        @signed_in
+        def schedule(session, form):
+            return self.schedule(session)
+
+        @app.post("/schedule/override")
+        @console
+        @signed_in
+        def add_override(session, form):
+            return self.add_override(session, form)
+
+        @app.post("/schedule/override/<override_id>/delete")
+        @console
+        @signed_in
+        def delete_override(session, form, override_id):
+            return self.delete_override(session, override_id)
+
+
+def ipaddress_private(address: str) -> bool:
+    return ipaddress.ip_address(address).is_private
+
+
+def csv_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text: one starting like a formula gets a leading quote."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def login_link(store: Store | ConsoleFile, public_url: str, phone: str, now: float) -> str:
+    """A one-time sign-in URL for the phone, valid CODE_VALID."""
+    token = secrets.token_urlsafe(32)
+    store.keep_console_record(f"link:{digest(token)}", {"phone": phone}, now + CODE_VALID)
+    return f"{public_url}/signin/link?t={token}"
 
 
 # ---------------------------------------------------------------------------
@@ -5178,6 +5880,13 @@ def describe(settings: Settings, config: Config) -> list[str]:
             f"catch-up: every {say_duration(config.catch_up)}, Twilio is asked for texts the webhook missed "
             f"(the first pass looks back {say_duration(config.catch_up_window)})"
         )
+    if not config.console:
+        out.append("console: off (console = false)")
+    elif not (VIEWS / "layout.tpl").exists():
+        out.append(f"WARNING: console: its pages are missing ({VIEWS}); deploy the views/ folder beside relay.py")
+    else:
+        where = f"{public_url}/" if public_url else "at / on this relay"
+        out.append(f"console: {where} (sign-in by a code texted to a contact's phone; login-link for a URL)")
     return out
 
 
@@ -5211,6 +5920,9 @@ def create_server(app, host: str, port: int):
         cleanup_interval=CLEANUP_EVERY,
         asyncore_use_poll=True,
         backlog=1024,
+        # X-Forwarded-For is passed on as sent: the console reads it only from a peer on a private
+        # network, where a platform's router is (Console.client); nothing else reads it.
+        clear_untrusted_proxy_headers=False,
     )
 
 
@@ -5804,6 +6516,22 @@ def cmd_override(args) -> int:
     return 0
 
 
+def cmd_login_link(args) -> int:
+    settings, config = prepare(dry_run=True)
+    phone = typed_phone(args.phone)
+    found = crew_member(config, phone)
+    if found is None:
+        raise ConfigError(f"login-link: {args.phone!r} is no contact or rotation member of any line")
+    if settings.database_url:
+        store = reachable_database(settings.database_url)
+    else:
+        store = ConsoleFile(settings.state_dir / CONSOLE_FILE, time.time)
+    public_url = settings.public_url_for(config) or f"http://127.0.0.1:{settings.port}"
+    print(login_link(store, public_url, phone, time.time()))
+    print(f"for {found[1].name}; it works once, for {say_duration(int(CODE_VALID))}", file=sys.stderr)
+    return 0
+
+
 def cmd_status(args) -> int:
     load_dotenv_file()
     settings = Settings.from_env(dict(os.environ))
@@ -5932,6 +6660,8 @@ def main(argv: list[str] | None = None) -> int:
     override.add_argument("--until", metavar="TIME", help="end, written like --from")
     override.add_argument("--list", action="store_true", help="list the overrides now or to come, each ID first")
     override.add_argument("--delete", metavar="ID", help="delete the override with this ID")
+    link = commands.add_parser("login-link", help="print a one-time console sign-in URL for a contact")
+    link.add_argument("phone", metavar="PHONE", help="the contact's or rotation member's phone, E.164")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *(argv if argv is not None else sys.argv[1:])])
@@ -5944,6 +6674,7 @@ def main(argv: list[str] | None = None) -> int:
         "import-state": cmd_import_state,
         "oncall": cmd_oncall,
         "override": cmd_override,
+        "login-link": cmd_login_link,
     }
     handler = {**commands_by_name, "status": cmd_status}[args.command]
     try:

@@ -181,7 +181,7 @@ class RecordingGateway:
         self.sent = []
         self.media = []
 
-    def send(self, from_, to, body, status_callback, media=()):
+    def send(self, from_, to, body, status_callback, media=(), secret=False):
         self.sent.append((from_, to, body))
         self.media.append(list(media))
         return f"SM{len(self.sent):032d}"

@@ -223,7 +223,7 @@ class CallsHangUntilReleased:
     def __init__(self):
         self.texts, self.calls, self.released = [], [], threading.Event()
 
-    def send(self, from_, to, body, status_callback, media=()):
+    def send(self, from_, to, body, status_callback, media=(), secret=False):
         self.texts.append(to)
         return "SM" + "1" * 32
 

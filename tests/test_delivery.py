@@ -189,7 +189,7 @@ class BusyThenFine:
     def __init__(self):
         self.tries = 0
 
-    def send(self, from_, to, body, status_callback, media=()):
+    def send(self, from_, to, body, status_callback, media=(), secret=False):
         self.tries += 1
         if self.tries <= 2:
             raise relay_module.SendError("twilio 503", permanent=False, retry_after=3.0)

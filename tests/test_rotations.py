@@ -150,6 +150,15 @@ def test_a_handoff_between_two_steps_pages_the_new_member_and_keeps_whom_the_ear
     assert relay.contact_at(conv, 0).name == "Sergio" and relay.contact_at(conv, 2).name == "Ana"
 
 
+def test_the_member_a_rotation_step_paged_can_pass_it_on_and_no_other_member_can():
+    line, t0 = rotation_line(), la("2026-12-07 09:00:00")
+    roster = relay.Roster(line.rotations)
+    conv = relay.start_conversation(line, relay.Config(lines=(line,)), msid(1), CUSTOMER, "hi", "1", t0, roster=roster)
+    assert relay.pass_on(conv, line.contact(ANA), t0 + 1, roster) is None
+    assert relay.pass_on(conv, line.contact(SERGIO), t0 + 1, roster) == "escalated"
+    assert conv.pages[-1].to == BACKUP
+
+
 def test_a_chain_that_runs_out_tells_whoever_is_on_shift_when_no_alarm_phone_is_set():
     line, t0 = rotation_line(), la("2026-12-07 09:00:00")
     roster = relay.Roster(line.rotations)
@@ -362,16 +371,17 @@ def test_oncall_names_each_rotations_holder_first_then_the_next_handoffs_in_its_
 
 @pytest.mark.both_stores
 def test_each_shift_gets_exactly_one_reminder_across_a_kill_and_restart(start_relay, fake_twilio):
-    # Six-second shifts, each reminded five seconds before it starts: a relay killed just after a
-    # reminder and started again before that shift begins must not send it again.
-    service = start_relay(rotation_config(local_now(-1), "6s", remind_before="5s", wait="1h"))
+    # Four-second shifts, each reminded eight seconds before it starts, the first starting in twelve:
+    # a relay killed just after a reminder and started again before that shift begins must not
+    # send it again.
+    service = start_relay(rotation_config(local_now(12), "4s", remind_before="8s", wait="1h"))
     wait_until(lambda: reminders(fake_twilio), timeout=12)
     service.kill()
     service.start()
     assert time.time() < shift_starts(fake_twilio)[0]  # back while that reminder was still due
-    wait_until(lambda: len(reminders(fake_twilio)) >= 2, timeout=15)
+    wait_until(lambda: len(reminders(fake_twilio)) >= 2, timeout=10)
     starts = shift_starts(fake_twilio)
-    assert starts[1] - starts[0] == 6, starts  # the next shift's, and none twice
+    assert starts[1] - starts[0] == 4, starts  # the next shift's, and none twice
 
 
 def shift_starts(fake) -> list[float]:

@@ -305,6 +305,7 @@ def test_a_text_that_comes_during_a_fold_waits_for_it_and_is_answered_200(servic
 
 MALFORMED_EXAMPLES = 2500
 PATHS = ["/api/sms/inbound", "/api/sms/status", "/api/sms/status?c=SM1&p=0", "/healthz", "/metrics", "/", "/x/../api"]
+PATHS += ["/signin", "/signout", "/c/SM1/take", "/schedule/override", "/history?q=%FF%FE", "/signin/link?t=x"]
 CONTENT_TYPES = [FORM, f"{FORM}; charset=utf-8", "application/json", "text/plain", "multipart/form-data", "", "\x00"]
 FIELDS = ["MessageSid", "From", "To", "Body", "NumMedia", "AccountSid", "MessageStatus"]
 field_values = st.one_of(

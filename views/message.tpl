@@ -1,0 +1,3 @@
+% rebase('layout', title='relay')
+<p class="said">{{said}}</p>
+<p><a href="/">Back</a></p>
