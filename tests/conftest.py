@@ -118,7 +118,7 @@ def logged_events(capsys, name: str) -> list[dict]:
 _real_monotonic = time.monotonic  # taken before any test freezes time, so waits run out under freezegun too
 
 
-def wait_until(predicate, timeout=10.0, interval=0.02):
+def wait_until(predicate, timeout=10.0, interval=0.05):
     """Poll until predicate() is truthy; returns its value, or fails the test at the timeout."""
     deadline = _real_monotonic() + timeout
     while _real_monotonic() < deadline:
@@ -663,7 +663,8 @@ def store_kind() -> str:
 
 def pytest_generate_tests(metafunc):
     marked = metafunc.definition.get_closest_marker
-    if marked("both_stores") and not marked("json_only") and "store_kind" in metafunc.fixturenames:
+    chosen = any("store_kind" in str(m.args[0]) for m in metafunc.definition.iter_markers("parametrize"))
+    if marked("both_stores") and not marked("json_only") and not chosen and "store_kind" in metafunc.fixturenames:
         metafunc.parametrize("store_kind", ["json", "postgresql"])
 
 

@@ -83,6 +83,7 @@ def test_photos_of_a_caught_up_text_are_passed_on_as_the_webhook_would_give_them
     assert media[0].startswith(base) and "[2 photos]" in page["Body"]
 
 
+@pytest.mark.json_only  # the pass's reading window is the relay's own: no store keeps it differently
 def test_list_faults_are_logged_and_survived(start_relay, fake_twilio):
     fake_twilio.list_faults.extend([(500, 20500), (429, 20429), (401, 20003)])
     fake_twilio.receive(CUSTOMER, LINE, "still there?")
@@ -134,6 +135,7 @@ def test_nothing_older_than_the_window_is_caught_up(start_relay, fake_twilio):
     assert 3600 <= looked_back < 3600 + 60
 
 
+@pytest.mark.json_only  # the pass's reading window is the relay's own: no store keeps it differently
 def test_each_pass_reads_back_only_a_little_before_the_previous_began(start_relay, fake_twilio):
     start_relay(config_text(extra_relay=EVERY_SECOND))
     wait_until(lambda: len(fake_twilio.list_requests) >= 2)
@@ -188,6 +190,7 @@ def test_check_live_says_whether_the_credentials_may_list_texts(tmp_path, fake_t
     assert "may list received texts" in out
 
 
+@pytest.mark.json_only  # the pass's reading window is the relay's own: no store keeps it differently
 def test_catch_up_never_reads_past_its_window_even_after_list_calls_failed_for_longer(start_relay, fake_twilio):
     fake_twilio.list_faults.extend([(500, 20500)] * 4)  # four passes, a second apart: twice the window
     start_relay(config_text(extra_relay=f'{EVERY_SECOND}\ncatch_up_window = "2s"'))
@@ -197,6 +200,7 @@ def test_catch_up_never_reads_past_its_window_even_after_list_calls_failed_for_l
     assert time.time() - since <= 2 + 1.5
 
 
+@pytest.mark.json_only  # the pass's reading window is the relay's own: no store keeps it differently
 def test_a_live_edit_to_catch_up_0_stops_catch_up(start_relay, fake_twilio):
     relay = start_relay(config_text(extra_relay=EVERY_SECOND))
     wait_until(lambda: len(fake_twilio.list_requests) >= 2)
@@ -208,6 +212,7 @@ def test_a_live_edit_to_catch_up_0_stops_catch_up(start_relay, fake_twilio):
     assert len(fake_twilio.list_requests) == asked
 
 
+@pytest.mark.json_only  # the pass's reading window is the relay's own: no store keeps it differently
 def test_after_a_failed_list_call_the_next_pass_reads_back_as_far_as_the_failed_one_would_have(
     start_relay, fake_twilio
 ):
