@@ -3,9 +3,11 @@
 import http.client
 import re
 import urllib.parse
+import wsgiref.util
 
 import pytest
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, make_relay, wait_until
+from freezegun import freeze_time
 
 import relay
 
@@ -319,3 +321,47 @@ def test_the_sign_in_form_posts_only_to_this_relay(start_relay, fake_twilio):
     service = start_relay(config_text())
     assert relay.CONSOLE_HEADERS["Content-Security-Policy"].count("form-action 'self'") == 1
     assert Browser(service).post("/signin", {"phone": SERGIO}, Origin="https://evil.example")[0] == 403
+
+
+# -- time: sessions and codes expire (in-process, with freezegun) ------------------
+
+
+def wsgi_get(app, path: str, cookie: str | None = None) -> tuple[int, str, dict]:
+    target = urllib.parse.urlsplit(path)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": target.path, "QUERY_STRING": target.query}
+    if cookie:
+        environ["HTTP_COOKIE"] = cookie
+    wsgiref.util.setup_testing_defaults(environ)
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"], answer["headers"] = int(status.split()[0]), dict(headers)
+
+    text = b"".join(app(environ, start_response)).decode()
+    return answer["status"], text, answer["headers"]
+
+
+@pytest.mark.json_only  # the expiry is the console's; both stores keep the record's end
+def test_a_session_ends_after_12_hours_unused_and_use_keeps_it(tmp_path):
+    with freeze_time("2026-12-07 12:00:00") as clock:
+        service = make_relay(tmp_path / "state")
+        app = relay.make_app(service)
+        url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
+        status, _, headers = wsgi_get(app, f"{url.path}?{url.query}")
+        cookie = headers["Set-Cookie"].split(";")[0]
+        clock.tick(11 * 3600)
+        assert "Sign out" in wsgi_get(app, "/", cookie)[1]  # used: 12 hours from now again
+        clock.tick(11 * 3600)
+        assert "Sign out" in wsgi_get(app, "/", cookie)[1]
+        clock.tick(12 * 3600 + 1)
+        assert 'name="phone"' in wsgi_get(app, "/", cookie)[1]
+
+
+@pytest.mark.json_only
+def test_a_login_link_expires_after_10_minutes(tmp_path):
+    with freeze_time("2026-12-07 12:00:00") as clock:
+        service = make_relay(tmp_path / "state")
+        app = relay.make_app(service)
+        url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
+        clock.tick(601)
+        assert wsgi_get(app, f"{url.path}?{url.query}")[0] == 403

@@ -423,3 +423,23 @@ def test_a_take_on_one_relay_moves_the_pages_of_another_on_the_same_database(sta
     wait_until(lambda: two.events("overrides_changed"), timeout=3)
     two.inbound(CUSTOMER, "to the second relay")
     wait_until(lambda: any("to the second relay" in m["Body"] for m in fake_twilio.delivered(ANA)))
+
+
+def test_times_on_the_command_line_are_local_to_the_rotation_or_carry_their_offset():
+    assert relay.parse_when("2026-12-07 08:00", "America/Los_Angeles", flag="--at") == la("2026-12-07 08:00")
+    assert relay.parse_when("2026-12-07 08:00:30", "America/Los_Angeles", flag="--at") == la("2026-12-07 08:00:30")
+    assert relay.parse_when("2026-12-07T16:00+00:00", "America/Los_Angeles", flag="--at") == la("2026-12-07 08:00")
+
+
+def test_check_says_who_is_on_call_now_and_until_when(tmp_path):
+    (tmp_path / "config.toml").write_text(rotation_config(local_now(-600), "1h"))
+    done = subprocess.run(
+        [relay.sys.executable, str(relay.Path(relay.__file__)), "check", "--dry-run"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "RELAY_STATE_DIR": str(tmp_path / "state")},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^rotation deck: Sergio \+16195550111 is on call now until .* P[SD]T$", done.stdout, re.M)
