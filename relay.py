@@ -5160,6 +5160,7 @@ CODE_TRIES = 5
 HISTORY_DAYS = 30
 HISTORY_MOST = 10_000  # conversations a history page reads at most
 HISTORY_PAGE = 50
+TAKEN_SHOWN = 24 * 3600.0  # the overview lists what was taken this long ago, with who took it
 SCHEDULE_DAYS = 14
 CONSOLE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -5372,13 +5373,15 @@ class Console:
     def overview(self, session: dict) -> str:
         relay, now = self.relay, self.relay.clock()
         convs = self.store.unfinished()
+        taken = [c for c in self.store.history(now - TAKEN_SHOWN, HISTORY_PAGE) if c.status == "acknowledged"]
         lines = []
         for line in relay.config.lines:
             duty = first_on_duty(line, relay.roster, now)
             until = relay.roster.until(duty.rotation, now) if duty.rotation else None
             zone = relay.roster.rotations[duty.rotation].timezone if duty.rotation else line.timezone
             mine = [c for c in convs if c.line == line.name]
-            lines.append({"line": line, "duty": duty, "until": until, "zone": zone, "convs": mine})
+            recent = [c for c in taken if c.line == line.name]
+            lines.append({"line": line, "duty": duty, "until": until, "zone": zone, "convs": mine, "taken": recent})
         last = self.store.last_catch_up()
         health = {
             "store": self.store.failure or self.store.described(),

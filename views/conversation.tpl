@@ -3,14 +3,9 @@
 % if said:
 <p class="said">{{said}}</p>
 % end
-<p>{{conv.status}}
-% if conv.acknowledged_by:
-, taken by {{conv.acknowledged_by}}
-% end
-% if conv.is_open:
-; step {{conv.step + 1}}, next step due {{shown(conv.deadline, conv.timezone)}}
-% end
-</p>
+% taken = f", taken by {conv.acknowledged_by}" if conv.acknowledged_by else ""
+% due = f"; step {conv.step + 1}, next step due {shown(conv.deadline, conv.timezone)}" if conv.is_open else ""
+<p>{{conv.status}}{{taken}}{{due}}</p>
 % if conv.is_takeable:
 <div class="actions">
   % for action, label in (('take', 'Take'), ('pass', 'Pass'), ('close', 'Close')):

@@ -27,6 +27,15 @@
     </li>
   % end
   </ul>
+  % if entry['taken']:
+  <h2>Taken in the last day</h2>
+  <ul class="convs">
+  % for c in entry['taken']:
+    <li><a href="/c/{{c.id}}">#{{c.code}}</a> {{c.sender}}: {{c.messages[0]['body'][:80]}}
+      <br><small>taken by {{c.acknowledged_by}} at {{shown(c.finished_at, c.timezone)}}</small></li>
+  % end
+  </ul>
+  % end
 </section>
 % end
 <section>
