@@ -9,8 +9,10 @@ replying to the page; that stops the escalation.
 
 The file reads top to bottom:
 
-    settings and config -> logs and metrics -> state store -> Twilio gateway
-    -> escalation rules -> the relay service -> web routes -> sweeper -> CLI
+    settings and config -> schedules (who is on shift) -> logs and metrics
+    -> state store -> Twilio gateway -> escalation rules -> the relay service
+    -> web routes -> console (the crew's web page) -> sweeper -> catch-up
+    -> heartbeat -> CLI
 
 The escalation rules are pure: a conversation and ``now`` go in, the changed
 conversation (with the texts it wants sent, as pending pages) comes out. All
@@ -1965,7 +1967,11 @@ class JsonStore(Store):
     def history(self, since: float, most: int) -> list[Conversation]:
         with self.lock:
             found = {c.id: c for c in self.conversations.values() if not c.is_open and c.status != HELD_STATUS}
-        for path in sorted(self.dir.glob("archive-*.jsonl")):
+        # Newest day first, whole days, until `most` are found: a long retention's archives are not
+        # all read into memory for one page of history.
+        for path in sorted(self.dir.glob("archive-*.jsonl"), reverse=True):
+            if len(found) >= most:
+                break
             with contextlib.suppress(OSError):
                 for record in json_lines(path):
                     if record and "conversation" in record and record["conversation"]["created"] >= since:
@@ -5158,7 +5164,7 @@ CODES_PER_PHONE = 3  # an hour
 CODES_PER_CLIENT = 10  # an hour
 CODE_TRIES = 5
 HISTORY_DAYS = 30
-HISTORY_MOST = 10_000  # conversations a history page reads at most
+HISTORY_MOST = 10_000  # conversations a history page reads at most (the newest), searches and figures included
 HISTORY_PAGE = 50
 TAKEN_SHOWN = 24 * 3600.0  # the overview lists what was taken this long ago, with who took it
 SCHEDULE_DAYS = 14
@@ -6658,9 +6664,9 @@ def main(argv: list[str] | None = None) -> int:
         "--from",
         dest="from_",
         metavar="TIME",
-        help='start (default now): "YYYY-MM-DD HH:MM[:SS]" in the rotation\'s zone',
+        help='start (default now): "YYYY-MM-DD HH:MM[:SS]" in the rotation\'s time zone, or ISO 8601 with an offset',
     )
-    override.add_argument("--until", metavar="TIME", help="end, written like --from")
+    override.add_argument("--until", metavar="TIME", help="end, written as --from is (needed to add one)")
     override.add_argument("--list", action="store_true", help="list the overrides now or to come, each ID first")
     override.add_argument("--delete", metavar="ID", help="delete the override with this ID")
     link = commands.add_parser("login-link", help="print a one-time console sign-in URL for a contact")

@@ -63,6 +63,18 @@ def local_now(offset: float = 0.0) -> str:
     return datetime.datetime.fromtimestamp(time.time() + offset, LA).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def relay_command(workdir, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`relay.py ARGS` run in `workdir` (its config.toml, its state), as an operator runs it."""
+    return subprocess.run(
+        [relay.sys.executable, str(relay.Path(relay.__file__)), *args],
+        cwd=workdir,
+        env={"PATH": "/usr/bin:/bin", "RELAY_STATE_DIR": str(workdir / "state"), **env},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
 # -- who is on shift ------------------------------------------------------------
 
 
@@ -339,27 +351,13 @@ def test_override_delete_ends_it_and_an_unknown_id_is_refused_in_one_line(start_
 )
 def test_a_doubtful_override_is_refused_in_one_line(tmp_path, args, said):
     (tmp_path / "config.toml").write_text(rotation_config("2026-12-07 08:00", "7d"))
-    done = subprocess.run(
-        [relay.sys.executable, str(relay.Path(relay.__file__)), "override", *args],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "RELAY_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = relay_command(tmp_path, "override", *args)
     assert done.returncode == 1 and said in done.stderr and done.stderr.count("\n") == 1
 
 
 def test_oncall_names_each_rotations_holder_first_then_the_next_handoffs_in_its_time_zone(tmp_path):
     (tmp_path / "config.toml").write_text(rotation_config("2026-12-07 08:00", "7d"))
-    done = subprocess.run(
-        [relay.sys.executable, str(relay.Path(relay.__file__)), "oncall", "--at", "2026-12-15 12:00"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "RELAY_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = relay_command(tmp_path, "oncall", "--at", "2026-12-15 12:00")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[:3] == [
         "rotation deck: Ana +16195550122 is on call now until 2026-12-21 08:00:00 PST",
@@ -396,17 +394,9 @@ def test_import_state_brings_the_overrides_once(tmp_path, database_url):
     (tmp_path / "config.toml").write_text(rotation_config("2026-12-07 08:00", "7d"))
     files = relay.ScheduleFile(tmp_path / "files" / relay.SCHEDULE_FILE)
     files.add_override(override("Ana", ANA, time.time(), time.time() + 3600, made=time.time(), oid="abc123"))
-    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, "RELAY_STATE_DIR": str(tmp_path / "state")}
 
     def run(*args: str) -> str:
-        done = subprocess.run(
-            [relay.sys.executable, str(relay.Path(relay.__file__)), *args],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        done = relay_command(tmp_path, *args, DATABASE_URL=database_url)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -433,13 +423,6 @@ def test_times_on_the_command_line_are_local_to_the_rotation_or_carry_their_offs
 
 def test_check_says_who_is_on_call_now_and_until_when(tmp_path):
     (tmp_path / "config.toml").write_text(rotation_config(local_now(-600), "1h"))
-    done = subprocess.run(
-        [relay.sys.executable, str(relay.Path(relay.__file__)), "check", "--dry-run"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "RELAY_STATE_DIR": str(tmp_path / "state")},
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    done = relay_command(tmp_path, "check", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert re.search(r"^rotation deck: Sergio \+16195550111 is on call now until .* P[SD]T$", done.stdout, re.M)
