@@ -5285,7 +5285,7 @@ class Console:
         peer = bottle.request.environ.get("REMOTE_ADDR", "")
         forwarded = bottle.request.environ.get("HTTP_X_FORWARDED_FOR", "")
         with contextlib.suppress(ValueError):
-            if forwarded and ipaddress_private(peer):
+            if forwarded and ipaddress.ip_address(peer).is_private:
                 return forwarded.split(",")[-1].strip()[:64] or peer
         return peer
 
@@ -5649,10 +5649,6 @@ class Console:
         @signed_in
         def delete_override(session, form, override_id):
             return self.delete_override(session, override_id)
-
-
-def ipaddress_private(address: str) -> bool:
-    return ipaddress.ip_address(address).is_private
 
 
 def csv_safe(text: str) -> str:
