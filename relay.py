@@ -610,6 +610,12 @@ class Override:
         return self.start <= t < self.end
 
 
+def new_override(roster: Roster, rotation: Rotation, member: Member, start: float, end: float, now: float) -> Override:
+    """An override putting `member` on call from `start` to `end`, naming whom it replaces then."""
+    replaces = roster.on_shift(rotation.name, start)
+    return Override(secrets.token_hex(3), rotation.name, *member, start, end, replaces.name, now)
+
+
 def local_time(ts: float, timezone: str) -> str:
     """A time as an operator reads it: in the line's or rotation's time zone, saying which."""
     return datetime.datetime.fromtimestamp(ts, zoneinfo.ZoneInfo(timezone)).strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -1313,8 +1319,13 @@ def archived_sids(path: Path):
                     log("error", "state_line_unreadable", file=path.name)
 
 
-def override_record(override: Override) -> dict:
-    return dataclasses.asdict(override)
+def file_version(path: Path) -> tuple | None:
+    """What tells a file rewritten or appended to since it was read: its inode, size and mtime."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @contextlib.contextmanager
@@ -1346,17 +1357,15 @@ class ConsoleFile:
         self.records: dict[str, dict] = {}  # key -> {"record", "expires"}
 
     def _load(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
+        version = file_version(self.path)
+        if version is None:
             self.seen, self.records = None, {}
-            return
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != self.seen:
+        elif version != self.seen:
             try:
                 records = json.loads(self.path.read_bytes() or b"{}")
             except ValueError:
                 records = {}  # a damaged file signs everyone out, and nothing else
-            self.seen, self.records = (st.st_ino, st.st_size, st.st_mtime_ns), records
+            self.seen, self.records = version, records
 
     def console_record(self, key: str, now: float) -> dict | None:
         self._load()
@@ -1402,12 +1411,11 @@ class ScheduleFile:
 
     def load(self) -> None:
         """Read the file again if it changed; a torn or garbled line (a crash mid-append) is skipped."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
+        version = file_version(self.path)
+        if version is None:
             self.seen, self.made, self.reminded = None, {}, {}
             return
-        if (st.st_ino, st.st_size, st.st_mtime_ns) == self.seen:
+        if version == self.seen:
             return
         overrides, reminded = {}, {}
         for record in json_lines(self.path):
@@ -1419,7 +1427,7 @@ class ScheduleFile:
                     overrides.pop(record["deleted"], None)
                 elif "reminded" in record:
                     reminded[record["reminded"]] = float(record["at"])
-        self.seen, self.made, self.reminded = (st.st_ino, st.st_size, st.st_mtime_ns), overrides, reminded
+        self.seen, self.made, self.reminded = version, overrides, reminded
 
     def _append(self, fd: int, record: dict) -> None:
         try:
@@ -1431,7 +1439,7 @@ class ScheduleFile:
 
     def add_override(self, override: Override) -> None:
         with self._locked() as fd:
-            self._append(fd, {"override": override_record(override)})
+            self._append(fd, {"override": dataclasses.asdict(override)})
         self.made[override.id] = override
 
     def delete_override(self, override_id: str, now: float) -> Override | None:
@@ -1462,7 +1470,7 @@ class ScheduleFile:
             cutoff = now - retention
             if all(o.end > cutoff for o in self.made.values()) and all(at > cutoff for at in self.reminded.values()):
                 return
-            kept = [{"override": override_record(o)} for o in self.made.values() if o.end > cutoff]
+            kept = [{"override": dataclasses.asdict(o)} for o in self.made.values() if o.end > cutoff]
             kept += [{"reminded": key, "at": at} for key, at in self.reminded.items() if at > cutoff]
             write_atomically(self.path, (json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
             self.seen = None
@@ -3420,12 +3428,16 @@ def on_duty(contact: Contact, timezone: str, now: float) -> bool:
     return start <= minute < end if start < end else minute >= start or minute < end
 
 
+def on_call(step: Contact, roster: Roster | None, now: float) -> Contact:
+    """The step as it would page now: a rotation's step as whoever is on shift (left as it is when
+    nobody is: its rotation has left the config)."""
+    member = roster.on_shift(step.rotation, now) if step.rotation and roster else None
+    return shared_contact(*member, step.wait, step.hours, step.via, step.rotation) if member else step
+
+
 def first_on_duty(line: Line, roster: Roster, now: float) -> Contact:
-    """Whom the line's chain would page first now: its first step on duty (else its last), a
-    rotation's step as whoever is on shift."""
-    step = next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1])
-    member = roster.on_shift(step.rotation, now) if step.rotation else None
-    return Contact(*member, step.wait, step.hours, step.via, step.rotation) if member else step
+    """Whom the line's chain would page first now: its first step on duty (else its last)."""
+    return on_call(next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1]), roster, now)
 
 
 def _begin_step(conv: Conversation, step: int, now: float, roster: Roster | None) -> None:
@@ -3513,11 +3525,7 @@ def escalate(conv: Conversation, now: float, roster: Roster | None = None) -> st
 def alarm_phone(conv: Conversation, now: float, roster: Roster | None) -> str:
     """Who hears of a chain that ran out: the alarm phone, else the chain's first contact (for a
     rotation: whoever is on shift now, else whom its step paged)."""
-    first = conv.chain[0]
-    if conv.alarm_phone or not first.rotation:
-        return conv.alarm_phone or first.phone
-    member = roster.on_shift(first.rotation, now) if roster else None
-    return member.phone if member else next((c.phone for c in people(conv)), "")
+    return conv.alarm_phone or on_call(conv.chain[0], roster, now).phone or next((c.phone for c in people(conv)), "")
 
 
 def alarm_page(conv: Conversation) -> Page | None:
@@ -4341,9 +4349,7 @@ class Relay:
                     + (f", until {local_time(until, tz)}" if until else "")
                 )
                 continue
-            override = Override(
-                os.urandom(3).hex(), rotation.name, contact.name, contact.phone, now, end, holder.name, now
-            )
+            override = new_override(self.roster, rotation, Member(contact.name, contact.phone), now, end, now)
             self.store.add_override(override)
             log(
                 "info",
@@ -5504,10 +5510,7 @@ class Console:
             return self.schedule(session, str(e))
         if end <= max(start, now):
             return self.schedule(session, "The end must be after the start and after now.")
-        replaces = relay.roster.on_shift(rotation.name, start)
-        override = Override(
-            secrets.token_hex(3), rotation.name, member.name, member.phone, start, end, replaces.name, now
-        )
+        override = new_override(relay.roster, rotation, member, start, end, now)
         self.store.add_override(override)
         relay.refresh_roster()
         log(
@@ -6513,9 +6516,7 @@ def cmd_override(args) -> int:
     end = parse_when(args.until, rotation.timezone, flag="--until")
     if end <= max(start, now):
         raise ConfigError("--until: must be after --from and after now")
-    roster = Roster(config.rotations, schedule.overrides(now))
-    replaces = roster.on_shift(rotation.name, start)
-    override = Override(os.urandom(3).hex(), rotation.name, member.name, member.phone, start, end, replaces.name, now)
+    override = new_override(Roster(config.rotations, schedule.overrides(now)), rotation, member, start, end, now)
     schedule.add_override(override)
     print(shown_override(override, rotation))
     return 0
