@@ -7,16 +7,41 @@ acknowledges within that contact's wait, the next contact is paged, and so on
 down the chain (and round it again ``repeat`` times). A contact acknowledges by
 replying to the page; that stops the escalation.
 
-The file reads top to bottom:
+The file reads top to bottom, each section using only those above it:
 
-    settings and config -> schedules (who is on shift) -> logs and metrics
-    -> state store -> Twilio gateway -> escalation rules -> the relay service
-    -> web routes -> console (the crew's web page) -> sweeper -> catch-up
-    -> heartbeat -> CLI
+    settings and config -> schedules -> logs and metrics -> conversations
+    -> store interface -> JSON files -> PostgreSQL -> Twilio gateway
+    -> escalation rules (texts, chains, calls, replies, caps, delivery)
+    -> the relay service (Relay; its Outbox, CostCaps and Sweeper)
+    -> web routes -> console -> sweeper, catch-up and heartbeat -> process -> CLI
 
 The escalation rules are pure: a conversation and ``now`` go in, the changed
 conversation (with the texts it wants sent, as pending pages) comes out. All
 I/O lives around them. Run ``python relay.py --help`` for the commands.
+
+Glossary (one word per idea, in code, logs and docs):
+
+    line          a Twilio number customers text, with its chain
+    contact       a person a line pages: a chain step's, or a rotation's member
+    chain, step   a line's contacts in order; a step is one place in it, counted
+                  over every round (``rounds`` = the config's ``repeat`` + 1)
+    rotation      members taking turns by shift; an override puts one on call
+                  for a while; the roster is the rotations with their overrides
+    conversation  one customer's text and all that followed it
+    page          anything sent for a conversation, a text or a call; its
+                  ``kind`` says what (a step's own text is kind "page")
+    via           how a step pages its contact: "sms", "call" or "sms+call"
+    acknowledge   a contact takes a conversation: its escalation stops
+    two-way       a line with ``reply_to_sender``: replies reach the customer
+    held          waiting for a cost cap: a page (state) or a conversation
+                  whose chain has not begun (status); nothing else
+    due           when something must happen: a step's ``deadline``, a page's
+                  ``retry_at``; ``next_wakeup`` is the earliest of a conversation's
+    claim         a relay's lease on a page it is sending, so no other relay
+                  sends it too; a text's MessageSid is "taken", never claimed
+    sweep         one pass over the conversations due; housekeeping is the
+                  sweeper's other work (config edits, held texts, tidy, heal)
+    catch-up      asking Twilio for texts the webhook never brought
 """
 
 from __future__ import annotations
@@ -86,7 +111,11 @@ from twilio.twiml.voice_response import VoiceResponse
 
 # ---------------------------------------------------------------------------
 # Settings and config
+#
+# What the environment says (Settings: secrets live there and nowhere else) and what
+# config.toml says (Config: lines, chains, rotations), each refused in one line when doubtful.
 # ---------------------------------------------------------------------------
+
 
 DEFAULT_PORT = 8080
 DRY_RUN_TOKEN = "dry-run"
@@ -794,17 +823,17 @@ CATCH_UP_FAILURES = prometheus_client.Counter(
 
 
 # ---------------------------------------------------------------------------
-# State store
+# Conversations
 #
-# Every change to a conversation is appended, as the whole conversation, to a
-# journal of JSON lines; the last line for a conversation wins. Appends that
-# arrive together share one fsync (group commit), so a webhook is durable
-# before its 200 without paying a whole fsync each. Now and then the journal
-# is folded into a snapshot written atomically, and finished conversations are
-# moved to per-day archive files, which retention deletes whole.
+# A conversation is one customer's text and what followed: the chain it pages, its pages
+# (each text or call to send, with its state), the replies. Its status is open, held (its
+# chain waits for a cost cap), acknowledged, unanswered or closed. The rules here are the ones
+# both stores ask when they index, save and wake conversations.
 # ---------------------------------------------------------------------------
 
+
 OPEN_STATUS = "open"
+HELD_STATUS = "held"
 CLOSED_STATUS = "closed"  # ended on the console without anyone taking it
 UNANSWERED_STATUS = "unanswered"  # the chain ran out: listed, and takeable, until taken or past retention
 # The newest unanswered conversations of a line kept listed in memory: a crew acts on these, and a flood
@@ -812,6 +841,10 @@ UNANSWERED_STATUS = "unanswered"  # the chain ran out: listed, and takeable, unt
 UNANSWERED_LISTED = 100
 MAX_CODE = 999_999  # six digits: codes never run out while fewer conversations than this are open
 TWO_WAY_WINDOW = 24 * 3600.0
+
+
+STEP_KINDS = ("page", "call")  # what a chain step sends its contact
+FAILED_STATES = {"failed", "undelivered", "not_taken"}
 
 
 @dataclass(slots=True)
@@ -959,30 +992,41 @@ def shared_contact(
     return Contact(name, phone, wait, hours, via, rotation)
 
 
-HOUR = 3600.0
+def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str]:
+    """Contacts paged so far, by text or call (whose page has not failed), in the order they were paged."""
+    states = ("sent", "delivered") if delivered_only else ("pending", "sent", "delivered")
+    return list(dict.fromkeys(p.to for p in conv.pages if p.kind in STEP_KINDS and p.state in states))
 
 
-class HourlyWindow:
-    """Counts, per key, what happened in the last hour."""
+def held_pages(conv: Conversation) -> list[int]:
+    return [i for i, p in enumerate(conv.pages) if p.state == "held"]
 
-    def __init__(self):
-        # Plain lists, oldest first: a flood brings a key per sender, and a deque costs 600 bytes empty.
-        self.times: dict[object, list[float]] = {}
 
-    def take(self, key: object, limit: int, now: float) -> bool:
-        """Count one more unless `limit` were already counted this past hour."""
-        times = self.times.setdefault(key, [])
-        del times[: bisect.bisect_right(times, now - HOUR)]
-        if len(times) >= limit:
-            return False
-        times.append(now)
-        return True
+def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float | None:
+    """When the conversation next needs attention: a pending page's retry or the step's deadline."""
+    times = [max(p.retry_at, p.lease) for i, p in enumerate(conv.pages) if p.state == "pending" and i not in in_flight]
+    if conv.is_open:
+        times.append(conv.deadline)
+    return min(times, default=None)
 
-    def forget_idle(self, now: float) -> int:
-        """Drop the keys with nothing in the past hour, so memory follows what is recent; how many."""
-        before = len(self.times)
-        self.times = {k: t for k, t in self.times.items() if t and t[-1] > now - HOUR}
-        return before - len(self.times)
+
+def next_code(used: Container[str], last: int) -> tuple[str, int]:
+    """The next number after `last` (1-999999, wrapping) that no open conversation of the line holds."""
+    n = last
+    for _ in range(MAX_CODE):
+        n = n % MAX_CODE + 1
+        if str(n) not in used:
+            return str(n), n
+    raise RuntimeError(f"all {MAX_CODE} reply codes are in use on this line")
+
+
+# ---------------------------------------------------------------------------
+# Store interface
+#
+# Everything the relay keeps goes through Store: a transaction around each change, look-ups
+# by what a text or a reply needs, claims on pages to send, and housekeeping. Two stores meet it:
+# JSON files (one relay) and PostgreSQL (any number of relays).
+# ---------------------------------------------------------------------------
 
 
 class StateLocked(Exception):
@@ -991,16 +1035,6 @@ class StateLocked(Exception):
 
 class StoreFailure(Exception):
     """The state directory could not be written; nothing is acknowledged as stored."""
-
-
-def steady_clock():
-    """Wall time as it was at start, moved on by the monotonic clock.
-
-    A step of the wall clock (an NTP jump, an operator's `date -s`) then moves no timer of a
-    running relay; stored times stay close to wall time, and a restart takes up the wall clock.
-    """
-    wall, mono = time.time(), time.monotonic()
-    return lambda: wall + (time.monotonic() - mono)
 
 
 class Arrival(typing.NamedTuple):
@@ -1021,11 +1055,10 @@ class Store(abc.ABC):
     ticket; once `wait(ticket)` returns, the change is durable and may be acted on outside.
     """
 
-    LEASE: float | None = None  # how long a claim on a page to send lasts, where other relays could take it
+    SHARED = False  # other relays may take this relay's work: claims are leased, renewed and given up
+    RENEW_EVERY: float | None = None  # how often claims are renewed, where they are
     POLL = 1.0  # the sweeper looks at least this often, for work that other relays made due
 
-    damaged: list[tuple[str, int]]  # files moved aside as damaged: (name, unreadable records)
-    lock: threading.RLock  # guards the relay's own memory; JsonStore's transactions hold it too
     clock: Callable[[], float]  # now, for the rules and everything stored (PgStore: the database's clock)
 
     @abc.abstractmethod
@@ -1109,11 +1142,31 @@ class Store(abc.ABC):
         nothing to store), then `in_flight()` says which of its pages this relay is sending. Returns
         it once durable. `apply` may run twice, each time on a fresh copy: it changes only the copy."""
 
-    def renew(self, in_flight: dict[str, set[int]], until: float, holder: str) -> None:
-        """Where other relays could take them (LEASE set): hold this relay's claim (`holder`) on the
-        pages it is sending or has queued, conversation id -> page indexes, until `until` (0: give it
-        up, and wake the other relays' sweeps). A page another relay has claimed since is left alone."""
-        raise NotImplementedError("only a store shared by relays has leases")
+    # -- claims: where other relays share the store, each page being sent is this relay's for a
+    # short lease, renewed while the send is in flight, so another takes it up if this one dies.
+
+    def claim(self, page: Page, holder: str, now: float) -> bool:
+        """Make `page` `holder`'s to send from `now`, where other relays could send it; whether the
+        page changed (a store no other relay shares has nothing to mark)."""
+        return False
+
+    def holds(self, page: Page, holder: str, now: float | None = None) -> bool:
+        """Whether `page` is still `holder`'s to send: no other relay claimed it since (and, given
+        `now`, the claim has not lapsed by then)."""
+        return True
+
+    def renew(self, in_flight: dict[str, set[int]], holder: str) -> None:
+        """Keep `holder`'s claims on the pages it is sending or has queued (conversation id -> page
+        indexes); a page another relay has claimed since is left alone."""
+        return  # a store no other relay shares has no claims
+
+    def give_up(self, in_flight: dict[str, set[int]], holder: str) -> None:
+        """`holder` stops: its claims on these pages end now, and the other relays' sweeps wake."""
+        return  # a store no other relay shares has no claims
+
+    def damage_report(self) -> list[tuple[str, int]]:
+        """The state files moved aside as damaged since last asked: (name, unreadable records)."""
+        return []
 
     def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
         """Until `stop`: call `wake` when another relay gives up pages for the others to send."""
@@ -1191,6 +1244,53 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def last_catch_up(self) -> tuple[float, bool] | None:
         """What note_catch_up noted last, if anything."""
+
+
+# ---------------------------------------------------------------------------
+# JSON files
+#
+# Every change to a conversation is appended, as the whole conversation, to a
+# journal of JSON lines; the last line for a conversation wins. Appends that
+# arrive together share one fsync (group commit), so a webhook is durable
+# before its 200 without paying a whole fsync each. Now and then the journal
+# is folded into a snapshot written atomically, and finished conversations are
+# moved to per-day archive files, which retention deletes whole.
+# ---------------------------------------------------------------------------
+
+HOUR = 3600.0
+
+
+class HourlyWindow:
+    """Counts, per key, what happened in the last hour."""
+
+    def __init__(self):
+        # Plain lists, oldest first: a flood brings a key per sender, and a deque costs 600 bytes empty.
+        self.times: dict[object, list[float]] = {}
+
+    def take(self, key: object, limit: int, now: float) -> bool:
+        """Count one more unless `limit` were already counted this past hour."""
+        times = self.times.setdefault(key, [])
+        del times[: bisect.bisect_right(times, now - HOUR)]
+        if len(times) >= limit:
+            return False
+        times.append(now)
+        return True
+
+    def forget_idle(self, now: float) -> int:
+        """Drop the keys with nothing in the past hour, so memory follows what is recent; how many."""
+        before = len(self.times)
+        self.times = {k: t for k, t in self.times.items() if t and t[-1] > now - HOUR}
+        return before - len(self.times)
+
+
+def steady_clock():
+    """Wall time as it was at start, moved on by the monotonic clock.
+
+    A step of the wall clock (an NTP jump, an operator's `date -s`) then moves no timer of a
+    running relay; stored times stay close to wall time, and a restart takes up the wall clock.
+    """
+    wall, mono = time.time(), time.monotonic()
+    return lambda: wall + (time.monotonic() - mono)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -1608,6 +1708,35 @@ class JsonStore(Store):
             if path.name.endswith(".tmp"):  # a write cut short by a kill: never renamed into place
                 path.unlink()
 
+    @classmethod
+    def read_while_running(cls, directory: Path, tries: int = 5) -> JsonStore:
+        """The state a running relay may be folding meanwhile (for `status` and `import-state`):
+        read again if the snapshot changed as it was read."""
+        snapshot = directory / cls.SNAPSHOT
+
+        def version():
+            return (snapshot.stat().st_ino, snapshot.stat().st_mtime_ns) if snapshot.exists() else None
+
+        for _ in range(tries):
+            store, before = cls(directory), version()
+            try:
+                if directory.exists():
+                    store.load(archive=False)
+            except FileNotFoundError:  # a journal folded away as we read
+                continue
+            if version() == before:
+                break
+        return store
+
+    def export(self, now: float) -> tuple[list[Conversation], list[dict], list[Override]]:
+        """Everything another store needs to take this one's place: its conversations (archived
+        ones too, so a late retry of their texts pages nobody), the other texts it remembers, and
+        the overrides now or to come."""
+        convs = list(self.conversations.values())
+        for path in sorted(self.dir.glob("archive-*.jsonl")):
+            convs += [Conversation.from_json(r["conversation"]) for r in json_lines(path) if r and "conversation" in r]
+        return convs, list(self.strays.values()), self.schedule.overrides(now)
+
     def load(self, archive: bool = True, quarantine: bool = False) -> None:
         """Read snapshot, journals and (unless told not to) the archive; safe without the lock.
 
@@ -1758,13 +1887,13 @@ class JsonStore(Store):
         return self.lock
 
     def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
-        answered = self.claim(sid)
+        answered = self.answer_to(sid)
         if answered is not None or not customer:
             return Arrival(answered, None, None)
         joins = self.live(line, sender, now)
         return Arrival(None, joins, None if joins else self.new_code(line))
 
-    def claim(self, sid: str) -> str | None:
+    def answer_to(self, sid: str) -> str | None:
         """None for a MessageSid never seen (now taken by this change), else the answer it got ("" none)."""
         if not self.knows(sid):
             return None
@@ -1918,6 +2047,10 @@ class JsonStore(Store):
         if journal is not None and journal.failure:
             return f"cannot write {journal.path.name}: {journal.failure.strerror}"
         return None
+
+    def damage_report(self) -> list[tuple[str, int]]:
+        report, self.damaged = self.damaged, []
+        return report
 
     def needs_fold(self) -> bool:
         if self.journal.size > self.FOLD_BYTES:
@@ -2093,6 +2226,14 @@ class JsonStore(Store):
             return f"state directory {self.dir} is full"
         return None
 
+
+# ---------------------------------------------------------------------------
+# PostgreSQL
+#
+# The database is the truth: each change is one transaction that reads its rows under a
+# lock, runs the same rules, and writes them back. Due work is taken with SKIP LOCKED, pages
+# to send are claimed under short leases, and every round trip has a deadline of its own.
+# ---------------------------------------------------------------------------
 
 psycopg = Json = None  # set by import_psycopg(), where a database is used
 
@@ -2326,7 +2467,10 @@ class PgStore(Store):
     while the send is in flight, so another relay takes it up if this one dies.
     """
 
-    LEASE = 1.2
+    SHARED = True
+    LEASE = 1.2  # the least a claim lasts; longer while the database is slow to write (renew)
+    MAX_LEASE = 10.0  # the most, however slow the database: a dead relay's pages wait no longer
+    RENEW_EVERY = LEASE / 3
     POLL = 0.25
     CONNECT_SECONDS = 2
     STATEMENT_MS = 5000
@@ -2358,7 +2502,7 @@ class PgStore(Store):
         self.dsn = database_dsn(url)
         self.lock = threading.RLock()
         self.failed: str | None = "database not connected yet"
-        self.damaged = []
+        self.lease = self.LEASE  # how long a claim lasts now
         self.offset = 0.0  # the database's clock minus this process's monotonic clock
         self.open_now = 0
         self.synced_at = self.retained_at = -math.inf
@@ -2407,7 +2551,7 @@ class PgStore(Store):
                     self._checkin(conn)
             self.failed = None
 
-    def _connect(self) -> psycopg.Connection:
+    def connect(self) -> psycopg.Connection:
         return psycopg.connect(
             self.dsn,
             autocommit=True,
@@ -2493,7 +2637,7 @@ class PgStore(Store):
             else:
                 return self.idle.pop()
         try:
-            return self._connect()
+            return self.connect()
         except psycopg.Error as e:
             with self.pool:
                 self.opened -= 1
@@ -2827,9 +2971,27 @@ class PgStore(Store):
             self.save(conv)
         return conv
 
-    def renew(self, in_flight: dict[str, set[int]], until: float, holder: str) -> None:
-        # Two statements however many pages are queued (a flood's, with the caps lifted). A
-        # conversation another change holds now is left for the next renewal: this one waits for none.
+    def claim(self, page: Page, holder: str, now: float) -> bool:
+        page.lease, page.holder = now + self.lease, holder
+        return True
+
+    def holds(self, page: Page, holder: str, now: float | None = None) -> bool:
+        return page.holder == holder and (now is None or page.lease > now)
+
+    def renew(self, in_flight: dict[str, set[int]], holder: str) -> None:
+        began = time.monotonic()
+        self._set_leases(in_flight, self.clock() + self.lease, holder)
+        # A database slow to write renews slowly: claims then last longer than three renewals, so
+        # they do not lapse while being renewed (and another relay send the page too).
+        self.lease = min(self.MAX_LEASE, max(self.LEASE, 3 * (time.monotonic() - began)))
+
+    def give_up(self, in_flight: dict[str, set[int]], holder: str) -> None:
+        self._set_leases(in_flight, 0.0, holder)
+
+    def _set_leases(self, in_flight: dict[str, set[int]], until: float, holder: str) -> None:
+        """Set `holder`'s claims on these pages to last until `until` (0: given up, and the other
+        relays' sweeps woken). Two statements however many pages are queued (a flood's, with the caps
+        lifted). A conversation another change holds now is left for the next renewal."""
         with self.transaction(redone=True):
             convs = self._docs(
                 "SELECT doc FROM relay_conversations WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED", (list(in_flight),)
@@ -2858,7 +3020,7 @@ class PgStore(Store):
         # transactions already report it.
         while not stop.is_set():
             try:
-                with self._connect() as conn:
+                with self.connect() as conn:
                     conn.execute(f"LISTEN {self.CHANNEL}")
                     wake()  # what was given up while nobody here listened
                     while not stop.is_set():
@@ -2998,7 +3160,12 @@ class PgStore(Store):
 
 # ---------------------------------------------------------------------------
 # Twilio gateway
+#
+# What the relay asks of Twilio: send a text, place or end a call, list received texts.
+# TwilioGateway does it over REST with a deadline on every call; DryRunGateway writes it to
+# the outbox instead. Both meet Gateway.
 # ---------------------------------------------------------------------------
+
 
 REST_READ_TIMEOUT = 10.0  # per read, and for the connect
 REST_DEADLINE = 12.0  # for the whole call, however slowly the answer trickles in
@@ -3142,6 +3309,24 @@ class BaseUrlHttpClient(TwilioHttpClient):
 
 # A Studio flow's webhook_url, as SmsFallbackUrl holds it when Twilio's own fallback is in place.
 STUDIO_WEBHOOK = re.compile(r"^https://webhooks\.twilio\.com/v1/Accounts/AC[0-9a-f]{32}/Flows/FW[0-9a-f]{32}$")
+
+
+class Gateway(typing.Protocol):
+    """What the relay service asks of Twilio: TwilioGateway does it, DryRunGateway only writes it down.
+    (Catch-up, never run in dry-run, also lists received texts: TwilioGateway.received.)"""
+
+    refusal: str | None  # why Twilio turns this relay away (its credentials), or None
+
+    def send(
+        self, from_: str, to: str, body: str, status_callback: str | None, media: list[str] = (), secret=False
+    ) -> str | None:
+        """Send a text; Twilio's sid for it (None: taken, but the answer was odd). Raises SendError."""
+
+    def call(self, from_: str, to: str, twiml: str, status_callback: str | None) -> str | None:
+        """Place a call that speaks `twiml`; its sid, as `send` gives. Raises SendError."""
+
+    def end_call(self, sid: str, status: str) -> None:
+        """Hang up a call: "canceled" while it rings, "completed" once answered."""
 
 
 class TwilioGateway:
@@ -3326,19 +3511,12 @@ class DryRunGateway:
 
 # ---------------------------------------------------------------------------
 # Escalation rules: pure functions of a conversation and `now`
+#
+# A conversation and the time go in; the changed conversation comes out, with what it
+# wants sent as pending pages. Nothing here reads a clock, a file or the network.
 # ---------------------------------------------------------------------------
 
-RETRY_BASE = 1.0
-RETRY_CAP = 60.0
-RETRY_AFTER_CAP = 300.0
-# About three hours of tries at the 60 s cap: a Twilio outage delays pages (the escalation timers run on
-# meanwhile) but does not drop them. Past that the page counts as failed and the chain moves on.
-MAX_ATTEMPTS = 200
-CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,6})\b")
-BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,6})[.!]?")
-# Carrier and Twilio keywords (opt-out, help, opt-in): never an acknowledgement.
-KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
-KEYWORDS |= {"HELP", "INFO", "START", "UNSTOP"}
+# -- texts: what a page says -------------------------------------------------------------------
 
 
 def utf16_len(text: str) -> int:
@@ -3395,6 +3573,33 @@ def alarm_text(conv: Conversation) -> str:
         f"UNANSWERED {conv.line} #{conv.code} from {conv.sender}; nobody of {names} took it. "
         f"Reply #{conv.code} to take it: {first}"
     )
+
+
+def listing(head: str, convs: list[Conversation], holder: bool = False) -> str:
+    """A head, then one row per conversation (code, sender, first words, and with `holder` who has
+    the step now) as far as one SMS takes, counting the rest."""
+    text = head
+    for shown, conv in enumerate(convs):
+        entry = f"\n#{conv.code} {conv.sender} {first_words(conv.messages[0]['body'])}"
+        if holder and conv.is_open:
+            entry += f" (with {contact_at(conv, conv.step).name})"
+        rest = f"\n... and {len(convs) - shown} more"
+        # Room is kept to count the rest: any later count is no longer than this one.
+        if utf16_len(text + entry) + len(rest) > MAX_SMS_CHARS:
+            return text + rest
+        text += entry
+    return text
+
+
+def first_words(body: str, words: int = 5, chars: int = 40) -> str:
+    return " ".join(body.split()[:words])[:chars]
+
+
+def taken_text(conv: Conversation) -> str:
+    return f"{conv.line} #{conv.code} from {conv.sender} was taken by {conv.acknowledged_by}."
+
+
+# -- chains: steps, escalation, acknowledgement ------------------------------------------------
 
 
 def contact_at(conv: Conversation, step: int) -> Contact:
@@ -3539,10 +3744,6 @@ def expire(conv: Conversation, now: float, roster: Roster | None = None) -> str 
     return None
 
 
-STEP_KINDS = ("page", "call")  # what a chain step sends its contact
-FAILED_STATES = {"failed", "undelivered", "not_taken"}
-
-
 def acknowledge(conv: Conversation, contact: Contact, reply: dict | None, now: float) -> None:
     """Stop the escalation; everyone else who got the page is told who took it. `reply`: the text
     that took it (None: taken on the console)."""
@@ -3571,6 +3772,57 @@ def _stop_paging(conv: Conversation, now: float, taker: str | None = None) -> No
         if page.kind == "call" and page.state == "sent" and page.to != taker:
             # Still ringing someone else: end it. What a call ends with says which way to hang up.
             conv.pages.append(Page(to=page.to, body=page.sid or "", kind="end_call", retry_at=now))
+
+
+def pass_on(conv: Conversation, contact: Contact, now: float, roster: Roster | None = None) -> str | None:
+    """A contact says "not me": the next contact is paged at once, if this one holds the current step."""
+    if conv.is_open and contact_at(conv, conv.step).phone == contact.phone:
+        return escalate(conv, now, roster)
+    return None
+
+
+def others_told(conv: Conversation) -> str:
+    """For the contact who took it: who else was paged and is told, or that nobody was."""
+    names = {c.phone: c.name for c in people(conv)}
+    others = [names[phone] for phone in reached_phones(conv, delivered_only=True) if phone != conv.acknowledged_phone]
+    if not others:
+        return "Nobody else is paged."
+    were, are = ("was", "is") if len(others) == 1 else ("were", "are")
+    return f"Nobody else is paged; {', '.join(others)} {were} paged too and {are} told you took it."
+
+
+def holder_words(conv: Conversation) -> str:
+    """Where a conversation stands, for a contact it is not with."""
+    if conv.is_open:
+        return f"is with {contact_at(conv, conv.step).name} now"
+    if conv.status == UNANSWERED_STATUS:
+        return "ended with nobody answering and is listed as unanswered"
+    if conv.status == HELD_STATUS:
+        return "is held by a cost cap and pages nobody yet"
+    if conv.status == CLOSED_STATUS:
+        return "was closed on the console"
+    return f"was taken by {conv.acknowledged_by}"
+
+
+def join(conv: Conversation, sid: str, body: str, now: float, held: str | None = None, media: list[str] = ()) -> None:
+    """A further text from the customer: relay it to everyone already paged, or hold it for a cap.
+
+    On a two-way line after an acknowledgement it goes to the contact who took it. A conversation
+    whose chain waits for a cap gains the text, and its first page will carry it.
+    """
+    conv.messages.append(message(sid, body, now, media))
+    if conv.status == HELD_STATUS:
+        return
+    phones = reached_phones(conv) if conv.is_open else [conv.acknowledged_phone]
+    text = followup_text(conv, body, list(media))
+    for phone in phones:
+        page = Page(to=phone, body=text, kind="followup", retry_at=now, media=list(media)[:MAX_MEDIA])
+        if held:
+            hold_page(page, held)
+        conv.pages.append(page)
+
+
+# -- calls -------------------------------------------------------------------------------------
 
 
 MAX_TWIML = 4000  # Twilio's limit on inline TwiML
@@ -3654,66 +3906,26 @@ def call_progress(
     return None
 
 
-def pass_on(conv: Conversation, contact: Contact, now: float, roster: Roster | None = None) -> str | None:
-    """A contact says "not me": the next contact is paged at once, if this one holds the current step."""
-    if conv.is_open and contact_at(conv, conv.step).phone == contact.phone:
-        return escalate(conv, now, roster)
-    return None
+# -- replies: what a contact's text says -------------------------------------------------------
 
 
-def others_told(conv: Conversation) -> str:
-    """For the contact who took it: who else was paged and is told, or that nobody was."""
-    names = {c.phone: c.name for c in people(conv)}
-    others = [names[phone] for phone in reached_phones(conv, delivered_only=True) if phone != conv.acknowledged_phone]
-    if not others:
-        return "Nobody else is paged."
-    were, are = ("was", "is") if len(others) == 1 else ("were", "are")
-    return f"Nobody else is paged; {', '.join(others)} {were} paged too and {are} told you took it."
-
-
-def holder_words(conv: Conversation) -> str:
-    """Where a conversation stands, for a contact it is not with."""
-    if conv.is_open:
-        return f"is with {contact_at(conv, conv.step).name} now"
-    if conv.status == UNANSWERED_STATUS:
-        return "ended with nobody answering and is listed as unanswered"
-    if conv.status == HELD_STATUS:
-        return "is held by a cost cap and pages nobody yet"
-    if conv.status == CLOSED_STATUS:
-        return "was closed on the console"
-    return f"was taken by {conv.acknowledged_by}"
-
-
-def taken_text(conv: Conversation) -> str:
-    return f"{conv.line} #{conv.code} from {conv.sender} was taken by {conv.acknowledged_by}."
-
-
-def reached_phones(conv: Conversation, delivered_only: bool = False) -> list[str]:
-    """Contacts paged so far, by text or call (whose page has not failed), in the order they were paged."""
-    states = ("sent", "delivered") if delivered_only else ("pending", "sent", "delivered")
-    return list(dict.fromkeys(p.to for p in conv.pages if p.kind in STEP_KINDS and p.state in states))
-
-
-def join(conv: Conversation, sid: str, body: str, now: float, held: str | None = None, media: list[str] = ()) -> None:
-    """A further text from the customer: relay it to everyone already paged, or hold it for a cap.
-
-    On a two-way line after an acknowledgement it goes to the contact who took it. A conversation
-    whose chain waits for a cap gains the text, and its first page will carry it.
-    """
-    conv.messages.append(message(sid, body, now, media))
-    if conv.status == HELD_STATUS:
-        return
-    phones = reached_phones(conv) if conv.is_open else [conv.acknowledged_phone]
-    text = followup_text(conv, body, list(media))
-    for phone in phones:
-        page = Page(to=phone, body=text, kind="followup", retry_at=now, media=list(media)[:MAX_MEDIA])
-        if held:
-            hold_page(page, held)
-        conv.pages.append(page)
+CODE_IN_TEXT = re.compile(r"#([A-Za-z0-9]{1,6})\b")
+BARE_CODE = re.compile(r"#?([A-Za-z0-9]{1,6})[.!]?")
+# Carrier and Twilio keywords (opt-out, help, opt-in): never an acknowledgement.
+KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+KEYWORDS |= {"HELP", "INFO", "START", "UNSTOP"}
 
 
 ACK_WORDS = {"ok", "okay", "k", "kk", "yes", "y", "yep", "got it", "on it", "mine", "thanks", "thank you", "ack"}
 ACK_WORDS |= {"will do", "roger", "sure", "done", "👍", "👌", "✅"}
+
+
+PASS_WORDS = {"pass", "no", "can't", "cant", "cannot"}
+LIST_WORDS = {"list", "?"}
+APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "`": "'", "´": "'"})
+
+
+TAKE = re.compile(r"take(?:\s+(\S.*))?", re.IGNORECASE)
 
 
 def without_code(body: str) -> str:
@@ -3736,16 +3948,77 @@ def reply_to_customer(conv: Conversation, body: str, now: float) -> bool:
     return True
 
 
-HELD_STATUS = "held"
+def take_request(body: str) -> int | str | None:
+    """`take` (0: until the shift ends) or `take DURATION` (its seconds); the words when they are no
+    duration (a string); None when the text is no take."""
+    found = TAKE.fullmatch(body.strip())
+    if found is None:
+        return None
+    if found[1] is None:
+        return 0
+    try:
+        seconds = parse_duration(found[1], "take")
+    except ConfigError:
+        return found[1]
+    return seconds if seconds <= MAX_TAKE else found[1]
+
+
+def reply_word(body: str) -> str | None:
+    """ "pass" or "list" when that is the whole reply (a code apart), else None."""
+    word = without_code(body).strip().strip(".!").lower().translate(APOSTROPHES)
+    if word in PASS_WORDS:
+        return "pass"
+    if word in LIST_WORDS:
+        return "list"
+    return None
+
+
+def is_keyword(body: str) -> bool:
+    return body.strip().strip(".!").upper() in KEYWORDS
+
+
+def code_candidate(body: str) -> str | None:
+    """What a reply could name as a code: `#7` in it, or the whole reply one bare word (`7`, `ok`)."""
+    if m := CODE_IN_TEXT.search(body):
+        return m[1].upper()
+    m = BARE_CODE.fullmatch(body.strip())
+    return m[1].upper() if m else None
+
+
+def named_code(body: str, open_codes: set[str]) -> str | None:
+    """The code a reply names: `#7 on it`, or a bare `7` (codes are numbers), or a bare word that is open."""
+    candidate = code_candidate(body)
+    if candidate is None or CODE_IN_TEXT.search(body) or candidate.isdigit() or candidate in open_codes:
+        return candidate
+    return None
+
+
+def choose_acknowledged(
+    open_convs: list[Conversation], phone: str, body: str, talking: list[Conversation] = ()
+) -> tuple[Conversation | None, str | None]:
+    """Which conversation a contact's reply is about, and the code it named if any.
+
+    A named code picks among the open ones and those still `talking` (two-way, acknowledged);
+    no code picks the newest open one paged to that contact, else the newest it is talking in.
+    """
+    by_code = {c.code: c for c in [*talking, *open_convs]}
+    code = named_code(body, set(by_code))
+    if code is not None:
+        return by_code.get(code), code
+    paged = [c for c in open_convs if phone in reached_phones(c)]
+    mine = [c for c in talking if c.acknowledged_phone == phone]
+    return max(paged or mine, key=lambda c: c.created, default=None), None
+
+
+# -- caps: held texts --------------------------------------------------------------------------
+
+
 # The operator must hear of trouble even over a cap; ending a call and answering a contact cost nothing.
 NEVER_HELD = {"alarm", "cap_alarm", "bundle", "end_call", "confirmation"}
 # Follow-ups and texts to customers may use this share of the outbound cap; the rest is kept for
 # the chains' own pages, so a flood of follow-ups cannot keep a new customer's first page waiting.
 FOLLOWUP_SHARE = 0.75
 BUNDLE_EVERY = 600.0
-# A flood of pages to one contact goes out this many at a time (their fsyncs shared), started in order.
-SENDS_PER_RECIPIENT = 4
-MAX_LEASE = 10.0  # a claim lasts at most this long, however slow the database: a dead relay's pages wait no more
 
 
 def sender_cap(line: str, sender: str) -> str:
@@ -3777,32 +4050,19 @@ def release(conv: Conversation, index: int, now: float) -> None:
             page.body, page.media = relay_text(conv), all_media(conv)
 
 
-def held_pages(conv: Conversation) -> list[int]:
-    return [i for i, p in enumerate(conv.pages) if p.state == "held"]
-
-
 def bundle_text(line: str, held: list[Conversation]) -> str:
     return listing(f"{line}: {len(held)} text(s) held by a cost cap; they go out as the cap allows:", held)
 
 
-def listing(head: str, convs: list[Conversation], holder: bool = False) -> str:
-    """A head, then one row per conversation (code, sender, first words, and with `holder` who has
-    the step now) as far as one SMS takes, counting the rest."""
-    text = head
-    for shown, conv in enumerate(convs):
-        entry = f"\n#{conv.code} {conv.sender} {first_words(conv.messages[0]['body'])}"
-        if holder and conv.is_open:
-            entry += f" (with {contact_at(conv, conv.step).name})"
-        rest = f"\n... and {len(convs) - shown} more"
-        # Room is kept to count the rest: any later count is no longer than this one.
-        if utf16_len(text + entry) + len(rest) > MAX_SMS_CHARS:
-            return text + rest
-        text += entry
-    return text
+# -- delivery: Twilio's answers and reports ----------------------------------------------------
 
 
-def first_words(body: str, words: int = 5, chars: int = 40) -> str:
-    return " ".join(body.split()[:words])[:chars]
+RETRY_BASE = 1.0
+RETRY_CAP = 60.0
+RETRY_AFTER_CAP = 300.0
+# About three hours of tries at the 60 s cap: a Twilio outage delays pages (the escalation timers run on
+# meanwhile) but does not drop them. Past that the page counts as failed and the chain moves on.
+MAX_ATTEMPTS = 200
 
 
 def retry_delay(attempts: int, retry_after: float | None, jitter: float) -> float:
@@ -3892,105 +4152,13 @@ def call_instead(conv: Conversation, index: int, now: float) -> bool:
     return True
 
 
-def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float | None:
-    """When the conversation next needs attention: a pending page's retry or the step's deadline."""
-    times = [max(p.retry_at, p.lease) for i, p in enumerate(conv.pages) if p.state == "pending" and i not in in_flight]
-    if conv.is_open:
-        times.append(conv.deadline)
-    return min(times, default=None)
-
-
-PASS_WORDS = {"pass", "no", "can't", "cant", "cannot"}
-LIST_WORDS = {"list", "?"}
-APOSTROPHES = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "`": "'", "´": "'"})
-
-
-TAKE = re.compile(r"take(?:\s+(\S.*))?", re.IGNORECASE)
-
-
-def take_request(body: str) -> int | str | None:
-    """`take` (0: until the shift ends) or `take DURATION` (its seconds); the words when they are no
-    duration (a string); None when the text is no take."""
-    found = TAKE.fullmatch(body.strip())
-    if found is None:
-        return None
-    if found[1] is None:
-        return 0
-    try:
-        seconds = parse_duration(found[1], "take")
-    except ConfigError:
-        return found[1]
-    return seconds if seconds <= MAX_TAKE else found[1]
-
-
-def reply_word(body: str) -> str | None:
-    """ "pass" or "list" when that is the whole reply (a code apart), else None."""
-    word = without_code(body).strip().strip(".!").lower().translate(APOSTROPHES)
-    if word in PASS_WORDS:
-        return "pass"
-    if word in LIST_WORDS:
-        return "list"
-    return None
-
-
-def is_keyword(body: str) -> bool:
-    return body.strip().strip(".!").upper() in KEYWORDS
-
-
-def code_candidate(body: str) -> str | None:
-    """What a reply could name as a code: `#7` in it, or the whole reply one bare word (`7`, `ok`)."""
-    if m := CODE_IN_TEXT.search(body):
-        return m[1].upper()
-    m = BARE_CODE.fullmatch(body.strip())
-    return m[1].upper() if m else None
-
-
-def named_code(body: str, open_codes: set[str]) -> str | None:
-    """The code a reply names: `#7 on it`, or a bare `7` (codes are numbers), or a bare word that is open."""
-    candidate = code_candidate(body)
-    if candidate is None or CODE_IN_TEXT.search(body) or candidate.isdigit() or candidate in open_codes:
-        return candidate
-    return None
-
-
-def choose_acknowledged(
-    open_convs: list[Conversation], phone: str, body: str, talking: list[Conversation] = ()
-) -> tuple[Conversation | None, str | None]:
-    """Which conversation a contact's reply is about, and the code it named if any.
-
-    A named code picks among the open ones and those still `talking` (two-way, acknowledged);
-    no code picks the newest open one paged to that contact, else the newest it is talking in.
-    """
-    by_code = {c.code: c for c in [*talking, *open_convs]}
-    code = named_code(body, set(by_code))
-    if code is not None:
-        return by_code.get(code), code
-    paged = [c for c in open_convs if phone in reached_phones(c)]
-    mine = [c for c in talking if c.acknowledged_phone == phone]
-    return max(paged or mine, key=lambda c: c.created, default=None), None
-
-
-def next_code(used: Container[str], last: int) -> tuple[str, int]:
-    """The next number after `last` (1-999999, wrapping) that no open conversation of the line holds."""
-    n = last
-    for _ in range(MAX_CODE):
-        n = n % MAX_CODE + 1
-        if str(n) not in used:
-            return str(n), n
-    raise RuntimeError(f"all {MAX_CODE} reply codes are in use on this line")
-
-
 # ---------------------------------------------------------------------------
-# The relay service: the rules, the store and the gateway, under one lock
+# The relay service
+#
+# Relay puts the rules, the store and the gateway together: each webhook, key press, report
+# and console action is one store transaction running the rules, and the pages it claims are
+# sent once it is stored.
 # ---------------------------------------------------------------------------
-
-
-def media_urls(params: dict[str, str]) -> list[str]:
-    """The photos of an MMS (MediaUrl0...), as far as they look like Twilio's media links."""
-    count = params.get("NumMedia", "0").strip()
-    count = min(int(count), MAX_MEDIA) if count.isdigit() else 0
-    urls = (params.get(f"MediaUrl{i}", "").strip() for i in range(count))
-    return [url for url in urls if url.startswith("https://") and len(url) <= 2048]
 
 
 class BadRequest(Exception):
@@ -4001,36 +4169,8 @@ class BadRequest(Exception):
         self.status, self.label, self.reason = status, label, reason
 
 
-# What lets a flood's memory go back to the system once it is over. CPython's own allocator frees an
-# arena only when every object in it has gone, and a few survivors pin most of them; glibc keeps an
-# arena per thread and raises its trim threshold as it goes. So the server runs its objects on
-# malloc, in two arenas, with fixed thresholds, and malloc_trim can then return every free page.
-# Nor does glibc keep a per-thread cache of freed chunks: a long-lived thread's cached chunks count
-# as in use, so they neither merge with their free neighbours nor let malloc_trim return their
-# pages (measured after a flood of 20,000 senders: 20 MB kept with the cache, 13 MB without).
-RETURNABLE_MEMORY = {
-    "PYTHONMALLOC": "malloc",
-    "MALLOC_ARENA_MAX": "2",
-    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024),
-    "MALLOC_MMAP_THRESHOLD_": str(256 * 1024),
-    "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
-}
-
-
-def run_with_returnable_memory() -> None:
-    """Start again, as the same process, with RETURNABLE_MEMORY (which only works from the start)."""
-    missing = {name: value for name, value in RETURNABLE_MEMORY.items() if name not in os.environ}
-    if missing and sys.platform == "linux":
-        os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
-
-
-def give_memory_back() -> None:
-    """After many conversations left memory: collect, and hand freed heap pages back to the system."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the memory is reused, only not returned
-        pass
+# A flood of pages to one contact goes out this many at a time (their fsyncs shared), started in order.
+SENDS_PER_RECIPIENT = 4
 
 
 class SendThreads:
@@ -4099,30 +4239,469 @@ class SendThreads:
             return len(self.active) + len(self.waiting)
 
 
+def conv_ids(conv: Conversation, **more) -> dict:
+    """The ids a log line about a conversation carries, and `more`."""
+    return {"line": conv.line, "code": conv.code, **more}
+
+
+class Outbox:
+    """Sends the pages the relay claims, each once it is stored: a queue per recipient, drained in order
+    by up to SENDS_PER_RECIPIENT threads of its own, so a recipient whose sends stall holds up nobody
+    else. Keeps the claims of what is in flight, and hands back what was not started when stopping."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.store, self.clock = relay.store, relay.clock
+        self.lock = threading.Lock()  # guards what follows
+        self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages queued or being sent now
+        self.queues: dict[str, deque[tuple[str, int]]] = {}  # recipient -> (conversation id, page) in order
+        self.workers: dict[str, int] = {}  # recipient -> threads draining its queue
+        self.stopping = False
+        self.senders = SendThreads()
+        self.random = random.Random()
+        self.renewed = 0.0  # when this relay's claims were last renewed
+
+    def in_flight_of(self, conv_id: str) -> set[int]:
+        with self.lock:
+            return set(self.in_flight.get(conv_id, ()))
+
+    def tidy(self) -> None:
+        with self.lock:
+            if not self.in_flight:  # a dict keeps the table of its busiest moment, a flood's queue
+                self.in_flight = {}
+
+    def text(self, from_: str, to: str, body: str, secret: bool = False) -> None:
+        """A text about no conversation, sent on a thread of its own (`secret`: a sign-in code)."""
+        self.senders.submit(self._text_now, from_, to, body, secret)
+
+    def call(self, from_: str, to: str, text: str) -> None:
+        """A call about no conversation that reads `text` out, placed on a thread of its own."""
+        self.senders.submit(self._call_now, from_, to, text)
+
+    def callback_url(self, route: str, conv: Conversation, index: int, **more) -> str | None:
+        """A URL on the public URL for Twilio to call back about one page (None without a public URL).
+
+        In dry-run without one, the relay's own address, so `press` can walk a call through.
+        """
+        settings = self.relay.settings
+        base = self.relay.public_url or (f"http://127.0.0.1:{settings.port}" if settings.dry_run else None)
+        if not base:
+            return None
+        return f"{base}{route}?{urllib.parse.urlencode({'c': conv.id, 'p': index, **more})}"
+
+    def _done(self, conv_id: str, index: int) -> None:
+        """(lock held)"""
+        sending = self.in_flight.get(conv_id, set())
+        sending.discard(index)
+        if not sending:
+            self.in_flight.pop(conv_id, None)
+
+    def _drain(self, to: str) -> None:
+        """Runs on one of the recipient's threads: its queued pages, oldest first, until none is left."""
+        while True:
+            with self.lock:
+                queue = self.queues.get(to)
+                if not queue or self.stopping:  # when stopping, what is left stays pending for the next start
+                    for conv_id, index in queue or ():
+                        self._done(conv_id, index)
+                    self.workers[to] -= 1
+                    if not self.workers[to]:
+                        del self.workers[to]
+                        self.queues.pop(to, None)
+                    return
+                conv_id, index = queue.popleft()
+            try:
+                self._send(conv_id, index)
+            except Exception as e:  # the page stays pending, tried again after a backoff
+                log("error", "send_crashed", to=to, error=repr(e))
+                with self.lock:
+                    self._done(conv_id, index)
+                try:
+                    with self.store.transaction(redone=True):
+                        if (conv := self.store.get(conv_id)) and index < len(conv.pages):
+                            page = conv.pages[index]
+                            page.retry_at = self.clock() + retry_delay(
+                                max(1, page.attempts), None, self.random.random()
+                            )
+                            self.relay.save(conv, changed=False)
+                except StoreFailure:
+                    pass  # the healed store has the page pending, and the sweep takes it up
+                self.relay.sweeper.wake()
+
+    def _send(self, conv_id: str, index: int) -> None:
+        """One attempt at one page, its outcome stored before anything else."""
+        with self.store.transaction(reading=True):
+            conv = self.store.get(conv_id)
+            page = self._still_to_send(conv, index)
+            if page is not None and not self.store.holds(page, self.relay.id, self.clock()):
+                conv = None  # claimed, but the claim lapsed before its send began: renewed first
+            elif page is not None:
+                request = self._request(conv, index)
+        if page is not None and conv is None:
+            conv = self.store.change(conv_id, functools.partial(self._reclaim, index=index), lambda: ())
+            page = self._still_to_send(conv, index)
+            if page is not None:
+                request = self._request(conv, index)
+        counting = page is not None and not page.counted and page.kind not in NEVER_HELD
+        if counting:  # counted now, by itself: the cap's lock is held for the count alone
+            with self.store.transaction(reading=True):
+                counted = self.relay.caps.take_outbound(page, self.clock())
+            if not counted:
+                self._hold_over_cap(conv_id, index)
+                page = None
+        if page is None:  # a page not yet with Twilio stays unsent
+            with self.lock:
+                self._done(conv_id, index)
+            return
+        try:
+            outcome: SendError | str | None = request()
+        except SendError as e:
+            outcome = e
+        except Exception as e:  # a bug or an unexpected library error must not lose the page
+            outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
+        event = result = None
+
+        def record(conv: Conversation) -> bool:
+            nonlocal event, result
+            event = result = None
+            if index >= len(conv.pages):  # the store was reloaded and has no such page
+                return False
+            page = conv.pages[index]
+            page.attempts += 1
+            page.lease = 0.0
+            page.counted = page.counted or counting
+            if isinstance(outcome, SendError):
+                self.relay.twilio_errors.append(self.clock())
+                event = record_send_error(conv, index, outcome, self.clock(), self.random.random(), self.relay.roster)
+                result = "retry" if event == "retry" else "failed"
+            else:
+                record_sent(conv, index, outcome, self.clock())
+                event, result = None, "sent"
+            return True
+
+        # In flight until its outcome is stored (so its claim is renewed meanwhile), but not for its
+        # own next look: a retry is due at its retry time.
+        try:
+            conv = self.store.change(conv_id, record, lambda: self.in_flight.get(conv_id, set()) - {index})
+        finally:
+            with self.lock:
+                self._done(conv_id, index)
+        if conv is None or result is None:  # the store was reloaded and has no such page
+            return
+        page = conv.pages[index]
+        SENDS.labels(result).inc()
+        ids = conv_ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
+        if page.kind == "alarm" and page.attempts == 1 and conv.line in self.relay.carrier_blocked:
+            # The alarm text may be blocked like the pages were: the alarm phone is called as well.
+            self.call(conv.number, page.to, page.body)
+        if result == "sent":
+            log("info", "relay_sent", twilio_sid=outcome, **ids)
+        else:
+            level = "warning" if result == "retry" else "error"
+            log(level, "send_failed", result=result, reason=outcome.reason, error_code=outcome.code, **ids)
+            if event != "retry":
+                self.relay.after_change(conv, event, reason=outcome.reason)
+        self.relay.wake_for(conv)
+
+    def _hold_over_cap(self, conv_id: str, index: int) -> None:
+        """The outbound cap is spent: the page waits, held, for the hour to make room (release_held)."""
+        with self.store.transaction(redone=True):
+            conv = self.store.get(conv_id)
+            if self._still_to_send(conv, index) is None:
+                return
+            hold_page(conv.pages[index], "outbound cap")
+            self.relay.caps.reached("outbound", conv, self.clock())
+            ticket = self.relay.save(conv)
+        self.store.wait(ticket)
+        self.relay.wake_for(conv)  # the cap's alarm, if one was added
+
+    def _still_to_send(self, conv: Conversation | None, index: int) -> Page | None:
+        """The page, if it is still this relay's to send: not taken, reloaded or sent since it was
+        claimed, nor claimed by another relay since this one's claim lapsed (cut off or frozen)."""
+        page = conv.pages[index] if conv and index < len(conv.pages) else None
+        if page is None or page.state != "pending" or not self.store.holds(page, self.relay.id):
+            return None
+        return page
+
+    def _reclaim(self, conv: Conversation, index: int) -> bool:
+        """Renew this relay's lapsed claim on a page, if no other relay has claimed it since."""
+        if self._still_to_send(conv, index) is None:
+            return False
+        return self.store.claim(conv.pages[index], self.relay.id, self.clock())
+
+    def _request(self, conv: Conversation, index: int) -> Callable[[], str | None]:
+        """The call to Twilio that sends the page."""
+        page = conv.pages[index]
+        if page.kind == "call":
+            gather = self.callback_url("/api/voice/gather", conv, index) or ""
+            twiml = call_twiml(conv, gather)
+            status = self.callback_url("/api/voice/status", conv, index)
+            return functools.partial(self.relay.gateway.call, conv.number, page.to, twiml, status)
+        if page.kind == "end_call":
+            hang_up = "completed" if self._call_status(conv, page.body) == "in-progress" else "canceled"
+            return functools.partial(self.relay.gateway.end_call, page.body, hang_up)
+        callback = self.callback_url("/api/sms/status", conv, index)
+        return functools.partial(self.relay.gateway.send, conv.number, page.to, page.body, callback, page.media)
+
+    def claim(self, conv: Conversation, now: float, to_send: list) -> bool:
+        """Claim the conversation's pages due now for this relay to send (in a transaction).
+
+        Each is leased where other relays could take it, marked in flight, and added to `to_send`
+        (the outbound cap counts it when its send begins); returns whether the conversation changed.
+        """
+        changed, claimed = False, set()
+        with self.lock:  # only this conversation's: a flood's outbox may hold thousands
+            sending = set(self.in_flight.get(conv.id, ()))
+        for index, page in enumerate(conv.pages):
+            if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
+                continue
+            changed = self.store.claim(page, self.relay.id, now) or changed  # no other relay sends it meanwhile
+            claimed.add(index)
+            to_send.append((conv.id, index, page.to))
+        if claimed:
+            with self.lock:
+                self.in_flight.setdefault(conv.id, set()).update(claimed)
+        return changed
+
+    @contextlib.contextmanager
+    def sending_once_stored(self, to_send: list):
+        """Queue the pages claimed into `to_send` once what claimed them is stored; if it is not,
+        none is sent and each stays pending in the store, for the sweep of a healed store."""
+        try:
+            yield
+        except BaseException:
+            with self.lock:
+                for conv_id, index, _ in to_send:
+                    self._done(conv_id, index)
+            raise
+        with self.lock:
+            workers = []
+            for conv_id, index, to in to_send:
+                self.queues.setdefault(to, deque()).append((conv_id, index))
+                if self.workers.get(to, 0) < min(SENDS_PER_RECIPIENT, len(self.queues[to])):
+                    self.workers[to] = self.workers.get(to, 0) + 1
+                    workers.append(to)
+        for to in workers:
+            self.senders.submit(self._drain, to)
+
+    def hand_back(self) -> int:
+        """Stopping: give up the pages queued here and not yet started; returns how many. Where other
+        relays could send them, they are told at once (their claims cleared), not when claims lapse."""
+        given_up: dict[str, set[int]] = {}
+        with self.lock:
+            self.stopping = True
+            for queue in self.queues.values():
+                while queue:
+                    conv_id, index = queue.popleft()
+                    self._done(conv_id, index)
+                    given_up.setdefault(conv_id, set()).add(index)
+        if given_up and self.store.SHARED and not self.store.failure:
+            with contextlib.suppress(StoreFailure):
+                self.store.give_up(given_up, self.relay.id)
+        return sum(map(len, given_up.values()))
+
+    def renew(self) -> None:
+        """Where other relays could take them: keep this relay's claim on the pages it is sending."""
+        if not self.store.SHARED or time.monotonic() - self.renewed < self.store.RENEW_EVERY:
+            return  # the drain asks more often than that
+        with self.lock:
+            in_flight = {conv_id: set(pages) for conv_id, pages in self.in_flight.items()}
+        if in_flight and not self.store.failure:  # a failed store: the claims lapse, and are taken anew
+            self.renewed = time.monotonic()
+            self.store.renew(in_flight, self.relay.id)
+
+    @staticmethod
+    def _call_status(conv: Conversation, call_sid: str) -> str | None:
+        return next((p.call_status for p in conv.pages if p.kind == "call" and p.sid == call_sid), None)
+
+    def _call_now(self, from_: str, to: str, text: str) -> None:
+        """A call that reads a text out twice, about no conversation: placed once, not stored."""
+        response = VoiceResponse()
+        response.say(spoken(text))
+        twiml = str(response)
+        response.pause(length=1)
+        response.say(f"Again: {spoken(text)}")
+        if utf16_len(str(response)) <= MAX_TWIML:  # twice when twice fits Twilio's limit
+            twiml = str(response)
+        try:
+            sid = self.relay.gateway.call(from_, to, twiml, None)
+        except SendError as e:
+            log("error", "direct_call_failed", to=to, reason=e.reason)
+        else:
+            log("info", "direct_called", to=to, twilio_sid=sid)
+
+    def _text_now(self, from_: str, to: str, text: str, secret: bool = False) -> None:
+        """A text about no conversation, sent with a few retries and not stored."""
+        for attempt in range(1, 6):
+            try:
+                sid = self.relay.gateway.send(from_, to, text, None, secret=secret)
+            except SendError as e:
+                log("warning", "direct_send_failed", to=to, reason=e.reason, attempt=attempt)
+                if e.permanent:
+                    return
+                time.sleep(retry_delay(attempt, e.retry_after, self.random.random()))
+            else:
+                log("info", "direct_sent", to=to, twilio_sid=sid)
+                return
+
+
+class CostCaps:
+    """The hourly caps on what is sent: a page over one is held, not dropped, and released oldest first
+    as the cap allows; the operator is told once an hour, and the contact on duty gets a bundle."""
+
+    def __init__(self, relay: Relay):
+        self.relay, self.store = relay, relay.store
+
+    def reached(self, cap: str, conv: Conversation, now: float) -> None:
+        """A text was held by a cost cap: tell the operator once an hour, not once a text (in a transaction)."""
+        HELD.labels(cap).inc()
+        if not self.store.once_every(f"cap_told:{cap}", HOUR, now):
+            return
+        limit = self.relay.config.sender_hourly_cap if cap == "sender" else self.relay.config.outbound_hourly_cap
+        log("error", "cap_reached", cap=cap, limit=limit, **conv_ids(conv, sender=conv.sender))
+        if self.relay.config.alarm_phone:
+            text = (
+                f"relay: the {cap} cap of {limit} texts an hour was reached on {conv.line} (latest from "
+                f"{conv.sender}). Texts over it are held and go out as the cap allows; see `relay.py status`."
+            )
+            conv.pages.append(Page(to=self.relay.config.alarm_phone, body=text, kind="cap_alarm", retry_at=now))
+
+    def take_outbound(self, page: Page, now: float) -> bool:
+        if page.kind == "call":
+            return self.store.take("outbound:calls", self.relay.config.call_hourly_cap, now)
+        cap = self.relay.config.outbound_hourly_cap
+        limit = cap if page.kind in ("page", "notice") else max(1, int(cap * FOLLOWUP_SHARE))
+        return self.store.take("outbound:texts", limit, now)
+
+    def release_held(self, now: float) -> None:
+        """Release what the caps allow now, oldest first, and bundle the rest for the contact on duty."""
+        tickets = []
+        with self.store.transaction(redone=True):
+            still = []
+            for conv in self.store.held():
+                changed = False
+                for index in held_pages(conv):
+                    page = conv.pages[index]
+                    if page.error == "sender cap":
+                        allowed = self.store.take(
+                            sender_cap(conv.line, conv.sender), self.relay.config.sender_hourly_cap, now
+                        )
+                    else:
+                        allowed = page.counted = self.take_outbound(page, now)
+                    if allowed:
+                        release(conv, index, now)
+                        changed = True
+                if changed:
+                    tickets.append(self.relay.save(conv))
+                if held_pages(conv):
+                    still.append(conv)
+            for line in self.relay.config.lines:
+                held = [c for c in still if c.line == line.name]
+                if held and self.store.once_every(f"bundle:{line.name}", BUNDLE_EVERY, now):
+                    newest = max(held, key=lambda c: c.created)
+                    duty = first_on_duty(line, self.relay.roster, now)
+                    body = bundle_text(line.name, sorted(held, key=lambda c: c.created))
+                    newest.pages.append(Page(to=duty.phone, body=body, kind="bundle", retry_at=now))
+                    tickets.append(self.relay.save(newest))
+                    log("warning", "held_bundle", line=line.name, to=duty.phone, held=len(held))
+        for ticket in tickets:
+            self.store.wait(ticket)
+        if tickets:
+            self.relay.sweeper.wake()
+
+
+class Sweeper:
+    """Takes what falls due: sleeps until the next deadline or retry, or until new work wakes it (never
+    a fixed tick), then runs the rules on each conversation due and queues what they want sent."""
+
+    def __init__(self, relay: Relay):
+        self.relay, self.store, self.clock = relay, relay.store, relay.clock
+        self.lock = threading.Lock()
+        self.woken = threading.Condition(self.lock)
+        self.last_sweep = 0.0
+        self.sweep_at = math.inf  # when the sweep looks next (inf: it is looking now)
+
+    def run(self, stop: threading.Event) -> None:
+        """The sweeper's thread: a sweep, housekeeping about once a second, reminders; then sleep."""
+        relay, next_housekeeping = self.relay, 0.0
+        while not stop.is_set():
+            with self.lock:
+                self.sweep_at = math.inf
+            try:
+                next_at = self.sweep()
+                if time.monotonic() >= next_housekeeping:
+                    relay.housekeeping()
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
+                if not self.store.failure:
+                    relay.remind()
+            except Exception as e:  # keep paging whatever one pass hit; /healthz shows a stall
+                log("error", "sweep_failed", error=repr(e))
+                next_at = None
+            with self.lock:
+                timeout = min(
+                    HOUSEKEEPING_EVERY if next_at is None else next_at - self.clock(),
+                    relay.reminder_at - self.clock(),
+                    self.store.POLL,
+                )
+                if timeout > 0 and self.sweep_at == math.inf:  # else it was asked to look again meanwhile
+                    self.sweep_at = self.clock() + timeout
+                    self.woken.wait(timeout)
+
+    def sweep(self) -> float | None:
+        """Fire what is due; returns when next to look. Sends are queued on their recipient's thread."""
+        if self.store.failure:
+            return None
+        started, began = time.thread_time(), time.monotonic()
+        events, to_send, tickets, lag, more = [], [], [], 0.0, False
+        with self.relay.outbox.sending_once_stored(to_send):
+            with self.store.transaction(redone=True):
+                for conv in self.store.due(self.clock(), self.relay.outbox.in_flight):
+                    if time.monotonic() - began > SWEEP_BATCH_SECONDS:  # a slow database: send these first
+                        more = True
+                        break
+                    # Read after its lock was taken and the writes before it: a step begun now gets
+                    # all its wait, and a claim made now starts whole, however slow the database.
+                    now = self.clock()
+                    deadline, changed = conv.deadline, False
+                    if event := expire(conv, now, self.relay.roster):
+                        lag = max(lag, now - deadline)
+                        events.append((conv, event))
+                        changed = True
+                    changed |= self.relay.outbox.claim(conv, now, to_send)
+                    tickets.append(self.relay.save(conv, changed))
+                self.last_sweep = self.clock()
+                SWEEP_LAG.set(lag)
+                next_at = self.last_sweep if more else self.store.next_due()
+            for ticket in tickets:
+                self.store.wait(ticket)
+        for conv, event in events:
+            self.relay.after_change(conv, event, reason="wait ran out")
+        SWEEP_SECONDS.set(time.thread_time() - started)
+        return next_at
+
+    def wake(self, at: float | None = -math.inf) -> None:
+        """Have the sweep look again by `at` (at once, by default), if it would not anyway (a text's
+        page is sent with no sweep at all; on a shared database each needless pass is a transaction)."""
+        with self.lock:
+            if at is not None and at < self.sweep_at:
+                self.sweep_at = -math.inf  # a sweep under way looks again before it sleeps
+                self.woken.notify()
+
+
 class Relay:
-    def __init__(self, settings: Settings, config: Config, store: Store, gateway):
+    """The relay service: each webhook, key press, delivery report and console action is one store
+    transaction running the escalation rules; what they want sent goes to the outbox once stored.
+    The outbox sends, the cost caps hold and release, the sweeper takes what falls due."""
+
+    def __init__(self, settings: Settings, config: Config, store: Store, gateway: Gateway):
         self.settings = settings
         self.config = config
         self.config_mtime = self._config_mtime()
         self.store = store
         self.gateway = gateway
         self.clock = store.clock
-        self.lock = store.lock  # guards what the relay keeps in memory (in flight, outbox)
-        self.wake = threading.Condition(self.lock)
-        self.in_flight: dict[str, set[int]] = {}  # conversation id -> pages queued or being sent now
-        # Pages queued per recipient, each queue drained in order by threads of its own (up to
-        # SENDS_PER_RECIPIENT at once): a recipient whose sends stall holds up nobody else.
-        self.outbox: dict[str, deque[tuple[str, int]]] = {}
-        self.outbox_workers: dict[str, int] = {}
-        self.stopping = False
-        self.senders = SendThreads()
-        self.last_sweep = 0.0
-        self.sweep_at = math.inf  # when the sweep looks next (inf: it is looking now)
-        self.leases_renewed = 0.0
-        self.random = random.Random()
         self.id = os.urandom(6).hex()  # this relay process, as the holder of the pages it claims
         self.heal_failed: str | None = None  # why the store's last heal failed, as logged
-        self.lease = store.LEASE  # how long a claim lasts, longer while the database is slow to write
         # Lines whose texts carriers block, since when and why, until one of their texts is delivered
         # again (as this relay has heard): alarms then go by call too, and /healthz names it.
         self.carrier_blocked: dict[str, dict] = {}
@@ -4130,6 +4709,7 @@ class Relay:
         self.reminder_at = -math.inf  # when the next shift's reminder falls due
         self.last_webhook: float | None = None  # when Twilio last brought a text here (for the console)
         self.twilio_errors: deque[float] = deque(maxlen=10_000)  # when sends failed, for the console's hour
+        self.outbox, self.caps, self.sweeper = Outbox(self), CostCaps(self), Sweeper(self)
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -4143,7 +4723,7 @@ class Relay:
         Writes nothing: any number of health checks at once leave no trace.
         """
         problem = self.store.writable()
-        if problem is None and (stalled := self.clock() - self.last_sweep) > SWEEP_STALL:
+        if problem is None and (stalled := self.clock() - self.sweeper.last_sweep) > SWEEP_STALL:
             problem = f"sweep loop last ran {stalled:.1f}s ago"
         return problem
 
@@ -4153,12 +4733,9 @@ class Relay:
         except OSError:
             return None
 
-    def _save(self, conv: Conversation, changed: bool = True):
+    def save(self, conv: Conversation, changed: bool = True):
         """(in a transaction)"""
-        return self.store.save(conv, self.in_flight.get(conv.id, frozenset()), changed)
-
-    def _ids(self, conv: Conversation, **more) -> dict:
-        return {"line": conv.line, "code": conv.code, **more}
+        return self.store.save(conv, self.outbox.in_flight_of(conv.id), changed)
 
     def _body(self, body: str) -> str | None:
         return body if self.config.log_bodies else None
@@ -4196,7 +4773,7 @@ class Relay:
             raise BadRequest(503, "state_unwritable", self.store.failure)
         to_send: list = []
         later: list[tuple[str, str, str]] = []  # (from, to, text) sent on their own once stored
-        with self._sending_once_stored(to_send):
+        with self.outbox.sending_once_stored(to_send):
             with self.store.transaction(f"{line.name} {sender}", prompt=True):
                 contact = line.contact(sender)
                 arrival = self.store.arrival(sid, line.name, sender, now, customer=contact is None)
@@ -4209,7 +4786,7 @@ class Relay:
                 if contact is not None:
                     conv, event, fields = self._reply(line, contact, sid, body, now, answer, later)
                 elif (conv := arrival.joins) is not None:
-                    event, fields = "inbound_joined", self._ids(conv)
+                    event, fields = "inbound_joined", conv_ids(conv)
                     # A customer talking with a contact on a two-way line is never cut off by the sender cap.
                     if conv.status == HELD_STATUS:
                         held = "sender cap"
@@ -4219,7 +4796,7 @@ class Relay:
                         held = None
                     else:
                         held = "sender cap"
-                        self._cap_reached("sender", conv, now)
+                        self.caps.reached("sender", conv, now)
                     join(conv, sid, body, now, held, media)
                     if held:
                         event = "inbound_held"
@@ -4227,10 +4804,10 @@ class Relay:
                     conv = start_conversation(
                         line, config, sid, sender, body, arrival.code, now, media, received_at, forwarded, self.roster
                     )
-                    event, fields = "inbound_accepted", self._ids(conv, media=len(media) or None)
+                    event, fields = "inbound_accepted", conv_ids(conv, media=len(media) or None)
                     if not self.store.take(sender_cap(line.name, sender), config.sender_hourly_cap, now):
                         hold(conv, "sender cap", now)
-                        self._cap_reached("sender", conv, now)
+                        self.caps.reached("sender", conv, now)
                         event = "inbound_held"
                     elif line.received_text:
                         conv.messages[0]["answer"] = fit_sms(line.received_text.format(line=line.name, contact=""))
@@ -4243,17 +4820,17 @@ class Relay:
                     if confirm:
                         conv.pages.append(Page(to=sender, body=confirm, kind="confirmation", retry_at=now))
                         confirm = None
-                    self._claim_pages(conv, now, to_send)  # sent at once, with no sweep between
-                    ticket = self._save(conv)
+                    self.outbox.claim(conv, now, to_send)  # sent at once, with no sweep between
+                    ticket = self.save(conv)
                 else:  # remembered all the same, so a retry of it is known and answered alike
                     ticket = self.store.save_stray(sid, said, now)
             self.store.wait(ticket)
         if conv is not None:
-            self.wake_sweep(self._next_look(conv))
+            self.wake_for(conv)
         if confirm:  # a caught-up reply that matched nothing: no conversation to carry the answer
             later.append((line.number, sender, confirm))
         for text in later:
-            self.senders.submit(self._send_direct, *text)
+            self.outbox.text(*text)
         if event == "reply_take":
             with contextlib.suppress(StoreFailure):  # else the next housekeeping reads it
                 self.refresh_roster()
@@ -4299,12 +4876,12 @@ class Relay:
         if word == "pass":
             conv.replies.append(reply)
             if event := pass_on(conv, contact, now, self.roster):
-                self._after_change(conv, event, reason=f"passed on by {contact.name}")
+                self.after_change(conv, event, reason=f"passed on by {contact.name}")
                 reply["answer"] = f"{line.name} #{conv.code}: passed on; {self._next_paged(conv)}."
             else:
                 reply["answer"] = f"{line.name} #{conv.code} {holder_words(conv)}; nothing changed."
             answer.message(reply["answer"])
-            return conv, "reply_pass" if event else "reply_pass_refused", self._ids(conv, contact=contact.name)
+            return conv, "reply_pass" if event else "reply_pass_refused", conv_ids(conv, contact=contact.name)
         if conv.is_takeable:
             acknowledge(conv, contact, reply, now)
             ACKS.inc()
@@ -4323,7 +4900,7 @@ class Relay:
             text += " nothing was sent to the customer (a bare acknowledgement)."
         reply["answer"] = text
         answer.message(text)
-        return conv, event, self._ids(conv, contact=contact.name, way="sms" if event == "acknowledged" else None)
+        return conv, event, conv_ids(conv, contact=contact.name, way="sms" if event == "acknowledged" else None)
 
     def _take(
         self, line: Line, contact: Contact, duration: int | str | None, now: float, later: list
@@ -4396,13 +4973,13 @@ class Relay:
                     f"and ends {local_time(end, tz)}."
                 )
                 log("info", "shift_reminder", rotation=rotation.name, contact=member.name, to=member.phone)
-                self.senders.submit(self._send_direct, line.number, member.phone, text)
+                self.outbox.text(line.number, member.phone, text)
         self.reminder_at = self.roster.next_reminder(now)
 
     def console_act(self, conv_id: str, contact: Contact, action: str, text: str = "") -> str:
         """Take, pass, close or reply to a conversation from the console; returns what happened."""
         now, to_send = self.clock(), []
-        with self._sending_once_stored(to_send):
+        with self.outbox.sending_once_stored(to_send):
             with self.store.transaction():
                 conv = self.store.get(conv_id)
                 if conv is None:
@@ -4423,16 +5000,16 @@ class Relay:
                 else:
                     return f"#{conv.code} {holder_words(conv)}; nothing changed"
                 conv.actions.append({"at": now, "by": contact.name, "action": action, "text": text.strip()})
-                self._claim_pages(conv, now, to_send)
-                ticket = self._save(conv)
+                self.outbox.claim(conv, now, to_send)
+                ticket = self.save(conv)
             self.store.wait(ticket)
-        self.wake_sweep(self._next_look(conv))
-        log("info", "console_action", **self._ids(conv, contact=contact.name, action=action))
+        self.wake_for(conv)
+        log("info", "console_action", **conv_ids(conv, contact=contact.name, action=action))
         if event == "acknowledged":
             ACKS.inc()
-            log("info", "acknowledged", **self._ids(conv, contact=contact.name, way="console"))
+            log("info", "acknowledged", **conv_ids(conv, contact=contact.name, way="console"))
         elif event in ("escalated", "unanswered"):
-            self._after_change(conv, event, reason=f"passed on by {contact.name} on the console")
+            self.after_change(conv, event, reason=f"passed on by {contact.name} on the console")
         return said
 
     def _open_for_reply(self, line: Line, contact: Contact, body: str) -> list[Conversation]:
@@ -4477,7 +5054,7 @@ class Relay:
             if digits not in ("1", "2"):
                 if repeated:  # the call ends without 1 or 2: Twilio's report of it moves the chain on
                     return key_twiml("Nothing was taken. Goodbye.")
-                return key_twiml(f"Again: {PROMPT}", self.callback_url("/api/voice/gather", conv, index, r=1))
+                return key_twiml(f"Again: {PROMPT}", self.outbox.callback_url("/api/voice/gather", conv, index, r=1))
             if digits == "1" and conv.is_takeable:
                 call_sid = params.get("CallSid") or f"call-{conv_id}-{index}"
                 acknowledge(conv, contact, {"sid": call_sid, "from": contact.phone, "body": "1", "at": now}, now)
@@ -4492,14 +5069,14 @@ class Relay:
                 words = f"Passed on. {self._next_paged(conv).capitalize()}."
             else:
                 words = "It is no longer with you. Nothing changed."
-            ticket = self._save(conv)
+            ticket = self.save(conv)
         self.store.wait(ticket)
-        log("info", "call_key", **self._ids(conv, to=contact.phone, digits=digits))
+        log("info", "call_key", **conv_ids(conv, to=contact.phone, digits=digits))
         if event == "acknowledged":
-            log("info", "acknowledged", **self._ids(conv, contact=contact.name, way="call"))
+            log("info", "acknowledged", **conv_ids(conv, contact=contact.name, way="call"))
         elif event:
-            self._after_change(conv, event, reason=f"passed on by {contact.name}")
-        self.wake_sweep()
+            self.after_change(conv, event, reason=f"passed on by {contact.name}")
+        self.sweeper.wake()
         return key_twiml(words + " Goodbye.")
 
     def call_report(self, conv_id: str, index: int, params: dict[str, str]) -> None:
@@ -4511,26 +5088,12 @@ class Relay:
                 log("warning", "call_status_unknown", conversation=conv_id, page=index, status=status)
                 return
             event = call_progress(conv, index, status, answered_by, sid, self.clock(), self.roster)
-            ticket = self._save(conv)
+            ticket = self.save(conv)
         self.store.wait(ticket)
-        log("info", "call_status", **self._ids(conv, to=page.to, status=status, answered_by=answered_by or None))
+        log("info", "call_status", **conv_ids(conv, to=page.to, status=status, answered_by=answered_by or None))
         if event:
-            self._after_change(conv, event, reason=f"call {answered_by or status}")
-        self.wake_sweep()
-
-    def _cap_reached(self, cap: str, conv: Conversation, now: float) -> None:
-        """A text was held by a cost cap: tell the operator once an hour, not once a text (in a transaction)."""
-        HELD.labels(cap).inc()
-        if not self.store.once_every(f"cap_told:{cap}", HOUR, now):
-            return
-        limit = self.config.sender_hourly_cap if cap == "sender" else self.config.outbound_hourly_cap
-        log("error", "cap_reached", cap=cap, limit=limit, **self._ids(conv, sender=conv.sender))
-        if self.config.alarm_phone:
-            text = (
-                f"relay: the {cap} cap of {limit} texts an hour was reached on {conv.line} (latest from "
-                f"{conv.sender}). Texts over it are held and go out as the cap allows; see `relay.py status`."
-            )
-            conv.pages.append(Page(to=self.config.alarm_phone, body=text, kind="cap_alarm", retry_at=now))
+            self.after_change(conv, event, reason=f"call {answered_by or status}")
+        self.sweeper.wake()
 
     def _unmatched_reply_text(self, line: Line, code: str | None) -> str:
         if code is None:
@@ -4554,10 +5117,10 @@ class Relay:
             code = params.get("ErrorCode")
             pages_before = len(conv.pages)
             event = record_status(conv, index, status, code, self.clock(), self.config.call_when_blocked, self.roster)
-            ticket = self._save(conv)
+            ticket = self.save(conv)
             to = conv.pages[index].to
         self.store.wait(ticket)
-        ids = self._ids(conv, to=to, twilio_sid=params.get("MessageSid"))
+        ids = conv_ids(conv, to=to, twilio_sid=params.get("MessageSid"))
         log("info", "status_callback", **ids, status=status, error_code=code)
         if status in ("failed", "undelivered") and code in CARRIER_BLOCK_CODES:
             CARRIER_BLOCKED.inc()
@@ -4567,359 +5130,27 @@ class Relay:
         elif status in ("delivered", "read") and self.carrier_blocked.pop(conv.line, None):
             log("info", "carrier_unblocked", line=conv.line)
         if event:
-            self._after_change(conv, event, reason=f"delivery {status}")
-        self.wake_sweep(self._next_look(conv))
+            self.after_change(conv, event, reason=f"delivery {status}")
+        self.wake_for(conv)
 
-    def _after_change(self, conv: Conversation, event: str, **fields) -> None:
+    def after_change(self, conv: Conversation, event: str, **fields) -> None:
         """Log and count an escalation or an unanswered end, and wake the sweeper."""
         if event == "escalated":
             ESCALATIONS.inc()
             to = contact_at(conv, conv.step).phone
-            log("warning", "escalated", **self._ids(conv, to=to, step=conv.step + 1), **fields)
+            log("warning", "escalated", **conv_ids(conv, to=to, step=conv.step + 1), **fields)
         elif event == "unanswered":
             UNANSWERED.inc()
-            log("error", "unanswered", **self._ids(conv, sender=conv.sender), **fields)
-        self.wake_sweep()
+            log("error", "unanswered", **conv_ids(conv, sender=conv.sender), **fields)
+        self.sweeper.wake()
 
-    def _next_look(self, conv: Conversation) -> float | None:
-        with self.lock:
-            return next_wakeup(conv, self.in_flight.get(conv.id, frozenset()))
-
-    def wake_sweep(self, at: float | None = -math.inf) -> None:
-        """Have the sweep look again by `at` (at once, by default), if it would not anyway (a text's
-        page is sent with no sweep at all; on a shared database each needless pass is a transaction)."""
-        with self.lock:
-            if at is not None and at < self.sweep_at:
-                self.sweep_at = -math.inf  # a sweep under way looks again before it sleeps
-                self.wake.notify()
-
-    # -- sending ---------------------------------------------------------------
-
-    def callback_url(self, route: str, conv: Conversation, index: int, **more) -> str | None:
-        """A URL on the public URL for Twilio to call back about one page (None without a public URL).
-
-        In dry-run without one, the relay's own address, so `press` can walk a call through.
-        """
-        base = self.public_url or (f"http://127.0.0.1:{self.settings.port}" if self.settings.dry_run else None)
-        if not base:
-            return None
-        return f"{base}{route}?{urllib.parse.urlencode({'c': conv.id, 'p': index, **more})}"
-
-    def _done_sending(self, conv_id: str, index: int) -> None:
-        """(lock held)"""
-        sending = self.in_flight.get(conv_id, set())
-        sending.discard(index)
-        if not sending:
-            self.in_flight.pop(conv_id, None)
-
-    def _send_queued(self, to: str) -> None:
-        """Runs on one of the recipient's threads: its queued pages, oldest first, until none is left."""
-        while True:
-            with self.lock:
-                queue = self.outbox.get(to)
-                if not queue or self.stopping:  # when stopping, what is left stays pending for the next start
-                    for conv_id, index in queue or ():
-                        self._done_sending(conv_id, index)
-                    self.outbox_workers[to] -= 1
-                    if not self.outbox_workers[to]:
-                        del self.outbox_workers[to]
-                        self.outbox.pop(to, None)
-                    return
-                conv_id, index = queue.popleft()
-            try:
-                self._send(conv_id, index)
-            except Exception as e:  # the page stays pending, tried again after a backoff
-                log("error", "send_crashed", to=to, error=repr(e))
-                with self.lock:
-                    self._done_sending(conv_id, index)
-                try:
-                    with self.store.transaction(redone=True):
-                        if (conv := self.store.get(conv_id)) and index < len(conv.pages):
-                            page = conv.pages[index]
-                            page.retry_at = self.clock() + retry_delay(
-                                max(1, page.attempts), None, self.random.random()
-                            )
-                            self._save(conv, changed=False)
-                except StoreFailure:
-                    pass  # the healed store has the page pending, and the sweep takes it up
-                self.wake_sweep()
-
-    def _send(self, conv_id: str, index: int) -> None:
-        """One attempt at one page, its outcome stored before anything else."""
-        with self.store.transaction(reading=True):
-            conv = self.store.get(conv_id)
-            page = self._still_to_send(conv, index)
-            if page is not None and self.store.LEASE and page.lease <= self.clock():
-                conv = None  # claimed, but the claim lapsed before its send began: renewed first
-            elif page is not None:
-                request = self._request(conv, index)
-        if page is not None and conv is None:
-            conv = self.store.change(conv_id, functools.partial(self._reclaim, index=index), lambda: ())
-            page = self._still_to_send(conv, index)
-            if page is not None:
-                request = self._request(conv, index)
-        counting = page is not None and not page.counted and page.kind not in NEVER_HELD
-        if counting:  # counted now, by itself: the cap's lock is held for the count alone
-            with self.store.transaction(reading=True):
-                counted = self._outbound_take(page, self.clock())
-            if not counted:
-                self._hold_over_cap(conv_id, index)
-                page = None
-        if page is None:  # a page not yet with Twilio stays unsent
-            with self.lock:
-                self._done_sending(conv_id, index)
-            return
-        try:
-            outcome: SendError | str | None = request()
-        except SendError as e:
-            outcome = e
-        except Exception as e:  # a bug or an unexpected library error must not lose the page
-            outcome = SendError(f"unexpected {type(e).__name__}", permanent=False)
-        event = result = None
-
-        def record(conv: Conversation) -> bool:
-            nonlocal event, result
-            event = result = None
-            if index >= len(conv.pages):  # the store was reloaded and has no such page
-                return False
-            page = conv.pages[index]
-            page.attempts += 1
-            page.lease = 0.0
-            page.counted = page.counted or counting
-            if isinstance(outcome, SendError):
-                self.twilio_errors.append(self.clock())
-                event = record_send_error(conv, index, outcome, self.clock(), self.random.random(), self.roster)
-                result = "retry" if event == "retry" else "failed"
-            else:
-                record_sent(conv, index, outcome, self.clock())
-                event, result = None, "sent"
-            return True
-
-        # In flight until its outcome is stored (so its claim is renewed meanwhile), but not for its
-        # own next look: a retry is due at its retry time.
-        try:
-            conv = self.store.change(conv_id, record, lambda: self.in_flight.get(conv_id, set()) - {index})
-        finally:
-            with self.lock:
-                self._done_sending(conv_id, index)
-        if conv is None or result is None:  # the store was reloaded and has no such page
-            return
-        page = conv.pages[index]
-        SENDS.labels(result).inc()
-        ids = self._ids(conv, to=page.to, kind=page.kind, attempt=page.attempts)
-        if page.kind == "alarm" and page.attempts == 1 and conv.line in self.carrier_blocked:
-            # The alarm text may be blocked like the pages were: the alarm phone is called as well.
-            self.senders.submit(self._call_direct, conv.number, page.to, page.body)
-        if result == "sent":
-            log("info", "relay_sent", twilio_sid=outcome, **ids)
-        else:
-            level = "warning" if result == "retry" else "error"
-            log(level, "send_failed", result=result, reason=outcome.reason, error_code=outcome.code, **ids)
-            if event != "retry":
-                self._after_change(conv, event, reason=outcome.reason)
-        self.wake_sweep(self._next_look(conv))
-
-    def _hold_over_cap(self, conv_id: str, index: int) -> None:
-        """The outbound cap is spent: the page waits, held, for the hour to make room (release_held)."""
-        with self.store.transaction(redone=True):
-            conv = self.store.get(conv_id)
-            if self._still_to_send(conv, index) is None:
-                return
-            hold_page(conv.pages[index], "outbound cap")
-            self._cap_reached("outbound", conv, self.clock())
-            ticket = self._save(conv)
-        self.store.wait(ticket)
-        self.wake_sweep(self._next_look(conv))  # the cap's alarm, if one was added
-
-    def _still_to_send(self, conv: Conversation | None, index: int) -> Page | None:
-        """The page, if it is still this relay's to send: not taken, reloaded or sent since it was
-        claimed, nor claimed by another relay since this one's claim lapsed (cut off or frozen)."""
-        page = conv.pages[index] if conv and index < len(conv.pages) else None
-        if page is None or page.state != "pending" or (self.store.LEASE and page.holder != self.id):
-            return None
-        return page
-
-    def _reclaim(self, conv: Conversation, index: int) -> bool:
-        """Renew this relay's lapsed claim on a page, if no other relay has claimed it since."""
-        if self._still_to_send(conv, index) is None:
-            return False
-        conv.pages[index].lease = self.clock() + self.lease
-        return True
-
-    def _request(self, conv: Conversation, index: int) -> Callable[[], str | None]:
-        """The call to Twilio that sends the page."""
-        page = conv.pages[index]
-        if page.kind == "call":
-            gather = self.callback_url("/api/voice/gather", conv, index) or ""
-            twiml = call_twiml(conv, gather)
-            status = self.callback_url("/api/voice/status", conv, index)
-            return functools.partial(self.gateway.call, conv.number, page.to, twiml, status)
-        if page.kind == "end_call":
-            hang_up = "completed" if self._call_status(conv, page.body) == "in-progress" else "canceled"
-            return functools.partial(self.gateway.end_call, page.body, hang_up)
-        callback = self.callback_url("/api/sms/status", conv, index)
-        return functools.partial(self.gateway.send, conv.number, page.to, page.body, callback, page.media)
-
-    # -- the sweep -----------------------------------------------------------
-
-    def sweep(self) -> float | None:
-        """Fire what is due; returns when next to look. Sends are queued on their recipient's thread."""
-        if self.store.failure:
-            return None
-        started, began = time.thread_time(), time.monotonic()
-        events, to_send, tickets, lag, more = [], [], [], 0.0, False
-        with self._sending_once_stored(to_send):
-            with self.store.transaction(redone=True):
-                for conv in self.store.due(self.clock(), self.in_flight):
-                    if time.monotonic() - began > SWEEP_BATCH_SECONDS:  # a slow database: send these first
-                        more = True
-                        break
-                    # Read after its lock was taken and the writes before it: a step begun now gets
-                    # all its wait, and a claim made now starts whole, however slow the database.
-                    now = self.clock()
-                    deadline, changed = conv.deadline, False
-                    if event := expire(conv, now, self.roster):
-                        lag = max(lag, now - deadline)
-                        events.append((conv, event))
-                        changed = True
-                    changed |= self._claim_pages(conv, now, to_send)
-                    tickets.append(self._save(conv, changed))
-                self.last_sweep = self.clock()
-                SWEEP_LAG.set(lag)
-                next_at = self.last_sweep if more else self.store.next_due()
-            for ticket in tickets:
-                self.store.wait(ticket)
-        for conv, event in events:
-            self._after_change(conv, event, reason="wait ran out")
-        SWEEP_SECONDS.set(time.thread_time() - started)
-        return next_at
-
-    def _claim_pages(self, conv: Conversation, now: float, to_send: list) -> bool:
-        """Claim the conversation's pages due now for this relay to send (in a transaction).
-
-        Each is leased where other relays could take it, marked in flight, and added to `to_send`
-        (the outbound cap counts it when its send begins); returns whether the conversation changed.
-        """
-        changed, claimed = False, set()
-        with self.lock:  # only this conversation's: a flood's outbox may hold thousands
-            sending = set(self.in_flight.get(conv.id, ()))
-        for index, page in enumerate(conv.pages):
-            if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
-                continue
-            if self.store.LEASE:  # claimed for this relay: no other sends it while the claim lasts
-                page.lease, page.holder, changed = now + self.lease, self.id, True
-            claimed.add(index)
-            to_send.append((conv.id, index, page.to))
-        if claimed:
-            with self.lock:
-                self.in_flight.setdefault(conv.id, set()).update(claimed)
-        return changed
-
-    @contextlib.contextmanager
-    def _sending_once_stored(self, to_send: list):
-        """Queue the pages claimed into `to_send` once what claimed them is stored; if it is not,
-        none is sent and each stays pending in the store, for the sweep of a healed store."""
-        try:
-            yield
-        except BaseException:
-            with self.lock:
-                for conv_id, index, _ in to_send:
-                    self._done_sending(conv_id, index)
-            raise
-        with self.lock:
-            workers = []
-            for conv_id, index, to in to_send:
-                self.outbox.setdefault(to, deque()).append((conv_id, index))
-                if self.outbox_workers.get(to, 0) < min(SENDS_PER_RECIPIENT, len(self.outbox[to])):
-                    self.outbox_workers[to] = self.outbox_workers.get(to, 0) + 1
-                    workers.append(to)
-        for to in workers:
-            self.senders.submit(self._send_queued, to)
-
-    def _outbound_take(self, page: Page, now: float) -> bool:
-        if page.kind == "call":
-            return self.store.take("outbound:calls", self.config.call_hourly_cap, now)
-        cap = self.config.outbound_hourly_cap
-        limit = cap if page.kind in ("page", "notice") else max(1, int(cap * FOLLOWUP_SHARE))
-        return self.store.take("outbound:texts", limit, now)
-
-    def hand_back(self) -> int:
-        """Stopping: give up the pages queued here and not yet started; returns how many. Where other
-        relays could send them, they are told at once (their claims cleared), not when claims lapse."""
-        given_up: dict[str, set[int]] = {}
-        with self.lock:
-            self.stopping = True
-            for queue in self.outbox.values():
-                while queue:
-                    conv_id, index = queue.popleft()
-                    self._done_sending(conv_id, index)
-                    given_up.setdefault(conv_id, set()).add(index)
-        if given_up and self.store.LEASE and not self.store.failure:
-            with contextlib.suppress(StoreFailure):
-                self.store.renew(given_up, 0.0, self.id)
-        return sum(map(len, given_up.values()))
-
-    def renew_leases(self) -> None:
-        """Where other relays could take them: keep this relay's claim on the pages it is sending."""
-        if not self.store.LEASE or time.monotonic() - self.leases_renewed < self.store.LEASE / 3:
-            return
-        with self.lock:
-            in_flight = {conv_id: set(pages) for conv_id, pages in self.in_flight.items()}
-        if not in_flight or self.store.failure:  # a failed store: the claims lapse, and are taken anew
-            return
-        self.leases_renewed = began = time.monotonic()
-        self.store.renew(in_flight, self.clock() + self.lease, self.id)
-        # A database slow to write renews slowly: claims then last longer than three renewals, so
-        # they do not lapse while being renewed (and another relay send the page too).
-        self.lease = min(MAX_LEASE, max(self.store.LEASE, 3 * (time.monotonic() - began)))
-
-    @staticmethod
-    def _call_status(conv: Conversation, call_sid: str) -> str | None:
-        return next((p.call_status for p in conv.pages if p.kind == "call" and p.sid == call_sid), None)
-
-    # -- cost caps: held texts go out as the caps allow ------------------------
-
-    def release_held(self, now: float) -> None:
-        """Release what the caps allow now, oldest first, and bundle the rest for the contact on duty."""
-        tickets = []
-        with self.store.transaction(redone=True):
-            still = []
-            for conv in self.store.held():
-                changed = False
-                for index in held_pages(conv):
-                    page = conv.pages[index]
-                    if page.error == "sender cap":
-                        allowed = self.store.take(
-                            sender_cap(conv.line, conv.sender), self.config.sender_hourly_cap, now
-                        )
-                    else:
-                        allowed = page.counted = self._outbound_take(page, now)
-                    if allowed:
-                        release(conv, index, now)
-                        changed = True
-                if changed:
-                    tickets.append(self._save(conv))
-                if held_pages(conv):
-                    still.append(conv)
-            for line in self.config.lines:
-                held = [c for c in still if c.line == line.name]
-                if held and self.store.once_every(f"bundle:{line.name}", BUNDLE_EVERY, now):
-                    newest = max(held, key=lambda c: c.created)
-                    duty = first_on_duty(line, self.roster, now)
-                    body = bundle_text(line.name, sorted(held, key=lambda c: c.created))
-                    newest.pages.append(Page(to=duty.phone, body=body, kind="bundle", retry_at=now))
-                    tickets.append(self._save(newest))
-                    log("warning", "held_bundle", line=line.name, to=duty.phone, held=len(held))
-        for ticket in tickets:
-            self.store.wait(ticket)
-        if tickets:
-            self.wake_sweep()
+    def wake_for(self, conv: Conversation) -> None:
+        """Have the sweep look by when `conv` next needs it (its pages in flight left aside)."""
+        self.sweeper.wake(next_wakeup(conv, self.outbox.in_flight_of(conv.id)))
 
     def housekeeping(self) -> None:
         """Cheap checks done about once a second: config edits, held texts, tidying, healing."""
-        with self.lock:
-            if not self.in_flight:  # a dict keeps the table of its busiest moment, a flood's queue
-                self.in_flight = {}
+        self.outbox.tidy()
         mtime = self._config_mtime()
         if mtime != self.config_mtime:
             self.config_mtime = mtime
@@ -4936,7 +5167,7 @@ class Relay:
             return
         self.refresh_roster()
         now = self.clock()
-        self.release_held(now)
+        self.caps.release_held(now)
         pruned = self.store.tidy(now, self.config.retention)
         if pruned:
             log("info", "pruned", days=pruned)
@@ -4952,55 +5183,27 @@ class Relay:
                 self.heal_failed = str(e)
             return
         self.heal_failed = None
-        self.wake_sweep()
+        self.sweeper.wake()
         log("warning", "state_writable_again", after=reason, open_conversations=self.store.open_count())
         self.tell_about_damage()
 
     def tell_about_damage(self) -> None:
         """Each damaged state file moved aside is reported to the alarm phone (once, from memory)."""
-        for name, count in self.store.damaged:
+        for name, count in self.store.damage_report():
             text = (
                 f"relay: state file {name} was damaged ({count} unreadable record(s)); it was moved aside "
                 "and the relay runs on with everything readable."
             )
             if self.config.alarm_phone:
-                self.senders.submit(self._send_direct, self.config.lines[0].number, self.config.alarm_phone, text)
-        self.store.damaged = []
-
-    def _call_direct(self, from_: str, to: str, text: str) -> None:
-        """A call that reads a text out twice, about no conversation: placed once, not stored."""
-        response = VoiceResponse()
-        response.say(spoken(text))
-        twiml = str(response)
-        response.pause(length=1)
-        response.say(f"Again: {spoken(text)}")
-        if utf16_len(str(response)) <= MAX_TWIML:  # twice when twice fits Twilio's limit
-            twiml = str(response)
-        try:
-            sid = self.gateway.call(from_, to, twiml, None)
-        except SendError as e:
-            log("error", "direct_call_failed", to=to, reason=e.reason)
-        else:
-            log("info", "direct_called", to=to, twilio_sid=sid)
-
-    def _send_direct(self, from_: str, to: str, text: str, secret: bool = False) -> None:
-        """A text about no conversation, sent with a few retries and not stored."""
-        for attempt in range(1, 6):
-            try:
-                sid = self.gateway.send(from_, to, text, None, secret=secret)
-            except SendError as e:
-                log("warning", "direct_send_failed", to=to, reason=e.reason, attempt=attempt)
-                if e.permanent:
-                    return
-                time.sleep(retry_delay(attempt, e.retry_after, self.random.random()))
-            else:
-                log("info", "direct_sent", to=to, twilio_sid=sid)
-                return
+                self.outbox.text(self.config.lines[0].number, self.config.alarm_phone, text)
 
 
 # ---------------------------------------------------------------------------
 # Web routes
+#
+# Twilio's webhooks (each signed), /healthz and /metrics.
 # ---------------------------------------------------------------------------
+
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 
@@ -5016,6 +5219,14 @@ class FormParams(dict):
 
     def getlist(self, key: str) -> list[str]:
         return self.all[key]
+
+
+def media_urls(params: dict[str, str]) -> list[str]:
+    """The photos of an MMS (MediaUrl0...), as far as they look like Twilio's media links."""
+    count = params.get("NumMedia", "0").strip()
+    count = min(int(count), MAX_MEDIA) if count.isdigit() else 0
+    urls = (params.get(f"MediaUrl{i}", "").strip() for i in range(count))
+    return [url for url in urls if url.startswith("https://") and len(url) <= 2048]
 
 
 def make_app(relay: Relay) -> bottle.Bottle:
@@ -5112,7 +5323,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
         body = {
             "ok": problem is None,
             "open_conversations": relay.store.open_count(),
-            "last_sweep": relay.last_sweep,
+            "last_sweep": relay.sweeper.last_sweep,
             "dry_run": relay.settings.dry_run,
         }
         if relay.carrier_blocked:  # the relay works; the carriers do not carry its texts
@@ -5357,7 +5568,7 @@ class Console:
             record = {"hash": digest(f"{phone} {code}"), "tries": 0, "expires": now + CODE_VALID}
             self.store.keep_console_record(f"code:{phone}", record, record["expires"])
             text = f"{line.name}: your console sign-in code is {code}. It works once, for 10 minutes."
-            self.relay.senders.submit(self.relay._send_direct, line.number, phone, text, True)
+            self.relay.outbox.text(line.number, phone, text, secret=True)
             log("info", "console_code_sent", contact=contact.name, to=phone)
         said = f"If {shown} is on a line's chain, a 6-digit code is on its way to it."
         return self.page("signin", phone=shown, asked=True, said=said)
@@ -5667,8 +5878,15 @@ def login_link(store: Store | ConsoleFile, public_url: str, phone: str, now: flo
 
 
 # ---------------------------------------------------------------------------
-# Sweeper
+# Sweeper, catch-up and heartbeat: the loops beside the web server
+#
+# The sweeper wakes for the next deadline or retry and does housekeeping; catch-up asks
+# Twilio for texts the webhook never brought; the heartbeat tells an outside monitor that
+# this relay can page. Each runs on a thread of its own.
 # ---------------------------------------------------------------------------
+
+# -- sweeper -----------------------------------------------------------------------------------
+
 
 HOUSEKEEPING_EVERY = 1.0
 # A sweep commits, and sends what it claimed, after this long; the rest of what is due is taken at
@@ -5677,53 +5895,24 @@ SWEEP_BATCH_SECONDS = 0.5
 SWEEP_STALL = 10.0
 
 
-def run_sweeper(relay: Relay, stop: threading.Event) -> None:
-    """Sleep until the next deadline or retry, or until new work wakes us; never a fixed tick."""
-    next_housekeeping = 0.0
-    while not stop.is_set():
-        with relay.lock:
-            relay.sweep_at = math.inf
-        try:
-            next_at = relay.sweep()
-            if time.monotonic() >= next_housekeeping:
-                relay.housekeeping()
-                next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
-            if not relay.store.failure:
-                relay.remind()
-        except Exception as e:  # keep paging whatever one pass hit; /healthz shows a stall
-            log("error", "sweep_failed", error=repr(e))
-            next_at = None
-        with relay.lock:
-            timeout = min(
-                HOUSEKEEPING_EVERY if next_at is None else next_at - relay.clock(),
-                relay.reminder_at - relay.clock(),
-                relay.store.POLL,
-            )
-            if timeout > 0 and relay.sweep_at == math.inf:  # else it was asked to look again meanwhile
-                relay.sweep_at = relay.clock() + timeout
-                relay.wake.wait(timeout)
-
-
 def run_renewer(relay: Relay, stop: threading.Event) -> None:
     """Keep this relay's claims on the pages it is sending, on a thread of its own: a sweep slowed by
     the database must not let them lapse, or another relay would send them too."""
-    while not stop.wait(relay.store.LEASE / 3):
+    while not stop.wait(relay.store.RENEW_EVERY):
         try:
-            relay.renew_leases()
+            relay.outbox.renew()
         except StoreFailure:
             pass  # the claims lapse, and are taken anew: the webhook and the sweep report the store
         except Exception as e:
             log("error", "renew_failed", error=repr(e))
 
 
-# ---------------------------------------------------------------------------
-# Catch-up: texts Twilio received that the webhook never brought
+# -- catch-up ----------------------------------------------------------------------------------
 #
-# Twilio does not retry a failed SMS webhook, but it keeps every text. So each
-# line's received texts are listed now and then, and any MessageSid the relay
-# has not seen is handled exactly as the webhook would have. The MessageSid
-# dedup makes the webhook and the catch-up safe to race.
-# ---------------------------------------------------------------------------
+# Twilio does not retry a failed SMS webhook, but it keeps every text. So each line's received
+# texts are listed now and then, and any MessageSid the relay has not seen is handled exactly as
+# the webhook would have. The MessageSid dedup makes the webhook and the catch-up safe to race.
+
 
 CATCH_UP_PAGE = 50
 CATCH_UP_OVERLAP = 300.0  # each pass reads back this far before the previous one began: clocks differ
@@ -5774,15 +5963,8 @@ def run_catch_up(relay: Relay, stop: threading.Event) -> None:
         stop.wait(relay.config.catch_up)
 
 
-# ---------------------------------------------------------------------------
-# Heartbeat: an outside monitor hears from each relay while it can page
-#
-# Nothing inside a relay can report that the relay is gone. So each relay pings
-# an outside monitor (Healthchecks.io, Cronitor, Uptime Kuma's push monitors)
-# every `heartbeat_every` while it can page, and pings the same URL with /fail
-# appended, the reason as the body, while it cannot. The monitor alarms when
-# the pings stop or fail.
-# ---------------------------------------------------------------------------
+# -- heartbeat: pings while this relay can page, /fail with the reason while it cannot ---------
+
 
 HEARTBEAT_TIMEOUT = 10.0
 
@@ -5821,6 +6003,121 @@ def run_heartbeat(relay: Relay, stop: threading.Event) -> None:
             reported = trouble
         ping(relay.settings.heartbeat_url, trouble)
         stop.wait(max(0.0, began + relay.config.heartbeat_every - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# Process: memory, the server, signals
+#
+# How `serve` runs: glibc settings that hand a flood's memory back, waitress set for a
+# public port, and the drain after SIGTERM.
+# ---------------------------------------------------------------------------
+
+# What lets a flood's memory go back to the system once it is over. CPython's own allocator frees an
+# arena only when every object in it has gone, and a few survivors pin most of them; glibc keeps an
+# arena per thread and raises its trim threshold as it goes. So the server runs its objects on
+# malloc, in two arenas, with fixed thresholds, and malloc_trim can then return every free page.
+# Nor does glibc keep a per-thread cache of freed chunks: a long-lived thread's cached chunks count
+# as in use, so they neither merge with their free neighbours nor let malloc_trim return their
+# pages (measured after a flood of 20,000 senders: 20 MB kept with the cache, 13 MB without).
+RETURNABLE_MEMORY = {
+    "PYTHONMALLOC": "malloc",
+    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024),
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 1024),
+    "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0",
+}
+
+
+def run_with_returnable_memory() -> None:
+    """Start again, as the same process, with RETURNABLE_MEMORY (which only works from the start)."""
+    missing = {name: value for name, value in RETURNABLE_MEMORY.items() if name not in os.environ}
+    if missing and sys.platform == "linux":
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, **missing})
+
+
+def give_memory_back() -> None:
+    """After many conversations left memory: collect, and hand freed heap pages back to the system."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused, only not returned
+        pass
+
+
+IDLE_CONNECTION_SECONDS = 25  # closed by waitress's cleanup within IDLE + CLEANUP seconds: under 30
+CLEANUP_EVERY = 2
+DRAIN_SECONDS = 8.0  # SIGTERM: answer what was read and finish sends, then exit, well within 10 s
+DRAIN_RENEW_EVERY = 0.2  # how often the drain looks to renew claims (renew_leases keeps its own pace)
+
+
+def open_files_allowed() -> int:
+    """Raise the soft limit on open files to the hard one (up to 16384): idle sockets must not starve us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def create_server(app, host: str, port: int):
+    """waitress set for a public port: many connections at once, idle ones closed, poll() not select()."""
+    connections = max(100, min(10_000, open_files_allowed() - 256))
+    return waitress.create_server(
+        app,
+        host=host,
+        port=port,
+        threads=8,
+        max_request_body_size=MAX_BODY_BYTES,
+        max_request_header_size=32 * 1024,
+        connection_limit=connections,
+        channel_timeout=IDLE_CONNECTION_SECONDS,
+        cleanup_interval=CLEANUP_EVERY,
+        asyncore_use_poll=True,
+        backlog=1024,
+        # X-Forwarded-For is passed on as sent: the console reads it only from a peer on a private
+        # network, where a platform's router is (Console.client); nothing else reads it.
+        clear_untrusted_proxy_headers=False,
+    )
+
+
+def requests_in_progress(server) -> int:
+    """Requests waitress has, or has waiting unread on its sockets, and has not yet answered in full."""
+    return sum(
+        1
+        for channel in list(server._map.values())
+        if isinstance(channel, waitress.channel.HTTPChannel)
+        and (channel.requests or channel.total_outbufs_len or unread_bytes(channel.socket))
+    )
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:  # closed meanwhile
+        return 0
+
+
+def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:
+    """After SIGTERM: answer what was read, let sends in flight finish (the rest stay pending), exit 0."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    relay.sweeper.wake()  # from its sleep, to see the stop: the queued pages are handed back after it
+    sweeper.join(timeout=2)
+    handed_back = relay.outbox.hand_back()
+    while requests_in_progress(server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    while True:  # the sends in flight keep their claims while they finish, so no other relay sends them too
+        left = deadline - time.monotonic()
+        unfinished = relay.outbox.senders.shutdown(wait=True, timeout=max(0.0, min(left, DRAIN_RENEW_EVERY)))
+        if not unfinished or left <= DRAIN_RENEW_EVERY:
+            break
+        relay.outbox.renew()
+    log(
+        "info",
+        "stopped",
+        requests_unanswered=requests_in_progress(server),
+        sends_handed_back=handed_back + unfinished,
+    )
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------
@@ -5898,82 +6195,6 @@ def describe(settings: Settings, config: Config) -> list[str]:
     return out
 
 
-IDLE_CONNECTION_SECONDS = 25  # closed by waitress's cleanup within IDLE + CLEANUP seconds: under 30
-CLEANUP_EVERY = 2
-DRAIN_SECONDS = 8.0  # SIGTERM: answer what was read and finish sends, then exit, well within 10 s
-DRAIN_RENEW_EVERY = 0.2  # how often the drain looks to renew claims (renew_leases keeps its own pace)
-
-
-def open_files_allowed() -> int:
-    """Raise the soft limit on open files to the hard one (up to 16384): idle sockets must not starve us."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 16384 if hard == resource.RLIM_INFINITY else min(hard, 16384)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def create_server(app, host: str, port: int):
-    """waitress set for a public port: many connections at once, idle ones closed, poll() not select()."""
-    connections = max(100, min(10_000, open_files_allowed() - 256))
-    return waitress.create_server(
-        app,
-        host=host,
-        port=port,
-        threads=8,
-        max_request_body_size=MAX_BODY_BYTES,
-        max_request_header_size=32 * 1024,
-        connection_limit=connections,
-        channel_timeout=IDLE_CONNECTION_SECONDS,
-        cleanup_interval=CLEANUP_EVERY,
-        asyncore_use_poll=True,
-        backlog=1024,
-        # X-Forwarded-For is passed on as sent: the console reads it only from a peer on a private
-        # network, where a platform's router is (Console.client); nothing else reads it.
-        clear_untrusted_proxy_headers=False,
-    )
-
-
-def requests_in_progress(server) -> int:
-    """Requests waitress has, or has waiting unread on its sockets, and has not yet answered in full."""
-    return sum(
-        1
-        for channel in list(server._map.values())
-        if isinstance(channel, waitress.channel.HTTPChannel)
-        and (channel.requests or channel.total_outbufs_len or unread_bytes(channel.socket))
-    )
-
-
-def unread_bytes(sock: socket.socket) -> int:
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
-    except OSError:  # closed meanwhile
-        return 0
-
-
-def drain_and_exit(server, relay: Relay, sweeper: threading.Thread) -> None:
-    """After SIGTERM: answer what was read, let sends in flight finish (the rest stay pending), exit 0."""
-    deadline = time.monotonic() + DRAIN_SECONDS
-    relay.wake_sweep()  # from its sleep, to see the stop: the queued pages are handed back after it
-    sweeper.join(timeout=2)
-    handed_back = relay.hand_back()
-    while requests_in_progress(server) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    while True:  # the sends in flight keep their claims while they finish, so no other relay sends them too
-        left = deadline - time.monotonic()
-        unfinished = relay.senders.shutdown(wait=True, timeout=max(0.0, min(left, DRAIN_RENEW_EVERY)))
-        if not unfinished or left <= DRAIN_RENEW_EVERY:
-            break
-        relay.renew_leases()
-    log(
-        "info",
-        "stopped",
-        requests_unanswered=requests_in_progress(server),
-        sends_handed_back=handed_back + unfinished,
-    )
-    os._exit(0)
-
-
 def cmd_serve(args) -> int:
     run_with_returnable_memory()
     tame_library_logging()
@@ -5992,22 +6213,22 @@ def cmd_serve(args) -> int:
     log("info", "listening", host=settings.host, port=settings.port, open_conversations=store.open_count())
     relay.tell_about_damage()
     stop = threading.Event()
-    sweeper = threading.Thread(target=run_sweeper, args=(relay, stop), name="sweeper", daemon=True)
+    sweeper = threading.Thread(target=relay.sweeper.run, args=(stop,), name="sweeper", daemon=True)
 
     def stop_gracefully(signum, frame):
         if stop.is_set():
             return
         log("info", "stopping", signal=signal.Signals(signum).name)
         stop.set()
-        relay.stopping = True  # sends not yet started stay pending on disk for the next start
+        relay.outbox.stopping = True  # sends not yet started stay pending on disk for the next start
         server.close()  # no new connections; those open keep being served until answered
         threading.Thread(target=drain_and_exit, args=(server, relay, sweeper), name="drain").start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_gracefully)
     sweeper.start()
-    threading.Thread(target=store.listen, args=(relay.wake_sweep, stop), name="listener", daemon=True).start()
-    if store.LEASE:
+    threading.Thread(target=store.listen, args=(relay.sweeper.wake, stop), name="listener", daemon=True).start()
+    if store.SHARED:
         threading.Thread(target=run_renewer, args=(relay, stop), name="renewer", daemon=True).start()
     if not settings.dry_run and config.catch_up:
         threading.Thread(target=run_catch_up, args=(relay, stop), name="catch-up", daemon=True).start()
@@ -6391,25 +6612,6 @@ def cmd_setup(args) -> int:
     return 0 if check_numbers(settings, config, apply=args.apply) else 1
 
 
-def read_store_while_running(directory: Path, tries: int = 5) -> JsonStore:
-    """Read the state a running relay may be folding meanwhile: read again if the snapshot changed."""
-    snapshot = directory / JsonStore.SNAPSHOT
-
-    def version():
-        return (snapshot.stat().st_ino, snapshot.stat().st_mtime_ns) if snapshot.exists() else None
-
-    for _ in range(tries):
-        store, before = JsonStore(directory), version()
-        try:
-            if directory.exists():
-                store.load(archive=False)
-        except FileNotFoundError:  # a journal folded away as we read
-            continue
-        if version() == before:
-            break
-    return store
-
-
 def reachable_database(url: str) -> PgStore:
     store = PgStore(url)
     try:
@@ -6544,7 +6746,7 @@ def cmd_status(args) -> int:
     if settings.database_url:
         store = reachable_database(settings.database_url)
     else:
-        store = read_store_while_running(settings.state_dir)
+        store = JsonStore.read_while_running(settings.state_dir)
     convs = store.unfinished()
     print(
         f"{sum(c.is_open for c in convs)} open conversation(s), "
@@ -6602,20 +6804,15 @@ def cmd_import_state(args) -> int:
     directory = Path(args.directory) if args.directory else settings.state_dir
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such state directory")
-    source = read_store_while_running(directory)
-    convs = list(source.conversations.values())
-    for path in sorted(directory.glob("archive-*.jsonl")):
-        convs.extend(Conversation.from_json(r["conversation"]) for r in json_lines(path) if r and "conversation" in r)
+    convs, strays, overrides = JsonStore.read_while_running(directory).export(time.time())
     store = reachable_database(settings.database_url)
-    added, added_strays = store.import_state(convs, list(source.strays.values()))
-    now = time.time()
-    overrides = ScheduleFile(directory / SCHEDULE_FILE).overrides(now)
-    known = {o.id for o in store.overrides(now)}
+    added, added_strays = store.import_state(convs, strays)
+    known = {o.id for o in store.overrides(time.time())}
     for override in overrides:
         if override.id not in known:
             store.add_override(override)
     print(
-        f"imported {added} of {len(convs)} conversation(s), {added_strays} of {len(source.strays)} other "
+        f"imported {added} of {len(convs)} conversation(s), {added_strays} of {len(strays)} other "
         f"text(s) and {len(set(o.id for o in overrides) - known)} of {len(overrides)} override(s) from "
         f"{directory}; the rest were already in the database"
     )

@@ -261,8 +261,8 @@ MUTANTS = [
     Mutant(
         "Faults 1: bundle",
         "the held-texts bundle goes to the contact on duty",
-        "                    duty = next((c for c in line.chain if on_duty(c, line.timezone, now)), line.chain[-1])",
-        "                    duty = line.chain[0]",
+        "                    duty = first_on_duty(line, self.roster, now)",
+        "                    duty = on_call(line.chain[0], self.roster, now)",
         "tests/test_cost_caps.py",
     ),
     Mutant(

@@ -91,7 +91,7 @@ def test_reply_without_code_reaches_the_conversation_the_contact_is_talking_in(c
 
 def test_a_day_after_a_two_way_conversation_was_taken_a_contacts_text_no_longer_reaches_its_customer(tmp_path, clock):
     service = make_relay(tmp_path / "state", relay.Config(lines=(line(reply_to_sender=True),)))
-    service.senders = RunAtOnce()
+    service.outbox.senders = RunAtOnce()
     service.receive({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
     service.receive({"MessageSid": msid("s1"), "From": SERGIO, "To": LINE, "Body": "#1 yes, two left"})
     clock.tick(relay.TWO_WAY_WINDOW)  # no sweep since: the conversation is still in the store, not archived
@@ -292,12 +292,12 @@ def test_contact_hours_are_read_in_the_line_time_zone_not_utc(utc, on):
 def test_a_two_way_contact_s_later_replies_reach_the_customer_too(tmp_path):
     two_way = line(reply_to_sender=True)
     service = make_relay(tmp_path / "state", relay.Config(lines=(two_way,)))
-    service.senders = RunAtOnce()
+    service.outbox.senders = RunAtOnce()
     service.receive({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
-    service.sweep()
+    service.sweeper.sweep()
     for n, answer in enumerate(["#1 yes, two left", "bring a towel", "see you at the dock"]):
         service.receive({"MessageSid": msid(f"s{n}"), "From": SERGIO, "To": LINE, "Body": answer})
-        service.sweep()
+        service.sweeper.sweep()
     to_customer = [body for _, to, body in service.gateway.sent if to == CUSTOMER]
     assert to_customer == ["yes, two left", "bring a towel", "see you at the dock"]
 

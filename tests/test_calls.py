@@ -194,7 +194,7 @@ def service_with(tmp_path, first=SERGIO_CALL):
 
     line = relay.Line("QDN", LINE, (first, BACKUP_C))
     service = make_relay(tmp_path / "state", relay.Config(lines=(line,), public_url="https://relay.example.com"))
-    service.senders = RunAtOnce()
+    service.outbox.senders = RunAtOnce()
     return service
 
 
@@ -202,7 +202,7 @@ def test_list_by_sms_names_each_open_conversation_paged_to_that_contact(tmp_path
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
         service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n} needs fuel now please"})
-    service.sweep()
+    service.sweeper.sweep()
     twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
     assert f"#1 {CUSTOMER} boat 0 needs fuel now" in twiml and f"#2 {OTHER_CUSTOMER} boat 1 needs fuel now" in twiml
     assert all(c.is_open for c in service.store.conversations.values())
@@ -212,11 +212,9 @@ def test_list_by_sms_names_the_oldest_conversation_first(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
         service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n}"})
-        clock.tick(1)
-    service.store.conversations = dict(reversed(service.store.conversations.items()))
-    service.store._index_all()
+        clock.tick(-2)  # the second text is stored second, but is the older
     twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
-    assert twiml.index(f"#1 {CUSTOMER}") < twiml.index(f"#2 {OTHER_CUSTOMER}")
+    assert twiml.index(f"#2 {OTHER_CUSTOMER}") < twiml.index(f"#1 {CUSTOMER}")
 
 
 class CallsHangUntilReleased:
@@ -236,17 +234,18 @@ class CallsHangUntilReleased:
 def test_a_call_still_in_flight_is_not_placed_again_when_its_text_went_first(tmp_path, clock):
     service = service_with(tmp_path, SERGIO_BOTH)
     service.gateway = gateway = CallsHangUntilReleased()
-    service.senders = relay.SendThreads()
+    service.outbox.senders = relay.SendThreads()
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
-    service.sweep()
-    wait_until(lambda: len(gateway.texts) == 1 and gateway.calls and len(service.senders.active) == 1)
+    service.sweeper.sweep()
+    wait_until(lambda: len(gateway.texts) == 1 and gateway.calls and len(service.outbox.senders.active) == 1)
     # A second customer's text queues more sends to Sergio, and so more workers for his queue.
     service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
-    service.sweep()
-    wait_until(lambda: len(gateway.calls) > 2 or (not service.outbox.get(SERGIO) and len(service.senders.active) == 2))
+    service.sweeper.sweep()
+    outbox = service.outbox
+    wait_until(lambda: len(gateway.calls) > 2 or (not outbox.queues.get(SERGIO) and len(outbox.senders.active) == 2))
     assert len(gateway.calls) == 2  # one for each conversation
     gateway.released.set()
-    assert service.senders.shutdown(timeout=10) == 0
+    assert service.outbox.senders.shutdown(timeout=10) == 0
     assert gateway.calls == [SERGIO, SERGIO]
 
 
@@ -255,7 +254,7 @@ def test_a_key_pressed_on_a_call_is_logged_with_the_key(tmp_path, clock, capsys)
     service.gateway = gateway = CallsHangUntilReleased()
     gateway.released.set()
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
-    service.sweep()
+    service.sweeper.sweep()
     conv = next(iter(service.store.conversations.values()))
     service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
     assert [(e["to"], e["digits"]) for e in logged_events(capsys, "call_key")] == [(SERGIO, "1")]
@@ -266,7 +265,7 @@ def test_a_take_by_key_press_logs_acknowledged_with_the_contact_and_the_way(tmp_
     service.gateway = gateway = CallsHangUntilReleased()
     gateway.released.set()
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
-    service.sweep()
+    service.sweeper.sweep()
     conv = next(iter(service.store.conversations.values()))
     service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
     acks = logged_events(capsys, "acknowledged")
@@ -276,9 +275,9 @@ def test_a_take_by_key_press_logs_acknowledged_with_the_contact_and_the_way(tmp_
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
-    service.sweep()
+    service.sweeper.sweep()
     twiml = service.receive({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "can't"})
-    service.sweep()
+    service.sweeper.sweep()
     assert "passed on; Backup is paged now" in twiml
     assert [to for _, to, _ in service.gateway.sent] == [SERGIO, BACKUP]
 
@@ -287,7 +286,7 @@ def test_pass_from_a_contact_not_holding_the_step_changes_nothing(tmp_path, cloc
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
     clock.tick(120)
-    service.sweep()  # the backup holds the step now
+    service.sweeper.sweep()  # the backup holds the step now
     twiml = service.receive({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "#1 pass"})
     assert "is with Backup now; nothing changed" in twiml
     assert service.store.conversations[msid(1)].step == 1
@@ -451,17 +450,17 @@ def test_calls_have_their_own_hourly_cap_and_a_held_call_goes_out_later(tmp_path
     line = relay.Line("QDN", LINE, (SERGIO_CALL, BACKUP_C))
     config = relay.Config(lines=(line,), public_url="https://relay.example.com", call_hourly_cap=1)
     service = make_relay(tmp_path / "state", config)
-    service.senders = RunAtOnce()
+    service.outbox.senders = RunAtOnce()
     calls = []
     service.gateway.call = lambda from_, to, twiml, callback: calls.append(to) or "CA" + "9" * 32
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
         service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": "help"})
-    service.sweep()
+    service.sweeper.sweep()
     first_pages = sorted((c.pages[0].state, c.pages[0].error) for c in service.store.conversations.values())
     assert calls == [SERGIO] and first_pages == [("held", "outbound cap"), ("sent", None)]
     clock.tick(3601)
     service.housekeeping()
-    service.sweep()
+    service.sweeper.sweep()
     assert calls == [SERGIO, SERGIO]
 
 
@@ -470,9 +469,9 @@ def test_a_key_press_1_after_another_contact_took_it_leaves_it_theirs(tmp_path, 
     service.gateway = gateway = CallsHangUntilReleased()
     gateway.released.set()
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
-    service.sweep()
+    service.sweeper.sweep()
     clock.tick(120)
-    service.sweep()  # the backup is paged, and takes it
+    service.sweeper.sweep()  # the backup is paged, and takes it
     service.receive({"MessageSid": msid("take"), "From": BACKUP, "To": LINE, "Body": "ok"})
     words = service.key_pressed(msid(1), 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
     assert "It was already taken by Backup." in words
@@ -483,8 +482,8 @@ def test_list_names_only_the_conversations_paged_to_the_contact_who_asks(tmp_pat
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
     clock.tick(120)
-    service.sweep()  # this one has reached the backup too
+    service.sweeper.sweep()  # this one has reached the backup too
     service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
-    service.sweep()  # this one only Sergio
+    service.sweeper.sweep()  # this one only Sergio
     listed = service.receive({"MessageSid": msid("list"), "From": BACKUP, "To": LINE, "Body": "list"})
     assert "1 open for you" in listed and CUSTOMER in listed and OTHER_CUSTOMER not in listed

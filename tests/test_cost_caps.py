@@ -23,21 +23,21 @@ def capped_relay(tmp_path, sender_cap=100, outbound_cap=100, alarm=ALARM, line=Q
         lines=(line,), sender_hourly_cap=sender_cap, outbound_hourly_cap=outbound_cap, alarm_phone=alarm
     )
     service = make_relay(tmp_path / "state", config)
-    service.senders = RunAtOnce()
+    service.outbox.senders = RunAtOnce()
     return service
 
 
 def text(service: relay.Relay, sender: str, n: int, body: str | None = None) -> str:
     sid = msid(f"{sender}-{n}")
     service.receive({"MessageSid": sid, "From": sender, "To": LINE, "Body": body or f"text {n}"})
-    service.sweep()
+    service.sweeper.sweep()
     return sid
 
 
 def an_hour_later(service: relay.Relay, clock) -> None:
     clock.tick(3601)
     service.housekeeping()
-    service.sweep()
+    service.sweeper.sweep()
 
 
 def sent_to(service: relay.Relay, phone: str) -> list[str]:
@@ -50,7 +50,7 @@ def cap_alarms(service: relay.Relay) -> list[str]:
 
 def acknowledge(service: relay.Relay, body: str = "ok") -> None:
     service.receive({"MessageSid": msid(f"ack {body}"), "From": SERGIO, "To": LINE, "Body": body})
-    service.sweep()
+    service.sweeper.sweep()
 
 
 def held_after_a_first_text_was_taken(tmp_path) -> tuple[relay.Relay, relay.Conversation]:
@@ -158,17 +158,17 @@ def test_the_contact_on_duty_gets_a_bundle_of_held_texts_at_most_every_ten_minut
     text(service, "+15550000002", 1, "mooring line snapped")
     text(service, "+15550000003", 2, "fuel dock closed")
     service.housekeeping()
-    service.sweep()
+    service.sweeper.sweep()
     bundles = [body for body in sent_to(service, SERGIO) if "held by a cost cap" in body]
     assert len(bundles) == 1
     assert "#2 +15550000002 mooring line snapped" in bundles[0] and "#3 +15550000003 fuel dock" in bundles[0]
     clock.tick(599)
     service.housekeeping()
-    service.sweep()
+    service.sweeper.sweep()
     assert len([body for body in sent_to(service, SERGIO) if "held by a cost cap" in body]) == 1
     clock.tick(1)
     service.housekeeping()
-    service.sweep()
+    service.sweeper.sweep()
     assert len([body for body in sent_to(service, SERGIO) if "held by a cost cap" in body]) == 2
 
 
@@ -285,25 +285,25 @@ def test_retries_are_not_counted_against_the_outbound_cap(tmp_path, clock):
     text(service, "+15550000001", 0)
     for _ in range(3):
         clock.tick(5)
-        service.sweep()
+        service.sweeper.sweep()
     text(service, "+15550000002", 1)
     assert [to for _, to, _ in recorder.sent] == [SERGIO, SERGIO] and cap_alarms(service) == []
 
 
 def test_a_send_that_crashes_leaves_the_recipients_later_pages_going(tmp_path, clock):
     service = capped_relay(tmp_path)
-    real_send, crashes = service._send, [RuntimeError("a bug in one send")]
+    real_send, crashes = service.outbox._send, [RuntimeError("a bug in one send")]
 
     def crashing_once(conv_id, index):
         if crashes:
             raise crashes.pop()
         return real_send(conv_id, index)
 
-    service._send = crashing_once
+    service.outbox._send = crashing_once
     text(service, "+15550000001", 0)  # its page crashes...
     text(service, "+15550000002", 1)  # ...and the next for the same contact still goes
     clock.tick(2)
-    service.sweep()  # the crashed one is tried again after a backoff
+    service.sweeper.sweep()  # the crashed one is tried again after a backoff
     assert sorted(body.split(":")[0] for body in sent_to(service, SERGIO)) == [
         "QDN #1 from +15550000001",
         "QDN #2 from +15550000002",
@@ -320,6 +320,6 @@ def test_the_bundle_goes_to_the_contact_on_duty_not_the_first_while_his_hours_sa
     text(service, "+15550000001", 0)
     text(service, "+15550000002", 1, "mooring line snapped")
     service.housekeeping()
-    service.sweep()
+    service.sweeper.sweep()
     assert any("held by a cost cap" in body for body in sent_to(service, BACKUP))
     assert not any("held by a cost cap" in body for body in sent_to(service, SERGIO))

@@ -11,6 +11,7 @@ from conftest import (
     CUSTOMER,
     LINE,
     SERGIO,
+    RunAtOnce,
     barrier,
     config_text,
     make_relay,
@@ -201,7 +202,8 @@ def test_a_text_to_the_operator_is_retried_after_twilio_s_wait_and_logged_once_s
     service.gateway = BusyThenFine()
     waits = []
     monkeypatch.setattr(relay_module.time, "sleep", waits.append)
-    service._send_direct(LINE, ALARM, "a state file was damaged")
+    service.outbox.senders = RunAtOnce()
+    service.outbox.text(LINE, ALARM, "a state file was damaged")
     assert len(waits) == 2 and min(waits) >= 3.0 and service.gateway.tries == 3
     assert '"event": "direct_sent"' in capsys.readouterr().out
 
@@ -226,13 +228,13 @@ class HeldSends:
 
 def test_a_page_acknowledged_before_its_send_starts_is_never_sent_and_leaves_no_claim(tmp_path):
     service = make_relay(tmp_path / "state")
-    service.senders = held = HeldSends()
+    service.outbox.senders = held = HeldSends()
     service.receive({"MessageSid": msid("text"), "From": CUSTOMER, "To": LINE, "Body": "need a tow"})
-    assert service.in_flight  # the page is claimed for its send
+    assert service.outbox.in_flight  # the page is claimed for its send
     service.receive({"MessageSid": msid("reply"), "From": SERGIO, "To": LINE, "Body": "#1 on it"})
     held.run()
     assert service.gateway.sent == []
-    assert service.in_flight == {}  # else it stays this relay's, as long as the relay runs
+    assert service.outbox.in_flight == {}  # else it stays this relay's, as long as the relay runs
 
 
 def test_a_page_refused_with_retry_after_is_tried_again_no_sooner_than_twilio_asked():

@@ -31,7 +31,7 @@ from conftest import (
     wait_until,
 )
 
-from relay import drain_and_exit, run_sweeper
+from relay import drain_and_exit
 
 # -- 1. caps defer; a flood cannot starve a new customer --------------------------------------------
 
@@ -369,9 +369,9 @@ def test_the_drain_wakes_the_sweeper_instead_of_waiting_out_its_sleep(tmp_path, 
     service = make_relay(tmp_path / "state")
     monkeypatch.setattr(service.store, "POLL", 3600.0)
     stop = threading.Event()
-    sweeper = threading.Thread(target=run_sweeper, args=(service, stop), daemon=True)
+    sweeper = threading.Thread(target=service.sweeper.run, args=(stop,), daemon=True)
     sweeper.start()
-    wait_until(lambda: service.sweep_at != math.inf)  # asleep
+    wait_until(lambda: service.sweeper.sweep_at != math.inf)  # asleep
     exits = []
     monkeypatch.setattr("relay.os._exit", exits.append)
     stop.set()
@@ -382,7 +382,7 @@ def test_the_drain_wakes_the_sweeper_instead_of_waiting_out_its_sleep(tmp_path, 
 
 def test_a_sweep_pass_that_fails_is_logged_as_an_error_and_the_sweeper_carries_on(tmp_path, monkeypatch, capsys):
     service = make_relay(tmp_path / "state")
-    passes, real_sweep = [], service.sweep
+    passes, real_sweep = [], service.sweeper.sweep
 
     def failing_once():
         passes.append(time.monotonic())
@@ -390,15 +390,15 @@ def test_a_sweep_pass_that_fails_is_logged_as_an_error_and_the_sweeper_carries_o
             raise OSError(5, "Input/output error")
         return real_sweep()
 
-    monkeypatch.setattr(service, "sweep", failing_once)
+    monkeypatch.setattr(service.sweeper, "sweep", failing_once)
     stop = threading.Event()
-    sweeper = threading.Thread(target=run_sweeper, args=(service, stop), daemon=True)
+    sweeper = threading.Thread(target=service.sweeper.run, args=(stop,), daemon=True)
     sweeper.start()
     try:
         wait_until(lambda: len(passes) >= 2)
     finally:
         stop.set()
-        service.wake_sweep()
+        service.sweeper.wake()
         sweeper.join(timeout=5)
     failures = logged_events(capsys, "sweep_failed")
     assert len(failures) == 1 and failures[0]["level"] == "error" and "Input/output error" in failures[0]["error"]

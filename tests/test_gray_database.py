@@ -99,7 +99,7 @@ def test_once_a_hang_ends_the_relay_carries_on_by_itself_within_5s(start_relay, 
 def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_locks_freed(database_url):
     store = relay_module.PgStore(database_url)
     store.open()
-    frozen = store._connect()  # a relay's session, as it connects every one
+    frozen = store.connect()  # a relay's session, as it connects every one
     frozen.execute("BEGIN")
     frozen.execute("SELECT pg_advisory_xact_lock(42)")
     began = time.monotonic()
@@ -174,7 +174,7 @@ def relay_on(store, tmp_path) -> relay_module.Relay:
     config = relay_module.Config(lines=(relay_module.Line("QDN", LINE, chain),), public_url=PUBLIC_URL)
     settings = relay_module.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(tmp_path)})
     service = relay_module.Relay(settings, config, store, RecordingGateway())
-    service.senders = Queued()
+    service.outbox.senders = Queued()
     return service
 
 
@@ -189,7 +189,7 @@ def test_a_page_whose_claim_another_relay_took_over_is_never_sent(database_url, 
         conn.execute(
             """UPDATE relay_conversations SET doc = jsonb_set(doc::jsonb, '{pages,0,holder}', '"another"')::json"""
         )
-    frozen.senders.run()
+    frozen.outbox.senders.run()
     assert frozen.gateway.sent == []
 
 
@@ -210,7 +210,7 @@ def test_a_page_whose_claim_lapsed_is_claimed_anew_before_it_is_sent_once(databa
         return sending(*args)
 
     slow.gateway.send = send_seeing_the_claim
-    slow.senders.run()
+    slow.outbox.senders.run()
     assert len(slow.gateway.sent) == 1
 
 
@@ -221,7 +221,7 @@ def test_a_step_begun_after_a_slow_wait_for_its_lock_gets_all_its_wait(database_
     store.open()
     service = relay_on(store, tmp_path)
     service.receive({"MessageSid": msid("slow"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
-    service.senders.run()
+    service.outbox.senders.run()
     store.offset += 61  # Sergio's wait has run out
     due = store.due
 
@@ -231,7 +231,7 @@ def test_a_step_begun_after_a_slow_wait_for_its_lock_gets_all_its_wait(database_
         return found
 
     monkeypatch.setattr(store, "due", slow_due)
-    service.sweep()
+    service.sweeper.sweep()
     with store.transaction(reading=True):
         conv = store.get(msid("slow"))
     assert conv.step == 1 and conv.deadline - store.clock() == pytest.approx(60, abs=0.5)

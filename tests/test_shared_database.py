@@ -163,10 +163,10 @@ def test_texts_and_lease_renewals_read_no_table_whole_however_many_texts_are_rem
         settings = relay.Settings.from_env({"TWILIO_AUTH_TOKEN": TOKEN, "RELAY_STATE_DIR": str(tmp_path)})
         store = opened_store(database_url)
         service = relay.Relay(settings, config, store, RecordingGateway())
-        service.senders = RunAtOnce()
+        service.outbox.senders = RunAtOnce()
         for n in range(8):  # past the fifth, psycopg prepares each statement and the server may cache a plan
             service.receive({"MessageSid": msid(n), "From": f"+1555123{n:04d}", "To": LINE, "Body": "hi"})
-            store.renew({msid(n): {0}}, store.clock() + store.LEASE, service.id)
+            store.renew({msid(n): {0}}, service.id)
         assert len(service.gateway.sent) == 8
         assert whole_table_reads(admin) == before
 
@@ -230,7 +230,7 @@ def test_pages_one_relay_gives_up_wake_the_other_relays_at_once(database_url):
     listening.start()
     try:
         wait_until(lambda: wakes)  # one on connecting: what was given up while nobody listened
-        giver.renew({conv.id: {0}}, 0.0, "giver")
+        giver.give_up({conv.id: {0}}, "giver")
         wait_until(lambda: len(wakes) == 2, timeout=5)  # the listener's only other wake: a notification
     finally:
         stop.set()

@@ -216,7 +216,7 @@ def test_a_text_that_joined_no_conversation_is_still_known_after_a_restart(tmp_p
     store.wait(store.save_stray(msid("stray"), "QDN: nothing is waiting for you.", time.time()))
     store.fold()
     again = reopen(store)
-    assert again.knows(msid("stray")) and again.claim(msid("stray")) == "QDN: nothing is waiting for you."
+    assert again.knows(msid("stray")) and again.answer_to(msid("stray")) == "QDN: nothing is waiting for you."
 
 
 def test_a_damaged_snapshot_is_moved_aside_and_the_rest_is_read(tmp_path):
@@ -230,7 +230,7 @@ def test_a_damaged_snapshot_is_moved_aside_and_the_rest_is_read(tmp_path):
     again = reopen(store)
     assert set(again.conversations) == {msid("2")}
     (aside,) = tmp_path.glob("conversations.jsonl.damaged-*")
-    assert b"{not json" in aside.read_bytes() and again.damaged == [(aside.name, 1)]
+    assert b"{not json" in aside.read_bytes() and again.damage_report() == [(aside.name, 1)]
     assert set(reopen(again).conversations) == {msid("2")}  # what could be read is written anew
 
 
@@ -245,7 +245,7 @@ def test_whole_lines_missing_from_a_snapshot_are_reported_as_damage(tmp_path):
     again = reopen(store)
     assert len(again.conversations) == 7
     (aside,) = tmp_path.glob("conversations.jsonl.damaged-*")
-    assert again.damaged == [(aside.name, 3)]
+    assert again.damage_report() == [(aside.name, 3)]
 
 
 def test_a_snapshot_says_how_many_records_it_holds(tmp_path):
@@ -296,7 +296,7 @@ def test_a_failed_write_leaves_no_half_line_for_the_next_one_to_follow(tmp_path,
     store.heal()
     store.wait(store.save(conversation(msid("3"), time.time())))
     again = reopen(store)
-    assert set(again.conversations) == {msid("1"), msid("3")} and again.damaged == []
+    assert set(again.conversations) == {msid("1"), msid("3")} and again.damage_report() == []
 
 
 def test_a_closed_journal_never_writes_to_its_old_descriptor(tmp_path):
@@ -350,7 +350,7 @@ def test_a_change_whose_conversation_was_lost_counts_as_damage(tmp_path):
     journal = store.journal.path
     journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[1:]))  # the whole record lost
     again = reopen(store)
-    assert again.conversations == {} and again.damaged[0][1] == 1
+    assert again.conversations == {} and again.damage_report()[0][1] == 1
 
 
 def test_a_state_directory_with_missing_parents_is_created_0700(tmp_path):

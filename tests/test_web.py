@@ -55,23 +55,23 @@ def signed_post(app, path, params, token=TOKEN, content_type=FORM):
 def service(tmp_path):
     service = make_relay(tmp_path / "state")
     yield service
-    service.senders.shutdown(wait=True)
+    service.outbox.senders.shutdown(wait=True)
 
 
 def test_healthz_is_503_when_the_sweep_loop_has_stalled(service):
-    service.last_sweep = time.time() - 60
+    service.sweeper.last_sweep = time.time() - 60
     status, body = call(relay.make_app(service), "GET", "/healthz")
     assert status == 503 and "sweep loop" in json.loads(body)["reason"]
 
 
 def test_healthz_is_200_when_the_sweep_loop_runs(service):
-    service.sweep()
+    service.sweeper.sweep()
     status, body = call(relay.make_app(service), "GET", "/healthz")
     assert status == 200 and json.loads(body)["ok"] is True
 
 
 def test_healthz_is_503_when_the_state_directory_cannot_be_written(service):
-    service.sweep()
+    service.sweeper.sweep()
     shutil.rmtree(service.store.dir)
     status, body = call(relay.make_app(service), "GET", "/healthz")
     assert status == 503 and "not writable" in json.loads(body)["reason"]
@@ -156,7 +156,7 @@ def test_dry_run_still_checks_signatures_with_the_dry_run_token(tmp_path):
 
 
 def test_a_texts_page_is_sent_from_its_own_webhook_with_no_sweep_pass(service):
-    service.senders = RunAtOnce()  # no sweeper runs here: only the webhook can have sent it
+    service.outbox.senders = RunAtOnce()  # no sweeper runs here: only the webhook can have sent it
     params = {"MessageSid": msid("direct"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
     assert signed_post(relay.make_app(service), "/api/sms/inbound", params)[0] == 200
     assert [to for _, to, _ in service.gateway.sent] == [SERGIO]
@@ -166,7 +166,7 @@ def test_the_journal_is_written_and_synced_before_the_answer(service, monkeypatc
     order = []
     real_fsync, real_write = relay.os.fsync, relay.write_all
     journal_fd = service.store.journal.fd
-    monkeypatch.setattr(service.senders, "submit", lambda *args: None)  # the page's send would write too
+    monkeypatch.setattr(service.outbox.senders, "submit", lambda *args: None)  # the page's send would write too
     monkeypatch.setattr(relay.os, "fsync", lambda fd: (order.append(("fsync", fd)), real_fsync(fd))[1])
     monkeypatch.setattr(relay, "write_all", lambda fd, data: (order.append(("write", fd)), real_write(fd, data))[1])
     params = {"MessageSid": msid("synced"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
@@ -206,7 +206,7 @@ def test_a_retried_text_is_counted_as_a_duplicate(service):
 
 def test_metrics_show_the_cpu_time_of_the_last_sweep(service):
     relay.SWEEP_SECONDS.set(-1)
-    service.sweep()
+    service.sweeper.sweep()
     _, text = call(relay.make_app(service), "GET", "/metrics")
     assert float(next(line.split()[1] for line in text.splitlines() if line.startswith("relay_sweep_seconds "))) >= 0
 
@@ -215,7 +215,7 @@ def test_a_duplicate_is_known_after_its_conversation_was_archived(service):
     app = relay.make_app(service)
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("2"), "From": SERGIO, "To": LINE, "Body": "#1 ok"})
-    with service.lock:
+    with service.store.transaction():
         service.store.fold()
     assert msid("1") not in service.store.conversations
     signed_post(app, "/api/sms/inbound", {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
@@ -227,7 +227,7 @@ def test_texts_never_seen_are_relayed_after_others_were_archived(service):
     for n in range(3):  # archived conversations, whose texts are then known by their hashes only
         signed_post(app, "/api/sms/inbound", {"MessageSid": msid(n), "From": CUSTOMER, "To": LINE, "Body": "hi"})
         signed_post(app, "/api/sms/inbound", {"MessageSid": msid(f"ok {n}"), "From": SERGIO, "To": LINE, "Body": "ok"})
-    with service.lock:
+    with service.store.transaction():
         service.store.fold()
     assert service.store.conversations == {}
     new = [msid(f"new {n}") for n in range(30)]
@@ -251,7 +251,7 @@ def fold_between_journals(service, monkeypatch, moment):
             finish.wait(10)
 
     def fold():
-        with service.lock:
+        with service.store.transaction():
             service.store.fold()
 
     monkeypatch.setattr(owner, name, held)
@@ -280,7 +280,7 @@ def waiting_for_its_transaction(thread) -> bool:
 @pytest.mark.parametrize("moment", ["closed", "snapshot"])
 def test_a_health_check_during_a_fold_answers_200(service, monkeypatch, moment):
     app = relay.make_app(service)
-    service.last_sweep = service.clock()
+    service.sweeper.last_sweep = service.clock()
     with fold_between_journals(service, monkeypatch, moment):
         status, body = call(app, "GET", "/healthz")
     assert status == 200, body
@@ -362,9 +362,9 @@ def malformed_requests(draw):
 @pytest.fixture(scope="module")
 def hostile_target(tmp_path_factory):
     service = make_relay(tmp_path_factory.mktemp("hostile") / "state")
-    service.sweep()
+    service.sweeper.sweep()
     yield service, relay.make_app(service)
-    service.senders.shutdown(wait=True)
+    service.outbox.senders.shutdown(wait=True)
 
 
 @settings(max_examples=MALFORMED_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -372,7 +372,7 @@ def hostile_target(tmp_path_factory):
 def test_malformed_requests_get_a_clear_4xx_and_change_nothing(hostile_target, request):
     service, app = hostile_target
     method, path, body, headers, content_length = request
-    service.sweep()  # as the sweep loop would, so /healthz has no stall to report
+    service.sweeper.sweep()  # as the sweep loop would, so /healthz has no stall to report
     status, text = call(app, method, path, body, headers, content_length)
     assert status < 500, (status, text)
     assert "Traceback" not in text
