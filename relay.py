@@ -1010,6 +1010,20 @@ def next_wakeup(conv: Conversation, in_flight: set[int] = frozenset()) -> float 
     return min(times, default=None)
 
 
+def unanswered_beyond_listing(convs: Iterable[Conversation], now: float) -> set[str]:
+    """Unanswered conversations older than each line's newest UNANSWERED_LISTED, with nothing left to send:
+    the archive takes them, so a flood that ran out does not hold memory for the whole retention."""
+    by_line: dict[str, list[Conversation]] = {}
+    for conv in convs:
+        if conv.status == UNANSWERED_STATUS and conv.is_settled(now, 0):
+            by_line.setdefault(conv.line, []).append(conv)
+    return {
+        conv.id
+        for listed in by_line.values()
+        for conv in sorted(listed, key=lambda c: c.finished_at, reverse=True)[UNANSWERED_LISTED:]
+    }
+
+
 def next_code(used: Container[str], last: int) -> tuple[str, int]:
     """The next number after `last` (1-999999, wrapping) that no open conversation of the line holds."""
     n = last
@@ -1644,6 +1658,116 @@ class Journal:
                     self.failure = self.failure or OSError(errno.EBADF, "journal closed")
 
 
+class StateDirectory:
+    """The JSON store's directory: held by one relay at a time (an OS lock on `relay.lock`), 0700
+    with its files 0600."""
+
+    LOCK = "relay.lock"
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def acquire(self) -> int:
+        """Lock it for this relay (the lock's descriptor), tighten its modes, drop cut-short writes."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateLocked(f"{self.path}: another relay is running on this state directory") from None
+        for path in self.path.iterdir():
+            if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+                os.chmod(path, 0o600)
+            if path.name.endswith(".tmp"):  # a write cut short by a kill: never renamed into place
+                path.unlink()
+        return fd
+
+    def running(self) -> str:
+        """Whether a relay runs on it now, in words (for `status`)."""
+        try:
+            lock = (self.path / self.LOCK).stat()
+            with open("/proc/locks") as locks:  # asked, not taken: a relay starting meanwhile must not be refused
+                held = any(f":{lock.st_ino} " in row and "FLOCK" in row for row in locks)
+            return "a relay is running on it" if held else "no relay is running on it"
+        except FileNotFoundError:
+            return "no relay has run on it yet"
+        except OSError:
+            return "whether a relay runs on it cannot be told here"
+
+    def unwritable(self) -> str | None:
+        """Why nothing can be written there now, or None. Writes nothing."""
+        if not os.access(self.path, os.W_OK):
+            return f"state directory {self.path} is not writable"
+        if os.statvfs(self.path).f_bavail == 0:
+            return f"state directory {self.path} is full"
+        return None
+
+
+class ArchiveFiles:
+    """Finished conversations, one JSON-lines file a day (`archive-YYYY-MM-DD.jsonl`), deleted whole
+    once the day is past the retention. Only the hashes of their texts' MessageSids stay in memory,
+    so a retry of an archived text is known without reading it back."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        # Each day's MessageSids as a sorted array of their hash() values: 8 bytes a text, no Python
+        # object each (so a flood's leftovers do not pin freed memory), and a chance of about 1e-14
+        # per new text of being taken for a duplicate.
+        self.days: dict[str, array.array] = {}
+
+    def paths(self, newest_first: bool = False) -> list[Path]:
+        return sorted(self.dir.glob("archive-*.jsonl"), reverse=newest_first)
+
+    def load(self) -> None:
+        for path in self.paths():
+            day = path.name[len("archive-") : -len(".jsonl")]
+            self.days[day] = array.array("q", sorted(hash(sid) for sid in archived_sids(path)))
+
+    def knows(self, sid: str) -> bool:
+        key = hash(sid)
+        for hashes in self.days.values():
+            at = bisect.bisect_left(hashes, key)
+            if at < len(hashes) and hashes[at] == key:
+                return True
+        return False
+
+    def add(self, settled: list[tuple[Conversation, str, list[str]]]) -> None:
+        """Append each (conversation, the day it ended, its MessageSids) to its day's file, durably."""
+        for day in sorted({day for _, day, _ in settled}):
+            lines = (
+                json.dumps({"sids": sids, "conversation": conv.to_dict()}, ensure_ascii=False)
+                for conv, settled_on, sids in settled
+                if settled_on == day
+            )
+            append_durably(self.dir / f"archive-{day}.jsonl", lines)
+        hashes: dict[str, list[int]] = {}
+        for _, day, sids in settled:
+            hashes.setdefault(day, []).extend(map(hash, sids))
+        for day, more in hashes.items():
+            self.days[day] = array.array("q", sorted([*self.days.get(day, ()), *more]))
+
+    def prune(self, now: float, retention: int) -> int:
+        """Delete the days wholly older than the retention; returns how many."""
+        cutoff = time.strftime("%Y-%m-%d", time.gmtime(now - retention - 86400))
+        pruned = 0
+        for day in sorted(self.days):
+            if day <= cutoff:
+                (self.dir / f"archive-{day}.jsonl").unlink(missing_ok=True)
+                del self.days[day]
+                pruned += 1
+        return pruned
+
+    def conversations(self, newest_first: bool = False) -> Iterator[Conversation]:
+        """Every archived conversation, day by day (unreadable lines and vanished files passed over)."""
+        for path in self.paths(newest_first):
+            with contextlib.suppress(OSError):
+                for record in json_lines(path):
+                    if record and "conversation" in record:
+                        yield Conversation.from_json(record["conversation"])
+
+
 class JsonStore(Store):
     """Conversations on disk under one directory, held by one relay at a time, and all in memory.
 
@@ -1651,7 +1775,6 @@ class JsonStore(Store):
     """
 
     SNAPSHOT = "conversations.jsonl"
-    LOCK = "relay.lock"
     CATCH_UP = "catch_up.json"
     FOLD_BYTES = 4 * 1024 * 1024
     FOLD_EVERY = 3600.0  # so a quiet line's finished conversations still reach the archive and retention
@@ -1681,10 +1804,7 @@ class JsonStore(Store):
         # Texts that belong to no conversation (a contact's reply that matched nothing, a keyword):
         # remembered with their answer, so a retry of one changes nothing and gets the same answer.
         self.strays: dict[str, dict] = {}
-        # Archived conversations' message sids by day, as sorted arrays of their hash() values: 8 bytes
-        # a text, no Python object each (so a flood's leftovers do not pin freed memory), and a chance
-        # of about 1e-14 per new text of being taken for a duplicate.
-        self.archive_days: dict[str, array.array] = {}
+        self.archive = ArchiveFiles(self.dir)
         self.generation = 0
         self.folded_at = time.monotonic()
         self.damaged: list[tuple[str, int]] = []  # (file moved aside, records it could not read)
@@ -1693,48 +1813,13 @@ class JsonStore(Store):
     # -- opening ----------------------------------------------------------
 
     def acquire(self) -> None:
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-        fd = os.open(self.dir / self.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StateLocked(f"{self.dir}: another relay is running on this state directory") from None
-        self.lock_fd = fd
-        for path in self.dir.iterdir():
-            if path.is_file() and stat.S_IMODE(path.stat().st_mode) & 0o077:
-                os.chmod(path, 0o600)
-            if path.name.endswith(".tmp"):  # a write cut short by a kill: never renamed into place
-                path.unlink()
-
-    @classmethod
-    def read_while_running(cls, directory: Path, tries: int = 5) -> JsonStore:
-        """The state a running relay may be folding meanwhile (for `status` and `import-state`):
-        read again if the snapshot changed as it was read."""
-        snapshot = directory / cls.SNAPSHOT
-
-        def version():
-            return (snapshot.stat().st_ino, snapshot.stat().st_mtime_ns) if snapshot.exists() else None
-
-        for _ in range(tries):
-            store, before = cls(directory), version()
-            try:
-                if directory.exists():
-                    store.load(archive=False)
-            except FileNotFoundError:  # a journal folded away as we read
-                continue
-            if version() == before:
-                break
-        return store
+        self.lock_fd = StateDirectory(self.dir).acquire()
 
     def export(self, now: float) -> tuple[list[Conversation], list[dict], list[Override]]:
         """Everything another store needs to take this one's place: its conversations (archived
         ones too, so a late retry of their texts pages nobody), the other texts it remembers, and
         the overrides now or to come."""
-        convs = list(self.conversations.values())
-        for path in sorted(self.dir.glob("archive-*.jsonl")):
-            convs += [Conversation.from_json(r["conversation"]) for r in json_lines(path) if r and "conversation" in r]
+        convs = [*self.conversations.values(), *self.archive.conversations()]
         return convs, list(self.strays.values()), self.schedule.overrides(now)
 
     def load(self, archive: bool = True, quarantine: bool = False) -> None:
@@ -1758,9 +1843,8 @@ class JsonStore(Store):
             self.generation = max(self.generation, gen)
             if gen >= first_journal:
                 self._read_records(path, json_lines(path), 0, quarantine)
-        for path in sorted(self.dir.glob("archive-*.jsonl")) if archive else ():
-            day = path.name[len("archive-") : -len(".jsonl")]
-            self.archive_days[day] = array.array("q", sorted(hash(sid) for sid in archived_sids(path)))
+        if archive:
+            self.archive.load()
 
     def _read_records(
         self, path: Path, records: Iterator[dict | None], damaged: int, quarantine: bool, expected: int | None = None
@@ -1904,14 +1988,7 @@ class JsonStore(Store):
         return next((m.get("answer") for m in said if m["sid"] == sid), None) or ""
 
     def knows(self, sid: str) -> bool:
-        return sid in self.seen or sid in self.strays or self._archived(hash(sid))
-
-    def _archived(self, key: int) -> bool:
-        for hashes in self.archive_days.values():
-            at = bisect.bisect_left(hashes, key)
-            if at < len(hashes) and hashes[at] == key:
-                return True
-        return False
+        return sid in self.seen or sid in self.strays or self.archive.knows(sid)
 
     def get(self, conv_id: str) -> Conversation | None:
         return self.conversations.get(conv_id)
@@ -1986,16 +2063,7 @@ class JsonStore(Store):
         return len(self.open_by_sender)
 
     def described(self) -> str:
-        try:
-            lock = (self.dir / self.LOCK).stat()
-            with open("/proc/locks") as locks:  # asked, not taken: a relay starting meanwhile must not be refused
-                held = any(f":{lock.st_ino} " in row and "FLOCK" in row for row in locks)
-            running = "a relay is running on it" if held else "no relay is running on it"
-        except FileNotFoundError:
-            running = "no relay has run on it yet"
-        except OSError:
-            running = "whether a relay runs on it cannot be told here"
-        return f"JSON files under {self.dir}; {running}"
+        return f"JSON files under {self.dir}; {StateDirectory(self.dir).running()}"
 
     # -- writing ----------------------------------------------------------
 
@@ -2110,13 +2178,11 @@ class JsonStore(Store):
             found = {c.id: c for c in self.conversations.values() if not c.is_open and c.status != HELD_STATUS}
         # Newest day first, whole days, until `most` are found: a long retention's archives are not
         # all read into memory for one page of history.
-        for path in sorted(self.dir.glob("archive-*.jsonl"), reverse=True):
+        for conv in self.archive.conversations(newest_first=True):
             if len(found) >= most:
                 break
-            with contextlib.suppress(OSError):
-                for record in json_lines(path):
-                    if record and "conversation" in record and record["conversation"]["created"] >= since:
-                        found.setdefault(record["conversation"]["id"], Conversation.from_json(record["conversation"]))
+            if conv.created >= since:
+                found.setdefault(conv.id, conv)
         kept = sorted((c for c in found.values() if c.created >= since), key=lambda c: c.created, reverse=True)
         return kept[:most]
 
@@ -2145,29 +2211,19 @@ class JsonStore(Store):
         self._close_journal(flush=True)
         self.folded_at = time.monotonic()
         now = self.clock()
-        unlisted = self._unanswered_beyond_listing(now)
+        unlisted = unanswered_beyond_listing(self.conversations.values(), now)
         settled = [
             (conv, time.strftime("%Y-%m-%d", time.gmtime(conv.finished_at)), conv.sids())
             for conv in self.conversations.values()
             if conv.is_settled(now, self.retention) or conv.id in unlisted
         ]
-        for day in sorted({day for _, day, _ in settled}):
-            lines = (
-                json.dumps({"sids": sids, "conversation": conv.to_dict()}, ensure_ascii=False)
-                for conv, settled_on, sids in settled
-                if settled_on == day
-            )
-            append_durably(self.dir / f"archive-{day}.jsonl", lines)
+        self.archive.add(settled)
         # Only once the archive is on disk do the conversations leave the snapshot.
-        hashes: dict[str, list[int]] = {}
-        for conv, day, sids in settled:
-            hashes.setdefault(day, []).extend(map(hash, sids))
+        for conv, _, sids in settled:
             for sid in sids:
                 self.seen.pop(sid, None)
             del self.conversations[conv.id]
             self.written.pop(conv.id, None)
-        for day, more in hashes.items():
-            self.archive_days[day] = array.array("q", sorted([*self.archive_days.get(day, ()), *more]))
         lines = itertools.chain(
             [json.dumps({"generation": self.generation + 1, "records": len(self.conversations) + len(self.strays)})],
             (c.to_json() for c in self.conversations.values()),
@@ -2181,27 +2237,9 @@ class JsonStore(Store):
                 path.unlink()
         self.journal = Journal(self.dir / f"journal-{self.generation:08d}.jsonl")
 
-    def _unanswered_beyond_listing(self, now: float) -> set[str]:
-        """Unanswered conversations older than each line's newest UNANSWERED_LISTED, with nothing left to send."""
-        by_line: dict[str, list[Conversation]] = {}
-        for conv in self.conversations.values():
-            if conv.status == UNANSWERED_STATUS and conv.is_settled(now, 0):
-                by_line.setdefault(conv.line, []).append(conv)
-        return {
-            conv.id
-            for convs in by_line.values()
-            for conv in sorted(convs, key=lambda c: c.finished_at, reverse=True)[UNANSWERED_LISTED:]
-        }
-
     def prune(self, now: float, retention: int) -> int:
         """Delete archive days wholly older than the retention; returns how many."""
-        cutoff = time.strftime("%Y-%m-%d", time.gmtime(now - retention - 86400))
-        pruned = 0
-        for day in sorted(self.archive_days):
-            if day <= cutoff:
-                (self.dir / f"archive-{day}.jsonl").unlink(missing_ok=True)
-                del self.archive_days[day]
-                pruned += 1
+        pruned = self.archive.prune(now, retention)
         # Strays leave memory now and the snapshot at the next fold.
         self.strays = {sid: s for sid, s in self.strays.items() if s["at"] > now - retention}
         return pruned
@@ -2218,13 +2256,27 @@ class JsonStore(Store):
 
     def writable(self) -> str | None:
         """None when the state can be written, else the reason. Writes nothing."""
-        if self.failure:
-            return self.failure
-        if not os.access(self.dir, os.W_OK):
-            return f"state directory {self.dir} is not writable"
-        if os.statvfs(self.dir).f_bavail == 0:
-            return f"state directory {self.dir} is full"
-        return None
+        return self.failure or StateDirectory(self.dir).unwritable()
+
+
+def read_state_while_running(directory: Path, tries: int = 5) -> JsonStore:
+    """The state a running relay may be folding meanwhile (for `status` and `import-state`):
+    read again if the snapshot changed as it was read."""
+    snapshot = directory / JsonStore.SNAPSHOT
+
+    def version():
+        return (snapshot.stat().st_ino, snapshot.stat().st_mtime_ns) if snapshot.exists() else None
+
+    for _ in range(tries):
+        store, before = JsonStore(directory), version()
+        try:
+            if directory.exists():
+                store.load(archive=False)
+        except FileNotFoundError:  # a journal folded away as we read
+            continue
+        if version() == before:
+            break
+    return store
 
 
 # ---------------------------------------------------------------------------
@@ -2458,20 +2510,15 @@ def schema_version(conn) -> int:
     return row[0] if row else 0
 
 
-class PgStore(Store):
-    """Conversations in PostgreSQL, shared by any number of relays; the database is the truth.
+class PgSessions:
+    """The relay's sessions with PostgreSQL: at most `connections` (the listener's included), each
+    round trip with a deadline on this side, and one transaction at a time per thread.
 
-    Nothing is cached between transactions: each change reads the conversations it needs under row
-    locks (and a customer's texts are taken one at a time under an advisory lock on line and sender),
-    due work is claimed with SKIP LOCKED, and a page to send is claimed under a short lease, renewed
-    while the send is in flight, so another relay takes it up if this one dies.
+    A connection per transaction in progress is kept idle between them: the webhook, the sweep and
+    the sends each run their own, so none waits behind another's round trips. After the server
+    refused one, the relay keeps to what it holds for a while: that is no dead database.
     """
 
-    SHARED = True
-    LEASE = 1.2  # the least a claim lasts; longer while the database is slow to write (renew)
-    MAX_LEASE = 10.0  # the most, however slow the database: a dead relay's pages wait no longer
-    RENEW_EVERY = LEASE / 3
-    POLL = 0.25
     CONNECT_SECONDS = 2
     STATEMENT_MS = 5000
     # A round trip with no answer by then is cut on this side: a database that hangs (a stuck pooler,
@@ -2484,31 +2531,14 @@ class PgStore(Store):
     PROMPT_SECONDS = PROMPT_STATEMENT_MS / 1000 + 0.5
     PROMPT_CHECKOUT_SECONDS = 2.5  # waiting for a connection ends at once if the database is found gone
     WATCH_EVERY = 0.1
-    COUNT_SECONDS = 1.0
-    HEAL_SECONDS = 10.0  # a heal may create or upgrade the schema: many statements
     # A session left idle inside a transaction (its relay frozen, or cut off mid-way) is ended by the
     # server after this, so the rows it locked go to the other relays' sweeps.
     IDLE_IN_TRANSACTION_MS = 2500
     REFUSED_RETRY = 30.0  # after the server refused a connection, this relay keeps to what it holds so long
-    LISTEN_RETRY = 1.0
-    CHANNEL = "relay_pages_given_up"
-    CLOCK_SYNC_EVERY = 10.0
-    RETENTION_EVERY = 60.0
-    NEWEST_BATCH = 20
-    FORGET_CAPS = 500  # idle caps forgotten a minute, at most: each holds its lock to the commit
 
-    def __init__(self, url: str, connections: int = 5):
-        import_psycopg()
+    def __init__(self, url: str, connections: int):
         self.dsn = database_dsn(url)
-        self.lock = threading.RLock()
         self.failed: str | None = "database not connected yet"
-        self.lease = self.LEASE  # how long a claim lasts now
-        self.offset = 0.0  # the database's clock minus this process's monotonic clock
-        self.open_now = 0
-        self.synced_at = self.retained_at = -math.inf
-        # A connection per transaction in progress, kept idle between them: the webhook, the sweep and
-        # the sends each run their own, so none waits behind another's round trips. At most
-        # `connections` in all, the listener's included; fewer for a while after the server refused one.
         self.idle: list[psycopg.Connection] = []
         self.opened = 0  # open for transactions, idle or in use
         self.budget = self.most = max(1, connections - 1)
@@ -2517,39 +2547,7 @@ class PgStore(Store):
         self.watched: dict[int, tuple[float, psycopg.Connection]] = {}  # round trips under way: their deadlines
         self.watch_lock = threading.Lock()
         self.watchdog: threading.Thread | None = None
-        self.local = threading.local()  # this thread's transaction: its connection and the sids it claimed
-        self.heal_lock = threading.Lock()
-
-    def clock(self) -> float:
-        """The database's clock, read now and then and moved on by the monotonic clock between."""
-        return time.monotonic() + self.offset
-
-    # -- connecting ---------------------------------------------------------
-
-    def open(self) -> None:
-        """Connect, create or upgrade the tables; raise StoreFailure (unreachable) or SchemaRefused."""
-        self.heal()
-
-    def heal(self) -> None:
-        with self.heal_lock:
-            self._drop_idle()  # they may be from before the failure; closed first, their slots are free
-            conn = None
-            try:
-                conn = self._checkout(time.monotonic() + self.CONNECT_SECONDS, healing=True)
-                self._watch(conn, self.HEAL_SECONDS)
-                self._migrate(conn)
-                self._sync_clock(conn)
-            except psycopg.Error as e:
-                self.failed = f"database unreachable: {first_line(e)}"
-                raise StoreFailure(self.failed) from None
-            except SchemaRefused as e:
-                self.failed = str(e).removeprefix("DATABASE_URL: ")
-                raise
-            finally:
-                if conn is not None:
-                    self._unwatch(conn)
-                    self._checkin(conn)
-            self.failed = None
+        self.local = threading.local()  # this thread's transaction: its connection and the sids it took
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(
@@ -2565,6 +2563,239 @@ class PgStore(Store):
             keepalives_count=3,
             tcp_user_timeout=self.STATEMENT_MS,
         )
+
+    def drop_idle(self) -> None:
+        with self.pool:
+            idle, self.idle = self.idle, []
+            self.opened -= len(idle)
+            self.pool.notify_all()
+        for conn in idle:
+            conn.close()
+
+    def checkout(self, deadline: float, healing: bool = False) -> psycopg.Connection:
+        """An idle connection, else a new one within this relay's budget, else the first one handed back."""
+        with self.pool:
+            while not self.idle:
+                if self.failed and not healing:  # found gone meanwhile: answered now, not at the deadline
+                    raise StoreFailure(self.failed)
+                if time.monotonic() >= self.refused_until:
+                    self.most = self.budget
+                if self.opened < self.most:
+                    self.opened += 1
+                    break
+                if not self.pool.wait(deadline - time.monotonic()):
+                    raise StoreFailure(f"database: all {self.opened} connection(s) of this relay are busy")
+            else:
+                return self.idle.pop()
+        try:
+            return self.connect()
+        except psycopg.Error as e:
+            with self.pool:
+                self.opened -= 1
+                refused = is_refused_for_slots(e) and self.opened > 0
+                if refused:  # not a dead database: serve on the connections this relay has
+                    if self.most > self.opened:
+                        log("warning", "database_connection_limit", holding=self.opened, reason=first_line(e))
+                    self.most, self.refused_until = self.opened, time.monotonic() + self.REFUSED_RETRY
+            if refused:
+                return self.checkout(deadline, healing)
+            raise
+
+    def checkin(self, conn: psycopg.Connection) -> None:
+        keep = not (conn.broken or conn.closed)
+        keep = keep and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if not keep:
+            conn.close()
+        with self.pool:
+            if keep:
+                self.idle.append(conn)
+            else:
+                self.opened -= 1
+            self.pool.notify()
+
+    def watch(self, conn: psycopg.Connection, seconds: float) -> None:
+        with self.watch_lock:
+            self.watched[id(conn)] = (time.monotonic() + seconds, conn)
+            if self.watchdog is None:
+                self.watchdog = threading.Thread(target=self._cut_hung, name="db-watchdog", daemon=True)
+                self.watchdog.start()
+
+    def unwatch(self, conn: psycopg.Connection) -> None:
+        with self.watch_lock:
+            self.watched.pop(id(conn), None)
+
+    def _cut_hung(self) -> None:
+        """Shut the socket of a round trip past its deadline: the waiting call then fails at once."""
+        while True:
+            time.sleep(self.WATCH_EVERY)
+            now = time.monotonic()
+            with self.watch_lock:
+                hung = [conn for deadline, conn in self.watched.values() if deadline <= now]
+                for conn in hung:
+                    del self.watched[id(conn)]
+            for conn in hung:
+                with contextlib.suppress(OSError, psycopg.Error):
+                    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    @contextlib.contextmanager
+    def transaction(
+        self,
+        key: str | None = None,
+        reading: bool = False,
+        redone: bool = False,
+        prompt: bool = False,
+        patience: float | None = None,
+    ):
+        """(`patience`: how long a round trip may take before it is cut, if not as `prompt` says.)"""
+        if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
+            yield
+            return
+        if self.failed:
+            raise StoreFailure(self.failed)
+        conn = None
+        try:
+            conn = self.checkout(time.monotonic() + (self.PROMPT_CHECKOUT_SECONDS if prompt else self.CONNECT_SECONDS))
+            self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, [], reading, None
+            self.local.patience = patience or (self.PROMPT_SECONDS if prompt else self.ROUND_TRIP_SECONDS)
+            self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
+            if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
+                yield
+            else:
+                self.local.opening = self._opening(key, redone, prompt)  # sent with the first statement
+                try:
+                    yield
+                except BaseException:
+                    if self.local.opening is None:
+                        with contextlib.suppress(psycopg.Error):  # else the connection is closed at check-in
+                            conn.execute("ROLLBACK")
+                    raise
+                if self.local.opening is None:  # else nothing was begun, and nothing is to commit
+                    self.watch(conn, self.local.patience)
+                    conn.execute("COMMIT")
+                    self.unwatch(conn)
+        except psycopg.Error as e:
+            # Whatever the statement, nothing of the transaction is stored. A cut connection (a
+            # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
+            if conn is None or conn.broken or conn.closed:
+                self.failed = f"database unreachable: {first_line(e)}"
+                self.drop_idle()
+                raise StoreFailure(self.failed) from None
+            if getattr(e, "sqlstate", None) in SCHEMA_LOST:  # a table or function dropped: mended or named
+                self.failed = f"database: the relay's schema is damaged: {first_line(e)}"
+                raise StoreFailure(self.failed) from None
+            raise StoreFailure(f"database: {first_line(e)}") from None
+        finally:
+            self.local.conn = self.local.cursor = self.local.opening = None
+            if conn is not None:
+                self.unwatch(conn)
+                self.checkin(conn)
+
+    @staticmethod
+    def _opening(key: str | None, redone: bool, prompt: bool) -> tuple[str, tuple]:
+        """BEGIN, and what comes with it, sent with the transaction's first statement.
+
+        A change that can be redone (the connection's default) commits without waiting for its WAL
+        record to reach the disk: it is as visible to every relay at once, and outlives any relay's
+        death; only a crash of the database itself could lose it (its last 0.6 s or so). So a text
+        waits for one fsync, its webhook's, not for the sweep's and the send's queued before it.
+        Any commit that waits writes all the log before it too.
+        """
+        opening = ["BEGIN"]
+        if not redone:
+            opening.append("SET LOCAL synchronous_commit TO on")
+        if prompt:
+            opening.append(f"SET LOCAL statement_timeout TO {PgSessions.PROMPT_STATEMENT_MS}")
+        if key is not None:
+            opening.append("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")
+        return "; ".join(opening), (key,) if key is not None else ()
+
+    def q(self, sql: str, params: tuple = ()):
+        cursor, opening = self.local.cursor, self.local.opening
+        self.watch(cursor.connection, self.local.patience)
+        try:
+            if opening is None:
+                return cursor.execute(sql, params)
+            # The transaction's opening and its first statement in one round trip (a round trip costs
+            # the relay and the database CPU, besides the wait), their values written in. The
+            # statement's result is the last one.
+            (opening_sql, opening_params), self.local.opening = opening, None
+            cursor.execute(
+                psycopg.ClientCursor(cursor.connection).mogrify(f"{opening_sql}; {sql}", (*opening_params, *params))
+            )
+            while cursor.nextset():
+                pass
+            return cursor
+        finally:
+            self.unwatch(cursor.connection)
+
+    def docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
+        return [Conversation.from_json(doc) for (doc,) in self.q(sql, params)]
+
+
+class PgStore(Store):
+    """Conversations in PostgreSQL, shared by any number of relays; the database is the truth.
+
+    Nothing is cached between transactions: each change reads the conversations it needs under row
+    locks (and a customer's texts are taken one at a time under an advisory lock on line and sender),
+    due work is claimed with SKIP LOCKED, and a page to send is claimed under a short lease, renewed
+    while the send is in flight, so another relay takes it up if this one dies.
+    """
+
+    SHARED = True
+    LEASE = 1.2  # the least a claim lasts; longer while the database is slow to write (renew)
+    MAX_LEASE = 10.0  # the most, however slow the database: a dead relay's pages wait no longer
+    RENEW_EVERY = LEASE / 3
+    POLL = 0.25
+    COUNT_SECONDS = 1.0
+    HEAL_SECONDS = 10.0  # a heal may create or upgrade the schema: many statements
+    LISTEN_RETRY = 1.0
+    CHANNEL = "relay_pages_given_up"
+    CLOCK_SYNC_EVERY = 10.0
+    RETENTION_EVERY = 60.0
+    NEWEST_BATCH = 20
+    FORGET_CAPS = 500  # idle caps forgotten a minute, at most: each holds its lock to the commit
+
+    def __init__(self, url: str, connections: int = 5):
+        import_psycopg()
+        self.db = PgSessions(url, connections)
+        self.lock = threading.RLock()
+        self.lease = self.LEASE  # how long a claim lasts now
+        self.offset = 0.0  # the database's clock minus this process's monotonic clock
+        self.open_now = 0
+        self.synced_at = self.retained_at = -math.inf
+        self.heal_lock = threading.Lock()
+
+    def clock(self) -> float:
+        """The database's clock, read now and then and moved on by the monotonic clock between."""
+        return time.monotonic() + self.offset
+
+    # -- connecting ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect, create or upgrade the tables; raise StoreFailure (unreachable) or SchemaRefused."""
+        self.heal()
+
+    def heal(self) -> None:
+        with self.heal_lock:
+            self.db.drop_idle()  # they may be from before the failure; closed first, their slots are free
+            conn = None
+            try:
+                conn = self.db.checkout(time.monotonic() + self.db.CONNECT_SECONDS, healing=True)
+                self.db.watch(conn, self.HEAL_SECONDS)
+                self._migrate(conn)
+                self._sync_clock(conn)
+            except psycopg.Error as e:
+                self.db.failed = f"database unreachable: {first_line(e)}"
+                raise StoreFailure(self.db.failed) from None
+            except SchemaRefused as e:
+                self.db.failed = str(e).removeprefix("DATABASE_URL: ")
+                raise
+            finally:
+                if conn is not None:
+                    self.db.unwatch(conn)
+                    self.db.checkin(conn)
+            self.db.failed = None
 
     def _migrate(self, conn: psycopg.Connection) -> None:
         with conn.transaction():
@@ -2613,217 +2844,50 @@ class PgStore(Store):
         after = time.monotonic()
         self.offset, self.synced_at = now - (before + after) / 2, after
 
-    def _drop_idle(self) -> None:
-        with self.pool:
-            idle, self.idle = self.idle, []
-            self.opened -= len(idle)
-            self.pool.notify_all()
-        for conn in idle:
-            conn.close()
-
-    def _checkout(self, deadline: float, healing: bool = False) -> psycopg.Connection:
-        """An idle connection, else a new one within this relay's budget, else the first one handed back."""
-        with self.pool:
-            while not self.idle:
-                if self.failed and not healing:  # found gone meanwhile: answered now, not at the deadline
-                    raise StoreFailure(self.failed)
-                if time.monotonic() >= self.refused_until:
-                    self.most = self.budget
-                if self.opened < self.most:
-                    self.opened += 1
-                    break
-                if not self.pool.wait(deadline - time.monotonic()):
-                    raise StoreFailure(f"database: all {self.opened} connection(s) of this relay are busy")
-            else:
-                return self.idle.pop()
-        try:
-            return self.connect()
-        except psycopg.Error as e:
-            with self.pool:
-                self.opened -= 1
-                refused = is_refused_for_slots(e) and self.opened > 0
-                if refused:  # not a dead database: serve on the connections this relay has
-                    if self.most > self.opened:
-                        log("warning", "database_connection_limit", holding=self.opened, reason=first_line(e))
-                    self.most, self.refused_until = self.opened, time.monotonic() + self.REFUSED_RETRY
-            if refused:
-                return self._checkout(deadline, healing)
-            raise
-
-    def _checkin(self, conn: psycopg.Connection) -> None:
-        keep = not (conn.broken or conn.closed)
-        keep = keep and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if not keep:
-            conn.close()
-        with self.pool:
-            if keep:
-                self.idle.append(conn)
-            else:
-                self.opened -= 1
-            self.pool.notify()
-
-    # -- the watchdog: a round trip that hangs is cut ------------------------
-
-    def _watch(self, conn: psycopg.Connection, seconds: float) -> None:
-        with self.watch_lock:
-            self.watched[id(conn)] = (time.monotonic() + seconds, conn)
-            if self.watchdog is None:
-                self.watchdog = threading.Thread(target=self._cut_hung, name="db-watchdog", daemon=True)
-                self.watchdog.start()
-
-    def _unwatch(self, conn: psycopg.Connection) -> None:
-        with self.watch_lock:
-            self.watched.pop(id(conn), None)
-
-    def _cut_hung(self) -> None:
-        """Shut the socket of a round trip past its deadline: the waiting call then fails at once."""
-        while True:
-            time.sleep(self.WATCH_EVERY)
-            now = time.monotonic()
-            with self.watch_lock:
-                hung = [conn for deadline, conn in self.watched.values() if deadline <= now]
-                for conn in hung:
-                    del self.watched[id(conn)]
-            for conn in hung:
-                with contextlib.suppress(OSError, psycopg.Error):
-                    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
-                        sock.shutdown(socket.SHUT_RDWR)
+    def transaction(self, key: str | None = None, reading: bool = False, redone: bool = False, prompt: bool = False):
+        return self.db.transaction(key, reading, redone, prompt)
 
     @property
     def failure(self) -> str | None:
-        return self.failed
+        return self.db.failed
 
     def writable(self) -> str | None:
-        return self.failed
-
-    @contextlib.contextmanager
-    def transaction(
-        self,
-        key: str | None = None,
-        reading: bool = False,
-        redone: bool = False,
-        prompt: bool = False,
-        patience: float | None = None,
-    ):
-        """(`patience`: how long a round trip may take before it is cut, if not as `prompt` says.)"""
-        if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
-            yield
-            return
-        if self.failed:
-            raise StoreFailure(self.failed)
-        conn = None
-        try:
-            conn = self._checkout(time.monotonic() + (self.PROMPT_CHECKOUT_SECONDS if prompt else self.CONNECT_SECONDS))
-            self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, [], reading, None
-            self.local.patience = patience or (self.PROMPT_SECONDS if prompt else self.ROUND_TRIP_SECONDS)
-            self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
-            if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
-                yield
-            else:
-                self.local.opening = self._opening(key, redone, prompt)  # sent with the first statement
-                try:
-                    yield
-                except BaseException:
-                    if self.local.opening is None:
-                        with contextlib.suppress(psycopg.Error):  # else the connection is closed at check-in
-                            conn.execute("ROLLBACK")
-                    raise
-                if self.local.opening is None:  # else nothing was begun, and nothing is to commit
-                    self._watch(conn, self.local.patience)
-                    conn.execute("COMMIT")
-                    self._unwatch(conn)
-        except psycopg.Error as e:
-            # Whatever the statement, nothing of the transaction is stored. A cut connection (a
-            # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
-            if conn is None or conn.broken or conn.closed:
-                self.failed = f"database unreachable: {first_line(e)}"
-                self._drop_idle()
-                raise StoreFailure(self.failed) from None
-            if getattr(e, "sqlstate", None) in SCHEMA_LOST:  # a table or function dropped: mended or named
-                self.failed = f"database: the relay's schema is damaged: {first_line(e)}"
-                raise StoreFailure(self.failed) from None
-            raise StoreFailure(f"database: {first_line(e)}") from None
-        finally:
-            self.local.conn = self.local.cursor = self.local.opening = None
-            if conn is not None:
-                self._unwatch(conn)
-                self._checkin(conn)
-
-    @staticmethod
-    def _opening(key: str | None, redone: bool, prompt: bool) -> tuple[str, tuple]:
-        """BEGIN, and what comes with it, sent with the transaction's first statement.
-
-        A change that can be redone (the connection's default) commits without waiting for its WAL
-        record to reach the disk: it is as visible to every relay at once, and outlives any relay's
-        death; only a crash of the database itself could lose it (its last 0.6 s or so). So a text
-        waits for one fsync, its webhook's, not for the sweep's and the send's queued before it.
-        Any commit that waits writes all the log before it too.
-        """
-        opening = ["BEGIN"]
-        if not redone:
-            opening.append("SET LOCAL synchronous_commit TO on")
-        if prompt:
-            opening.append(f"SET LOCAL statement_timeout TO {PgStore.PROMPT_STATEMENT_MS}")
-        if key is not None:
-            opening.append("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))")
-        return "; ".join(opening), (key,) if key is not None else ()
-
-    def _q(self, sql: str, params: tuple = ()):
-        cursor, opening = self.local.cursor, self.local.opening
-        self._watch(cursor.connection, self.local.patience)
-        try:
-            if opening is None:
-                return cursor.execute(sql, params)
-            # The transaction's opening and its first statement in one round trip (a round trip costs
-            # the relay and the database CPU, besides the wait), their values written in. The
-            # statement's result is the last one.
-            (opening_sql, opening_params), self.local.opening = opening, None
-            cursor.execute(
-                psycopg.ClientCursor(cursor.connection).mogrify(f"{opening_sql}; {sql}", (*opening_params, *params))
-            )
-            while cursor.nextset():
-                pass
-            return cursor
-        finally:
-            self._unwatch(cursor.connection)
-
-    def _docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
-        return [Conversation.from_json(doc) for (doc,) in self._q(sql, params)]
+        return self.db.failed
 
     # -- look-ups (in a transaction) ------------------------------------------
 
     def arrival(self, sid: str, line: str, sender: str, now: float, customer: bool) -> Arrival:
         # In one round trip, with the transaction's opening (so with the customer's lock): inserted
         # first, a second relay handling the same sid waits here until this one commits.
-        answered, joins, code = self._q(
+        answered, joins, code = self.db.q(
             "SELECT * FROM relay_arrival(%s, %s, %s, %s, %s, %s)",
             (sid, now, line, sender, customer, now - TWO_WAY_WINDOW),
         ).fetchone()
         if answered is None:
-            self.local.claimed.append(sid)
+            self.db.local.claimed.append(sid)
         return Arrival(answered, None if joins is None else Conversation.from_json(joins), code)
 
     def knows(self, sid: str) -> bool:
         with self.transaction(reading=True):
-            return self._q("SELECT 1 FROM relay_messages WHERE sid = %s", (sid,)).fetchone() is not None
+            return self.db.q("SELECT 1 FROM relay_messages WHERE sid = %s", (sid,)).fetchone() is not None
 
     def get(self, conv_id: str) -> Conversation | None:
-        if not self.local.reading:
-            found = self._docs("SELECT doc FROM relay_conversations WHERE id = %s FOR UPDATE", (conv_id,))
+        if not self.db.local.reading:
+            found = self.db.docs("SELECT doc FROM relay_conversations WHERE id = %s FOR UPDATE", (conv_id,))
             return found[0] if found else None
         # Only looking: remembered with its row version, for a `change` that may follow.
-        row = self._q("SELECT doc, xmin::text FROM relay_conversations WHERE id = %s", (conv_id,)).fetchone()
+        row = self.db.q("SELECT doc, xmin::text FROM relay_conversations WHERE id = %s", (conv_id,)).fetchone()
         conv = Conversation.from_json(row[0]) if row else None
-        self.local.seen = (conv_id, row[1], conv) if row else None
+        self.db.local.seen = (conv_id, row[1], conv) if row else None
         return conv
 
     def open_on(self, line: str) -> list[Conversation]:
-        return self._docs(
+        return self.db.docs(
             f"SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL} ORDER BY created", (line,)
         )
 
     def holding_code(self, line: str, code: str) -> Conversation | None:
-        found = self._docs(
+        found = self.db.docs(
             f"SELECT doc FROM relay_conversations WHERE line = %s AND code = %s AND {OPEN_SQL} FOR UPDATE", (line, code)
         )
         return found[0] if found else None
@@ -2832,7 +2896,7 @@ class PgStore(Store):
         # Looked for newest first, a few at a time and without locks; only the one found is held.
         # A flood may have left thousands open, and a contact's reply reads and holds none of them.
         for offset in itertools.count(0, self.NEWEST_BATCH):
-            batch = self._docs(
+            batch = self.db.docs(
                 f"""SELECT doc FROM relay_conversations WHERE line = %s AND {OPEN_SQL}
                     ORDER BY created DESC, id LIMIT %s OFFSET %s""",
                 (line, self.NEWEST_BATCH, offset),
@@ -2845,14 +2909,14 @@ class PgStore(Store):
                 return None
 
     def talking(self, line: str, now: float) -> list[Conversation]:
-        return self._docs(
+        return self.db.docs(
             """SELECT doc FROM relay_conversations WHERE line = %s AND two_way AND status = 'acknowledged'
                AND finished_at > %s ORDER BY created FOR UPDATE""",
             (line, now - TWO_WAY_WINDOW),
         )
 
     def latest_with_code(self, line: str, code: str) -> Conversation | None:
-        found = self._docs(
+        found = self.db.docs(
             """SELECT doc FROM relay_conversations WHERE line = %s AND code = %s
                 ORDER BY created DESC LIMIT 1 FOR UPDATE""",
             (line, code),
@@ -2862,13 +2926,13 @@ class PgStore(Store):
     def new_code(self, line: str) -> str:
         # A sequence hands each number out once, to one transaction, without a lock: two relays never
         # get the same one. Past 999,999 it starts again, skipping codes still open on the line.
-        return self._q("SELECT relay_new_code(%s)", (line,)).fetchone()[0]
+        return self.db.q("SELECT relay_new_code(%s)", (line,)).fetchone()[0]
 
     def take(self, key: str, limit: int, now: float) -> bool:
-        return self._q("SELECT relay_take(%s, %s, %s)", (key, limit, now)).fetchone()[0]
+        return self.db.q("SELECT relay_take(%s, %s, %s)", (key, limit, now)).fetchone()[0]
 
     def once_every(self, key: str, seconds: float, now: float) -> bool:
-        marked = self._q(
+        marked = self.db.q(
             """INSERT INTO relay_marks (key, at) VALUES (%s, %s)
                ON CONFLICT (key) DO UPDATE SET at = EXCLUDED.at WHERE relay_marks.at <= %s RETURNING key""",
             (key, now, now - seconds),
@@ -2876,37 +2940,37 @@ class PgStore(Store):
         return marked is not None
 
     def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
-        return self._docs(
+        return self.db.docs(
             "SELECT doc FROM relay_conversations WHERE wake_at <= %s ORDER BY wake_at LIMIT 100 FOR UPDATE SKIP LOCKED",
             (now,),
         )
 
     def next_due(self) -> float | None:
-        return self._q("SELECT min(wake_at) FROM relay_conversations WHERE wake_at IS NOT NULL").fetchone()[0]
+        return self.db.q("SELECT min(wake_at) FROM relay_conversations WHERE wake_at IS NOT NULL").fetchone()[0]
 
     def held(self) -> list[Conversation]:
-        return self._docs("SELECT doc FROM relay_conversations WHERE held ORDER BY created FOR UPDATE SKIP LOCKED")
+        return self.db.docs("SELECT doc FROM relay_conversations WHERE held ORDER BY created FOR UPDATE SKIP LOCKED")
 
     def unfinished(self) -> list[Conversation]:
         with self.transaction(reading=True):
-            return self._docs(
+            return self.db.docs(
                 f"""SELECT doc FROM relay_conversations WHERE {OPEN_SQL} OR status = 'unanswered' OR held
                     ORDER BY created"""
             )
 
     def described(self) -> str:
         with self.transaction(reading=True):
-            (listening,) = self._q(
+            (listening,) = self.db.q(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay' AND query = %s",
                 (f"LISTEN {self.CHANNEL}",),
             ).fetchone()
-        return f"PostgreSQL at {shown_database(self.dsn)}; {listening} relay(s) running on it"
+        return f"PostgreSQL at {shown_database(self.db.dsn)}; {listening} relay(s) running on it"
 
     def open_count(self) -> int:
         # Counted afresh (other relays change it too); the last count stands while the database is away.
         # /healthz asks: it must answer within a second or two even while the database hangs.
-        with contextlib.suppress(StoreFailure), self.transaction(reading=True, patience=self.COUNT_SECONDS):
-            (self.open_now,) = self._q(f"SELECT count(*) FROM relay_conversations WHERE {OPEN_SQL}").fetchone()
+        with contextlib.suppress(StoreFailure), self.db.transaction(reading=True, patience=self.COUNT_SECONDS):
+            (self.open_now,) = self.db.q(f"SELECT count(*) FROM relay_conversations WHERE {OPEN_SQL}").fetchone()
         return self.open_now
 
     # -- writing (in a transaction; the commit at its end is the durable point) -----
@@ -2914,10 +2978,10 @@ class PgStore(Store):
     def save(self, conv: Conversation, in_flight: Container[int] = frozenset(), changed: bool = True):
         # The wake-up counts the leases, not this relay's own sends: if it dies, another takes them up.
         if not changed:
-            self._q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (next_wakeup(conv), conv.id))
+            self.db.q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (next_wakeup(conv), conv.id))
             return None
         said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
-        texts = [sid for sid in self.local.claimed if sid in said]  # claimed in this transaction
+        texts = [sid for sid in self.db.local.claimed if sid in said]  # claimed in this transaction
         upsert = """INSERT INTO relay_conversations
             (id, line, sender, code, created, two_way, status, finished_at, held, wake_at, doc)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
@@ -2928,7 +2992,7 @@ class PgStore(Store):
             # may be planned as a read of every text remembered, for each text saved.)
             upsert = f"""WITH saved AS ({upsert})
                 UPDATE relay_messages SET conversation = %s, answer = %s::json ->> sid WHERE sid = ANY(%s)"""
-        self._q(
+        self.db.q(
             upsert,
             (
                 conv.id,
@@ -2949,7 +3013,7 @@ class PgStore(Store):
         return conv.status, conv.finished_at, bool(held_pages(conv)), next_wakeup(conv), Json(conv.to_dict())
 
     def change(self, conv_id, apply, in_flight) -> Conversation | None:
-        seen, self.local.seen = getattr(self.local, "seen", None), None
+        seen, self.db.local.seen = getattr(self.db.local, "seen", None), None
         if seen and seen[0] == conv_id:
             # Read just before (for a send): stored if nobody changed it since, in one statement
             # that commits as it runs, without a lock held across a round trip.
@@ -2957,7 +3021,7 @@ class PgStore(Store):
             if not apply(conv):
                 return conv
             with self.transaction(reading=True):
-                stored = self._q(
+                stored = self.db.q(
                     """UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s,
                        doc = %s WHERE id = %s AND xmin = %s::xid RETURNING 1""",
                     (*self._changing(conv), conv_id, version),
@@ -2993,7 +3057,7 @@ class PgStore(Store):
         relays' sweeps woken). Two statements however many pages are queued (a flood's, with the caps
         lifted). A conversation another change holds now is left for the next renewal."""
         with self.transaction(redone=True):
-            convs = self._docs(
+            convs = self.db.docs(
                 "SELECT doc FROM relay_conversations WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED", (list(in_flight),)
             )
             for conv in convs:
@@ -3001,7 +3065,7 @@ class PgStore(Store):
                     page = conv.pages[index] if index < len(conv.pages) else None
                     if page is not None and page.state == "pending" and page.holder == holder:
                         page.lease = until
-            self._q(  # `c.id = ANY`: else the join may be planned as a read of the whole table
+            self.db.q(  # `c.id = ANY`: else the join may be planned as a read of the whole table
                 """UPDATE relay_conversations AS c SET wake_at = t.wake_at, doc = t.doc
                    FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json)
                    WHERE c.id = t.id AND c.id = ANY(%s)""",
@@ -3011,7 +3075,7 @@ class PgStore(Store):
                 ),
             )
             if not until and convs:
-                self._q(f"NOTIFY {self.CHANNEL}")  # delivered at the commit, to every relay listening
+                self.db.q(f"NOTIFY {self.CHANNEL}")  # delivered at the commit, to every relay listening
 
     def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
         # The poll finds given-up pages too, within POLL: this only saves that wait. It needs a session
@@ -3020,7 +3084,7 @@ class PgStore(Store):
         # transactions already report it.
         while not stop.is_set():
             try:
-                with self.connect() as conn:
+                with self.db.connect() as conn:
                     conn.execute(f"LISTEN {self.CHANNEL}")
                     wake()  # what was given up while nobody here listened
                     while not stop.is_set():
@@ -3030,7 +3094,7 @@ class PgStore(Store):
                 stop.wait(self.LISTEN_RETRY)
 
     def save_stray(self, sid: str, answer: str | None, now: float):
-        self._q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))
+        self.db.q("UPDATE relay_messages SET answer = %s WHERE sid = %s", (answer, sid))
         return None
 
     def wait(self, ticket) -> None:
@@ -3038,31 +3102,31 @@ class PgStore(Store):
 
     def note_catch_up(self, began: float, ok: bool) -> None:
         with self.transaction():
-            self._q("DELETE FROM relay_marks WHERE key LIKE 'catch_up:%%'")
-            self._q(
+            self.db.q("DELETE FROM relay_marks WHERE key LIKE 'catch_up:%%'")
+            self.db.q(
                 "INSERT INTO relay_marks (key, at) VALUES (%s, %s)", (f"catch_up:{'ok' if ok else 'failed'}", began)
             )
 
     def last_catch_up(self) -> tuple[float, bool] | None:
         with self.transaction(reading=True):
-            row = self._q("SELECT key, at FROM relay_marks WHERE key LIKE 'catch_up:%%' ORDER BY at DESC").fetchone()
+            row = self.db.q("SELECT key, at FROM relay_marks WHERE key LIKE 'catch_up:%%' ORDER BY at DESC").fetchone()
         return (row[1], row[0] == "catch_up:ok") if row else None
 
     def overrides(self, now: float) -> list[Override]:
         with self.transaction(reading=True):
-            rows = self._q(f"SELECT {OVERRIDE_COLUMNS} FROM relay_overrides WHERE end_at > %s", (now,)).fetchall()
+            rows = self.db.q(f"SELECT {OVERRIDE_COLUMNS} FROM relay_overrides WHERE end_at > %s", (now,)).fetchall()
         return [Override(*row) for row in rows]
 
     def add_override(self, override: Override) -> None:
         with self.transaction():
-            self._q(
+            self.db.q(
                 f"INSERT INTO relay_overrides ({OVERRIDE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 dataclasses.astuple(override),
             )
 
     def delete_override(self, override_id: str, now: float) -> Override | None:
         with self.transaction():
-            row = self._q(
+            row = self.db.q(
                 f"DELETE FROM relay_overrides WHERE id = %s AND end_at > %s RETURNING {OVERRIDE_COLUMNS}",
                 (override_id, now),
             ).fetchone()
@@ -3074,15 +3138,15 @@ class PgStore(Store):
 
     def console_record(self, key: str, now: float) -> dict | None:
         with self.transaction(reading=True):
-            row = self._q("SELECT record FROM relay_console WHERE key = %s AND expires > %s", (key, now)).fetchone()
+            row = self.db.q("SELECT record FROM relay_console WHERE key = %s AND expires > %s", (key, now)).fetchone()
         return row[0] if row else None
 
     def keep_console_record(self, key: str, record: dict | None, expires: float) -> None:
         with self.transaction():
             if record is None:
-                self._q("DELETE FROM relay_console WHERE key = %s", (key,))
+                self.db.q("DELETE FROM relay_console WHERE key = %s", (key,))
             else:
-                self._q(
+                self.db.q(
                     """INSERT INTO relay_console (key, record, expires) VALUES (%s, %s, %s)
                        ON CONFLICT (key) DO UPDATE SET record = EXCLUDED.record, expires = EXCLUDED.expires""",
                     (key, Json(record), expires),
@@ -3090,7 +3154,7 @@ class PgStore(Store):
 
     def history(self, since: float, most: int) -> list[Conversation]:
         with self.transaction(reading=True):
-            return self._docs(
+            return self.db.docs(
                 f"SELECT doc FROM relay_conversations WHERE NOT ({OPEN_SQL}) AND created >= %s "
                 "ORDER BY created DESC LIMIT %s",
                 (since, most),
@@ -3101,11 +3165,11 @@ class PgStore(Store):
         added = added_strays = 0
         with self.transaction():
             for conv in convs:
-                if self._q("SELECT 1 FROM relay_conversations WHERE id = %s", (conv.id,)).fetchone():
+                if self.db.q("SELECT 1 FROM relay_conversations WHERE id = %s", (conv.id,)).fetchone():
                     continue
                 clash = (
                     conv.status in (OPEN_STATUS, HELD_STATUS)
-                    and self._q(
+                    and self.db.q(
                         f"SELECT 1 FROM relay_conversations WHERE line = %s AND code = %s AND {OPEN_SQL}",
                         (conv.line, conv.code),
                     ).fetchone()
@@ -3114,7 +3178,7 @@ class PgStore(Store):
                     conv.code = self.new_code(conv.line)
                 said = {m["sid"]: (m.get("answer"), m["at"]) for m in [*conv.messages, *conv.replies]}
                 for sid, (answer, at) in said.items():
-                    self._q(
+                    self.db.q(
                         "INSERT INTO relay_messages (sid, conversation, answer, at) VALUES (%s, %s, %s, %s) "
                         "ON CONFLICT DO NOTHING",
                         (sid, conv.id, answer, at),
@@ -3122,12 +3186,12 @@ class PgStore(Store):
                 self.save(conv)
                 added += 1
                 if conv.code.isdigit():  # new codes follow the imported ones
-                    self._q(
+                    self.db.q(
                         "SELECT setval('relay_codes', greatest(last_value, %s)) FROM relay_codes",
                         (min(int(conv.code), MAX_CODE),),
                     )
             for stray in strays:
-                added_strays += self._q(
+                added_strays += self.db.q(
                     "INSERT INTO relay_messages (sid, answer, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                     (stray["sid"], stray["answer"], stray["at"]),
                 ).rowcount
@@ -3138,23 +3202,23 @@ class PgStore(Store):
         pruned = 0
         with self.transaction(redone=True):
             if time.monotonic() - self.synced_at > self.CLOCK_SYNC_EVERY:
-                self._sync_clock(self.local.conn)
+                self._sync_clock(self.db.local.conn)
             if time.monotonic() - self.retained_at > self.RETENTION_EVERY:
                 self.retained_at = time.monotonic()
-                if self._q("SELECT pg_try_advisory_xact_lock(%s)", (TIDY_LOCK,)).fetchone()[0]:
+                if self.db.q("SELECT pg_try_advisory_xact_lock(%s)", (TIDY_LOCK,)).fetchone()[0]:
                     # A conversation leaves with its texts; a text that joined none, by its own age.
-                    (pruned,) = self._q(
+                    (pruned,) = self.db.q(
                         f"""WITH gone AS (DELETE FROM relay_conversations WHERE NOT ({OPEN_SQL}) AND NOT held
                                 AND wake_at IS NULL AND finished_at < %s RETURNING id),
                             texts AS (DELETE FROM relay_messages WHERE conversation IN (SELECT id FROM gone))
                             SELECT count(*) FROM gone""",
                         (now - retention,),
                     ).fetchone()
-                    self._q("DELETE FROM relay_messages WHERE conversation IS NULL AND at < %s", (now - retention,))
-                    self._q("DELETE FROM relay_overrides WHERE end_at < %s", (now - retention,))
-                    self._q("DELETE FROM relay_console WHERE expires < %s", (now,))
-                    self._q("DELETE FROM relay_marks WHERE key LIKE 'remind:%%' AND at < %s", (now - retention,))
-                    self._q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_CAPS))
+                    self.db.q("DELETE FROM relay_messages WHERE conversation IS NULL AND at < %s", (now - retention,))
+                    self.db.q("DELETE FROM relay_overrides WHERE end_at < %s", (now - retention,))
+                    self.db.q("DELETE FROM relay_console WHERE expires < %s", (now,))
+                    self.db.q("DELETE FROM relay_marks WHERE key LIKE 'remind:%%' AND at < %s", (now - retention,))
+                    self.db.q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_CAPS))
         return pruned
 
 
@@ -4633,14 +4697,14 @@ class Sweeper:
                     relay.housekeeping()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
                 if not self.store.failure:
-                    relay.remind()
+                    relay.shifts.remind()
             except Exception as e:  # keep paging whatever one pass hit; /healthz shows a stall
                 log("error", "sweep_failed", error=repr(e))
                 next_at = None
             with self.lock:
                 timeout = min(
                     HOUSEKEEPING_EVERY if next_at is None else next_at - self.clock(),
-                    relay.reminder_at - self.clock(),
+                    relay.shifts.reminder_at - self.clock(),
                     self.store.POLL,
                 )
                 if timeout > 0 and self.sweep_at == math.inf:  # else it was asked to look again meanwhile
@@ -4688,6 +4752,95 @@ class Sweeper:
                 self.woken.notify()
 
 
+class Shifts:
+    """Who is on call: the roster (the rotations and the store's overrides, read again each second and
+    after a `take`), each shift's reminder, and overrides taken by text."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self.roster = Roster(relay.config.rotations)  # with the store's overrides once read (refresh)
+        self.reminder_at = -math.inf  # when the next shift's reminder falls due
+
+    def new_config(self, config: Config) -> None:
+        """The rotations of an edited config, with the overrides as they were; reminders looked at anew."""
+        self.roster = Roster(config.rotations, self.roster.overrides)
+        self.reminder_at = -math.inf
+
+    def refresh(self) -> None:
+        """Overrides as the store has them now: made by text on any relay, or from the command line."""
+        overrides = self.relay.store.overrides(self.relay.clock())
+        if {o.id for o in overrides} != {o.id for o in self.roster.overrides}:
+            log("info", "overrides_changed", ids=sorted(o.id for o in overrides))
+        self.roster = Roster(self.relay.config.rotations, overrides)
+
+    def remind(self) -> None:
+        """Text each shift's person `remind_before` it starts, once whatever restarts or relays."""
+        now = self.relay.clock()
+        if now < self.reminder_at:
+            return
+        for rotation in self.relay.config.rotations:
+            for start, end, member in self.roster.reminders_due(rotation, now):
+                if not self.relay.store.remind_once(f"{rotation.name} {start:.3f}", now):
+                    continue
+                line = next((x for x in self.relay.config.lines if rotation in x.rotations), self.relay.config.lines[0])
+                tz = rotation.timezone
+                text = (
+                    f"{line.name}: reminder: your {rotation.name} shift starts {local_time(start, tz)} "
+                    f"and ends {local_time(end, tz)}."
+                )
+                log("info", "shift_reminder", rotation=rotation.name, contact=member.name, to=member.phone)
+                self.relay.outbox.text(line.number, member.phone, text)
+        self.reminder_at = self.roster.next_reminder(now)
+
+    def take(
+        self, line: Line, contact: Contact, duration: int | str | None, now: float, later: list
+    ) -> tuple[str, str]:
+        """A member's `take`: an override of each of the line's rotations they are in (lock held).
+        Returns the answer and the event to log."""
+        theirs = [r for r in line.rotations if r.member(contact.phone)]
+        if not theirs:
+            names = ", ".join(r.name for r in line.rotations) or "none"
+            refusal = f"take is for members of the line's rotations ({names}); you are in none"
+            return f"{line.name}: {refusal}. Nothing changed.", "reply_take_refused"
+        if isinstance(duration, str):
+            refusal = f"{duration!r} is no duration; text take, take 3h or take 2d (at most {say_duration(MAX_TAKE)})"
+            return f"{line.name}: {refusal}. Nothing changed.", "reply_take_refused"
+        said = []
+        for rotation in theirs:
+            tz = rotation.timezone
+            end = now + duration if duration else shift_at(rotation, now)[2]
+            holder, until = self.roster.on_shift(rotation.name, now), self.roster.until(rotation.name, now)
+            if holder.phone == contact.phone and (until or math.inf) >= end:
+                said.append(
+                    f"you are on call for {rotation.name} already"
+                    + (f", until {local_time(until, tz)}" if until else "")
+                )
+                continue
+            override = new_override(self.roster, rotation, Member(contact.name, contact.phone), now, end, now)
+            self.relay.store.add_override(override)
+            log(
+                "info",
+                "override_made",
+                id=override.id,
+                rotation=rotation.name,
+                contact=contact.name,
+                replaces=holder.name,
+                way="sms",
+            )
+            if holder.phone != contact.phone:
+                said.append(f"you are on call for {rotation.name} until {local_time(end, tz)}, replacing {holder.name}")
+                later.append(
+                    (
+                        line.number,
+                        holder.phone,
+                        f"{line.name}: {contact.name} covers {rotation.name} for you until {local_time(end, tz)}.",
+                    )
+                )
+            else:
+                said.append(f"you are on call for {rotation.name} until {local_time(end, tz)}")
+        return f"{line.name}: {'; '.join(said)}.", "reply_take"
+
+
 class Relay:
     """The relay service: each webhook, key press, delivery report and console action is one store
     transaction running the escalation rules; what they want sent goes to the outbox once stored.
@@ -4705,13 +4858,15 @@ class Relay:
         # Lines whose texts carriers block, since when and why, until one of their texts is delivered
         # again (as this relay has heard): alarms then go by call too, and /healthz names it.
         self.carrier_blocked: dict[str, dict] = {}
-        self.roster = Roster(config.rotations)  # with the store's overrides once read (refresh_roster)
-        self.reminder_at = -math.inf  # when the next shift's reminder falls due
         self.last_webhook: float | None = None  # when Twilio last brought a text here (for the console)
         self.twilio_errors: deque[float] = deque(maxlen=10_000)  # when sends failed, for the console's hour
-        self.outbox, self.caps, self.sweeper = Outbox(self), CostCaps(self), Sweeper(self)
+        self.outbox, self.caps, self.sweeper, self.shifts = Outbox(self), CostCaps(self), Sweeper(self), Shifts(self)
 
     # -- bookkeeping ---------------------------------------------------------
+
+    @property
+    def roster(self) -> Roster:
+        return self.shifts.roster
 
     @property
     def public_url(self) -> str | None:
@@ -4833,7 +4988,7 @@ class Relay:
             self.outbox.text(*text)
         if event == "reply_take":
             with contextlib.suppress(StoreFailure):  # else the next housekeeping reads it
-                self.refresh_roster()
+                self.shifts.refresh()
         if received_at is not None:
             INBOUND.labels("caught_up").inc()
             log(
@@ -4857,7 +5012,7 @@ class Relay:
         if is_keyword(body):
             return None, "reply_keyword", fields
         if (taking := take_request(body)) is not None:
-            text, event = self._take(line, contact, taking, now, later)
+            text, event = self.shifts.take(line, contact, taking, now, later)
             answer.message(text)
             return None, event, fields
         talking = self.store.talking(line.name, now)
@@ -4901,80 +5056,6 @@ class Relay:
         reply["answer"] = text
         answer.message(text)
         return conv, event, conv_ids(conv, contact=contact.name, way="sms" if event == "acknowledged" else None)
-
-    def _take(
-        self, line: Line, contact: Contact, duration: int | str | None, now: float, later: list
-    ) -> tuple[str, str]:
-        """A member's `take`: an override of each of the line's rotations they are in (lock held).
-        Returns the answer and the event to log."""
-        theirs = [r for r in line.rotations if r.member(contact.phone)]
-        if not theirs:
-            names = ", ".join(r.name for r in line.rotations) or "none"
-            refusal = f"take is for members of the line's rotations ({names}); you are in none"
-            return f"{line.name}: {refusal}. Nothing changed.", "reply_take_refused"
-        if isinstance(duration, str):
-            refusal = f"{duration!r} is no duration; text take, take 3h or take 2d (at most {say_duration(MAX_TAKE)})"
-            return f"{line.name}: {refusal}. Nothing changed.", "reply_take_refused"
-        said = []
-        for rotation in theirs:
-            tz = rotation.timezone
-            end = now + duration if duration else shift_at(rotation, now)[2]
-            holder, until = self.roster.on_shift(rotation.name, now), self.roster.until(rotation.name, now)
-            if holder.phone == contact.phone and (until or math.inf) >= end:
-                said.append(
-                    f"you are on call for {rotation.name} already"
-                    + (f", until {local_time(until, tz)}" if until else "")
-                )
-                continue
-            override = new_override(self.roster, rotation, Member(contact.name, contact.phone), now, end, now)
-            self.store.add_override(override)
-            log(
-                "info",
-                "override_made",
-                id=override.id,
-                rotation=rotation.name,
-                contact=contact.name,
-                replaces=holder.name,
-                way="sms",
-            )
-            if holder.phone != contact.phone:
-                said.append(f"you are on call for {rotation.name} until {local_time(end, tz)}, replacing {holder.name}")
-                later.append(
-                    (
-                        line.number,
-                        holder.phone,
-                        f"{line.name}: {contact.name} covers {rotation.name} for you until {local_time(end, tz)}.",
-                    )
-                )
-            else:
-                said.append(f"you are on call for {rotation.name} until {local_time(end, tz)}")
-        return f"{line.name}: {'; '.join(said)}.", "reply_take"
-
-    def refresh_roster(self) -> None:
-        """Overrides as the store has them now: made by text on any relay, or from the command line."""
-        overrides = self.store.overrides(self.clock())
-        if {o.id for o in overrides} != {o.id for o in self.roster.overrides}:
-            log("info", "overrides_changed", ids=sorted(o.id for o in overrides))
-        self.roster = Roster(self.config.rotations, overrides)
-
-    def remind(self) -> None:
-        """Text each shift's person `remind_before` it starts, once whatever restarts or relays."""
-        now = self.clock()
-        if now < self.reminder_at:
-            return
-        for rotation in self.config.rotations:
-            for start, end, member in self.roster.reminders_due(rotation, now):
-                if not self.store.remind_once(f"{rotation.name} {start:.3f}", now):
-                    continue
-                line = next((x for x in self.config.lines if rotation in x.rotations), self.config.lines[0])
-                tz = rotation.timezone
-                text = (
-                    f"{line.name}: reminder: your {rotation.name} shift starts {local_time(start, tz)} "
-                    f"and ends {local_time(end, tz)}."
-                )
-                log("info", "shift_reminder", rotation=rotation.name, contact=member.name, to=member.phone)
-                self.outbox.text(line.number, member.phone, text)
-        self.reminder_at = self.roster.next_reminder(now)
 
     def console_act(self, conv_id: str, contact: Contact, action: str, text: str = "") -> str:
         """Take, pass, close or reply to a conversation from the console; returns what happened."""
@@ -5160,12 +5241,11 @@ class Relay:
                 log("error", "config_rejected", reason=str(e))
             else:
                 log("info", "config_reloaded", lines=[line.name for line in self.config.lines])
-                self.roster = Roster(self.config.rotations, self.roster.overrides)
-                self.reminder_at = -math.inf
+                self.shifts.new_config(self.config)
         if self.store.failure:
             self.heal()
             return
-        self.refresh_roster()
+        self.shifts.refresh()
         now = self.clock()
         self.caps.release_held(now)
         pruned = self.store.tidy(now, self.config.retention)
@@ -5723,7 +5803,7 @@ class Console:
             return self.schedule(session, "The end must be after the start and after now.")
         override = new_override(relay.roster, rotation, member, start, end, now)
         self.store.add_override(override)
-        relay.refresh_roster()
+        relay.shifts.refresh()
         log(
             "info", "console_action", contact=session["name"], action="override", id=override.id, rotation=rotation.name
         )
@@ -5733,7 +5813,7 @@ class Console:
 
     def delete_override(self, session: dict, override_id: str) -> str:
         gone = self.store.delete_override(override_id, self.relay.clock())
-        self.relay.refresh_roster()
+        self.relay.shifts.refresh()
         if gone:
             log("info", "console_action", contact=session["name"], action="override", id=gone.id, deleted=True)
         return self.schedule(session, f"Override {override_id} deleted." if gone else "No such override now.")
@@ -6359,7 +6439,7 @@ def check_database(url: str) -> bool:
     """Connect (changing nothing) and say which relay schema the database holds."""
     import_psycopg()
     try:
-        with psycopg.connect(database_dsn(url), connect_timeout=PgStore.CONNECT_SECONDS) as conn:
+        with psycopg.connect(database_dsn(url), connect_timeout=PgSessions.CONNECT_SECONDS) as conn:
             version = schema_version(conn)
             server = conn.info.parameter_status("server_version")
             tables, functions = schema_missing(conn)
@@ -6746,7 +6826,7 @@ def cmd_status(args) -> int:
     if settings.database_url:
         store = reachable_database(settings.database_url)
     else:
-        store = JsonStore.read_while_running(settings.state_dir)
+        store = read_state_while_running(settings.state_dir)
     convs = store.unfinished()
     print(
         f"{sum(c.is_open for c in convs)} open conversation(s), "
@@ -6804,7 +6884,7 @@ def cmd_import_state(args) -> int:
     directory = Path(args.directory) if args.directory else settings.state_dir
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such state directory")
-    convs, strays, overrides = JsonStore.read_while_running(directory).export(time.time())
+    convs, strays, overrides = read_state_while_running(directory).export(time.time())
     store = reachable_database(settings.database_url)
     added, added_strays = store.import_state(convs, strays)
     known = {o.id for o in store.overrides(time.time())}

@@ -464,10 +464,10 @@ MUTANTS += [
     ),
     Mutant(
         "Commands: dry-run",
-        "dry-run checks signatures with the token dry-run when none is set",
-        "        return self.auth_token or (DRY_RUN_TOKEN if self.dry_run else None)",
-        "        return self.auth_token or (DRY_RUN_TOKEN if self.dry_run else DRY_RUN_TOKEN)",
-        "tests/test_dry_run.py tests/test_web.py tests/test_config.py",
+        "dry-run still checks signatures",
+        "        if not RequestValidator(relay.settings.signing_token).validate(url, params, signature, algorithm):",
+        "        if not relay.settings.dry_run and not RequestValidator(relay.settings.signing_token).validate(url, params, signature, algorithm):",
+        "tests/test_dry_run.py tests/test_web.py",
     ),
     Mutant(
         "Commands: send",
@@ -488,7 +488,7 @@ MUTANTS += [
         "check exits 1 when the database does not connect",
         '        print(f"database: cannot connect: {first_line(e)}")\n        return False',
         '        print(f"database: cannot connect: {first_line(e)}")\n        return True',
-        "tests/test_shared_database.py tests/test_gray_database.py",
+        "tests/test_dry_run.py tests/test_shared_database.py",
     ),
     Mutant(
         "Commands: status",
@@ -1597,6 +1597,8 @@ def main() -> int:
     parser.add_argument("--first", type=int, default=0, help="skip the mutants before this index (from 0)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the chosen tests unmutated")
     parser.add_argument("--skip-done", type=Path, metavar="RESULTS", help="leave out the mutants a results file has")
+    parser.add_argument("--again", type=Path, metavar="RESULTS", help="only the mutants a results file says survived")
+    parser.add_argument("--out", type=Path, help="where the results go (default bench/results/promise-DATE.jsonl)")
     parser.add_argument("--coverage", action="store_true", help="each bullet and its mutants; exit 1 if one has none")
     parser.add_argument("--table", type=Path, metavar="RESULTS", help="print the audit table from a results file")
     args = parser.parse_args()
@@ -1605,6 +1607,10 @@ def main() -> int:
     if args.table:
         return table(args.table)
     chosen = [m for m in MUTANTS[args.first :] if args.k.lower() in f"{m.bullet} {m.promise}".lower()]
+    if args.again:
+        records = [json.loads(line) for line in args.again.read_text().splitlines()]
+        survived = {r["promise"] for r in records if r["outcome"] != "killed"}
+        chosen = [m for m in chosen if m.promise in survived]
     if args.skip_done:
         done = {json.loads(line)["promise"] for line in args.skip_done.read_text().splitlines()}
         chosen = [m for m in chosen if m.promise not in done]
@@ -1620,7 +1626,7 @@ def main() -> int:
     if not args.no_baseline and pytest(workdir, files):
         print(f"the chosen tests fail without any mutant: {' '.join(files)}", file=sys.stderr)
         return 2
-    out = RESULTS / f"promise-{datetime.date.today():%Y%m%d}.jsonl"
+    out = args.out or RESULTS / f"promise-{datetime.date.today():%Y%m%d}.jsonl"
     outcomes: collections.Counter = collections.Counter()
     began = time.monotonic()
     for mutant in chosen:

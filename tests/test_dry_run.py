@@ -185,3 +185,24 @@ def test_serve_listens_where_host_says(tmp_path):
         assert relay.events("listening")[0]["host"] == "127.0.0.1"
     finally:
         relay.stop()
+
+
+def test_send_signs_for_the_public_url_the_relay_checks_against(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    relay.env["RELAY_PUBLIC_URL"] = "https://relay.example.com"  # behind a proxy, as deployed
+    relay.start()
+    try:
+        sent = relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "Boat at 9?", "--url", relay.url)
+        assert sent.returncode == 0 and sent.stdout.startswith("200")
+    finally:
+        relay.stop()
+
+
+def test_send_exits_1_when_the_relay_refuses_the_text(tmp_path):
+    relay = dry_run_relay(tmp_path, config_text())
+    try:
+        relay.env["TWILIO_AUTH_TOKEN"] = "another-token"  # signed with a token the relay does not hold
+        sent = relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "hello", "--url", relay.url)
+        assert sent.returncode == 1 and sent.stdout.startswith("403")
+    finally:
+        relay.stop()

@@ -99,13 +99,13 @@ def test_once_a_hang_ends_the_relay_carries_on_by_itself_within_5s(start_relay, 
 def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server_and_its_locks_freed(database_url):
     store = relay_module.PgStore(database_url)
     store.open()
-    frozen = store.connect()  # a relay's session, as it connects every one
+    frozen = store.db.connect()  # a relay's session, as it connects every one
     frozen.execute("BEGIN")
     frozen.execute("SELECT pg_advisory_xact_lock(42)")
     began = time.monotonic()
     with psycopg.connect(database_url, autocommit=True) as other:
         wait_until(lambda: other.execute("SELECT pg_try_advisory_lock(42)").fetchone()[0], timeout=6)
-    assert time.monotonic() - began <= relay_module.PgStore.IDLE_IN_TRANSACTION_MS / 1000 + 1
+    assert time.monotonic() - began <= relay_module.PgSessions.IDLE_IN_TRANSACTION_MS / 1000 + 1
     frozen.close()
 
 

@@ -149,3 +149,11 @@ def test_setup_notices_a_webhook_asked_for_by_get_and_apply_makes_it_post(tmp_pa
     assert result.returncode == 1 and f"texts go to GET {relay.url}/api/sms/inbound, not to the relay" in result.stdout
     assert relay.run("setup", "--apply").returncode == 0
     assert fake_twilio.numbers[LINE]["sms_method"] == "POST"
+
+
+def test_check_live_fails_a_carried_number_whose_texts_go_elsewhere(tmp_path, fake_twilio):
+    relay = RelayProcess(tmp_path, fake_twilio, config_text(extra_relay="fallback = false"))
+    fake_twilio.add_number(LINE, sms_url="https://demo.twilio.com/welcome/sms/reply")
+    fake_twilio.add_service("QDN pages", [LINE], "VERIFIED")
+    result = relay.run("check", "--live")
+    assert result.returncode == 1 and "not to the relay" in result.stdout and "ok" not in result.stdout.splitlines()
