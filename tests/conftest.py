@@ -329,6 +329,7 @@ class FakeTwilio:
                     fake.count += 1
                     sid = f"SM{fake.count:032x}"
                     record = {"form": form, "at": time.time(), "sid": sid, "fault": fault}
+                    record["auth"] = self.headers.get("Authorization")
                     fake.requests.append(record)
                 stall = fake.stalls.get(form.get("To"))
                 if stall == "hang":

@@ -233,3 +233,14 @@ def test_a_port_out_of_range_is_refused(port):
 
 def test_the_highest_port_is_accepted():
     assert relay.Settings.from_env({"PORT": "65535"}).port == 65535
+
+
+def test_an_account_sid_that_is_not_an_ac_sid_is_refused_outside_dry_run():
+    settings = relay.Settings.from_env({"TWILIO_ACCOUNT_SID": "SK" + "1" * 32, "TWILIO_AUTH_TOKEN": "token"})
+    with pytest.raises(relay.ConfigError, match="TWILIO_ACCOUNT_SID"):
+        settings.require_credentials()
+
+
+def test_a_lines_own_time_zone_is_kept_for_its_hours():
+    config = parse(BASE.replace('number = "', 'timezone = "America/Los_Angeles"\nnumber = "'))
+    assert config.lines[0].timezone == "America/Los_Angeles"

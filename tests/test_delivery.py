@@ -1,5 +1,6 @@
 """Delivery you can trust: API faults, delivery reports, kills, repeat and alarms, live config edits."""
 
+import base64
 import time
 import urllib.parse
 
@@ -246,3 +247,11 @@ def test_a_page_refused_with_retry_after_is_tried_again_no_sooner_than_twilio_as
     busy = relay_module.SendError("twilio 429 20429", permanent=False, retry_after=30.0)
     assert relay_module.record_send_error(conv, 0, busy, 1000.0, jitter=0.0) == "retry"
     assert conv.pages[0].retry_at >= 1030.0
+
+
+def test_an_api_key_signs_the_rest_calls_when_one_is_set(start_relay, fake_twilio):
+    key, secret = "SK" + "5" * 32, "the-key-secret"
+    relay = start_relay(config_text(), env={"TWILIO_API_KEY": key, "TWILIO_API_SECRET": secret})
+    relay.inbound(CUSTOMER, "hello")
+    page = wait_until(lambda: [r for r in fake_twilio.requests if r["form"].get("To") == SERGIO])[0]
+    assert page["auth"] == "Basic " + base64.b64encode(f"{key}:{secret}".encode()).decode()
