@@ -4233,8 +4233,10 @@ class BadRequest(Exception):
         self.status, self.label, self.reason = status, label, reason
 
 
-# A flood of pages to one contact goes out this many at a time (their fsyncs shared), started in order.
-SENDS_PER_RECIPIENT = 4
+# A flood of pages to one contact goes out this many at a time, started in order: enough that their
+# stores' fsyncs and Twilio's answers overlap, so a burst of backups all due at once reaches Twilio on
+# time; few enough that a recipient whose sends hang leaves threads and connections for the others.
+SENDS_PER_RECIPIENT = 64
 
 
 class SendThreads:

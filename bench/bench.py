@@ -1,6 +1,7 @@
 """Benchmark: the relay against bare Bottle+waitress, end-to-end latency, escalation lateness, scale, memory.
 
-    python bench/bench.py [--seconds 8] [--connections 8] [--only PART] [--fixed-seconds 5]
+    python bench/bench.py [--seconds 8] [--connections 8] [--only PART ...] [--fixed-seconds 5]
+    python bench/bench.py --only throughput burst   # 200 backups due at once, beside the bare app
 
 Everything runs on 127.0.0.1: the relay and the bare app as subprocesses, a
 fast fake Twilio REST API in a child process, and a load generator of several
@@ -55,13 +56,17 @@ TARGETS = {
 # -- processes ----------------------------------------------------------------
 
 
-def serve_fake_twilio(port: int) -> None:
-    FakeTwilio(port).server.serve_forever()
+def serve_fake_twilio(port: int, latency: float = 0.0, hang: str | None = None) -> None:
+    fake = FakeTwilio(port)
+    fake.latency = latency  # every answer this late
+    if hang:
+        fake.stalls[hang] = "hang"  # every text to this phone hangs until the relay cuts it off
+    fake.server.serve_forever()
 
 
-def start_fake_twilio() -> tuple[multiprocessing.Process, str]:
+def start_fake_twilio(latency: float = 0.0, hang: str | None = None) -> tuple[multiprocessing.Process, str]:
     port = free_port()
-    proc = multiprocessing.Process(target=serve_fake_twilio, args=(port,), daemon=True)
+    proc = multiprocessing.Process(target=serve_fake_twilio, args=(port, latency, hang), daemon=True)
     proc.start()
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: reachable(url + "/_received"), timeout=10)
@@ -283,15 +288,23 @@ def bench_end_to_end(fake_url: str, rate: float = 50, seconds: float = 5, databa
 
 
 def bench_lateness(
-    fake_url: str, conversations: int = 300, wait: int = 2, database_url=None, relays=1, offset=30_000_000
+    fake_url: str,
+    conversations: int = 300,
+    wait: int = 2,
+    database_url=None,
+    relays=1,
+    offset=30_000_000,
+    connections=2,
+    pace=0.01,
+    settle=1.5,
 ) -> dict:
     """(time the backup's page arrives) - (the primary's deadline), over many short waits."""
     config = config_text(primary_wait=f"{wait}s", backup_wait="1h", extra_relay=NO_CAPS)
     servers = [start_relay(fake_url, config, database_url=database_url) for _ in range(relays)]
     for server in servers:
         server.wait_ready("/healthz")
-    run_load([s.port for s in servers], 2, 3, conversations // 2, pace=0.01, offset=offset)
-    time.sleep(wait + 1.5)
+    run_load([s.port for s in servers], connections, 3, conversations // connections, pace=pace, offset=offset)
+    time.sleep(wait + settle)
     for server in servers:
         server.stop()
     if database_url:
@@ -314,6 +327,16 @@ def bench_lateness(
         "p99_ms": round(percentile(late, 99) * 1000, 2),
         "max_ms": round(max(late, default=float("nan")) * 1000, 2),
     }
+
+
+def bench_burst(latency: float = 0.0, hang: str | None = None) -> dict:
+    """200 texts as fast as they come, so 200 backups fall due at once to one contact: their lateness
+    at a fake Twilio that answers at once, after `latency`, or that hangs every page to `hang`."""
+    proc, url = start_fake_twilio(latency, hang)
+    try:
+        return bench_lateness(url, 200, wait=2, offset=50_000_000, connections=8, pace=0.0, settle=4.0)
+    finally:
+        proc.terminate()
 
 
 def prefill(finished: int, open_: int):
@@ -506,20 +529,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=8)
-    parser.add_argument("--only", choices=["throughput", "end_to_end", "lateness", "scale", "idle", "database"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=["throughput", "end_to_end", "lateness", "burst", "scale", "idle", "database"],
+        help="these parts alone, printed as JSON (with throughput: the bare app in the same run)",
+    )
     parser.add_argument("--fixed-seconds", type=float, default=20.0, help="the database rows' time at the fixed rate")
     args = parser.parse_args()
     parts = {
         "throughput": lambda url: bench_throughput(url, args.seconds, args.connections),
         "end_to_end": bench_end_to_end,
         "lateness": bench_lateness,
+        "burst": lambda url: {
+            "at_once": bench_burst(),
+            "twilio_250ms": bench_burst(latency=0.25),
+            "primary_hanging": bench_burst(hang=SERGIO),
+        },
         "scale": bench_scale,
         "idle": bench_idle,
         "database": lambda url: bench_database(url, args.fixed_seconds),
     }
     fake_proc, fake_url = start_fake_twilio()
     try:
-        results = {name: part(fake_url) for name, part in parts.items() if args.only in (None, name)}
+        results = {name: part(fake_url) for name, part in parts.items() if not args.only or name in args.only}
     finally:
         fake_proc.terminate()
     if args.only:

@@ -189,6 +189,14 @@ def test_a_from_of_65_characters_gets_400(service):
     assert status == 400 and service.store.conversations == {}
 
 
+@pytest.mark.parametrize("field", ["MessageSid", "From", "To"])
+def test_a_text_missing_one_required_field_gets_400_and_changes_nothing(service, field):
+    params = {"MessageSid": msid("1"), "From": CUSTOMER, "To": LINE, "Body": "hi"}
+    del params[field]
+    status, _ = signed_post(relay.make_app(service), "/api/sms/inbound", params)
+    assert status == 400 and service.store.conversations == {} and service.gateway.sent == []
+
+
 def duplicates_counted(app) -> float:
     _, text = call(app, "GET", "/metrics")
     found = [line.split()[1] for line in text.splitlines() if line.startswith('relay_inbound_total{kind="duplicate"}')]
