@@ -3996,19 +3996,19 @@ def without_code(body: str) -> str:
     return CODE_IN_TEXT.sub("", body).strip()
 
 
-def is_bare_ack(body: str) -> bool:
-    """A reply that only acknowledges (`#7`, `ok`, `7 👍`), with nothing for the customer to read."""
-    text = without_code(body)
+def is_bare_ack(text: str) -> bool:
+    """A reply (its code taken out) that only acknowledges (`#7`, `ok`, `7 👍`), with nothing for the
+    customer to read."""
     if (m := BARE_CODE.match(text)) and m.group(0).strip(".!").isdigit():
         text = text[m.end() :]
     return text.strip(" .!,;:-").lower() in ACK_WORDS | {""}
 
 
-def reply_to_customer(conv: Conversation, body: str, now: float) -> bool:
+def reply_to_customer(conv: Conversation, reply: Reply, now: float) -> bool:
     """On a two-way line, pass a contact's real answer on to the customer, without the code."""
-    if not conv.two_way or is_bare_ack(body):
+    if not conv.two_way or reply.bare_ack:
         return False
-    conv.pages.append(Page(to=conv.sender, body=fit_sms(without_code(body)), kind="customer_reply", retry_at=now))
+    conv.pages.append(Page(to=conv.sender, body=fit_sms(reply.text), kind="customer_reply", retry_at=now))
     return True
 
 
@@ -4027,18 +4027,14 @@ def take_request(body: str) -> int | str | None:
     return seconds if seconds <= MAX_TAKE else found[1]
 
 
-def reply_word(body: str) -> str | None:
-    """ "pass" or "list" when that is the whole reply (a code apart), else None."""
-    word = without_code(body).strip().strip(".!").lower().translate(APOSTROPHES)
+def reply_word(text: str) -> str | None:
+    """ "pass" or "list" when that is the whole reply (its code taken out), else None."""
+    word = text.strip().strip(".!").lower().translate(APOSTROPHES)
     if word in PASS_WORDS:
         return "pass"
     if word in LIST_WORDS:
         return "list"
     return None
-
-
-def is_keyword(body: str) -> bool:
-    return body.strip().strip(".!").upper() in KEYWORDS
 
 
 def code_candidate(body: str) -> str | None:
@@ -4049,16 +4045,38 @@ def code_candidate(body: str) -> str | None:
     return m[1].upper() if m else None
 
 
-def named_code(body: str, open_codes: set[str]) -> str | None:
+class Reply(typing.NamedTuple):
+    """A contact's text, read once as it arrives: what it asks of the relay."""
+
+    keyword: bool  # STOP, HELP and the like: Twilio's, never an acknowledgement
+    take: int | str | None  # a `take` (see take_request), else None
+    word: str | None  # "pass" or "list" when that is the whole reply, its code apart
+    code: str | None  # what it could name as a code: `#7` in it, or the whole reply one bare word
+    named: bool  # written as a code (with `#`, or all digits): a bare word is one only while open
+    text: str  # the reply without its code, as a two-way line's customer reads it
+    bare_ack: bool  # it only acknowledges (`#7`, `ok`, `7 👍`): nothing for the customer
+
+
+def read_reply(body: str) -> Reply:
+    text, code = without_code(body), code_candidate(body)
+    return Reply(
+        keyword=body.strip().strip(".!").upper() in KEYWORDS,
+        take=take_request(body),
+        word=reply_word(text),
+        code=code,
+        named=code is not None and (CODE_IN_TEXT.search(body) is not None or code.isdigit()),
+        text=text,
+        bare_ack=is_bare_ack(text),
+    )
+
+
+def named_code(reply: Reply, open_codes: set[str]) -> str | None:
     """The code a reply names: `#7 on it`, or a bare `7` (codes are numbers), or a bare word that is open."""
-    candidate = code_candidate(body)
-    if candidate is None or CODE_IN_TEXT.search(body) or candidate.isdigit() or candidate in open_codes:
-        return candidate
-    return None
+    return reply.code if reply.code is not None and (reply.named or reply.code in open_codes) else None
 
 
 def choose_acknowledged(
-    open_convs: list[Conversation], phone: str, body: str, talking: list[Conversation] = ()
+    open_convs: list[Conversation], phone: str, reply: Reply, talking: list[Conversation] = ()
 ) -> tuple[Conversation | None, str | None]:
     """Which conversation a contact's reply is about, and the code it named if any.
 
@@ -4066,7 +4084,7 @@ def choose_acknowledged(
     no code picks the newest open one paged to that contact, else the newest it is talking in.
     """
     by_code = {c.code: c for c in [*talking, *open_convs]}
-    code = named_code(body, set(by_code))
+    code = named_code(reply, set(by_code))
     if code is not None:
         return by_code.get(code), code
     paged = [c for c in open_convs if phone in reached_phones(c)]
@@ -4899,23 +4917,14 @@ class Relay:
 
     # -- inbound -------------------------------------------------------------
 
-    def receive(self, params: dict[str, str], received_at: float | None = None, forwarded: bool = False) -> str:
-        """Handle a verified inbound text; returns the TwiML answer once the outcome is durable.
+    def receive(self, text: Inbound, received_at: float | None = None, forwarded: bool = False) -> str:
+        """Handle an inbound text; returns the TwiML answer once the outcome is durable.
 
         `received_at` is set for a text found by catch-up: when Twilio got it. Its page says how long
         ago that was, and a contact's reply gets its answer by SMS, since no webhook waits for it.
         `forwarded`: Twilio's fallback flow texted it to the crew meanwhile; its page says so.
         """
-        sid, sender, to = (params.get(k, "").strip() for k in ("MessageSid", "From", "To"))
-        missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
-        if missing:
-            raise BadRequest(400, "missing_fields", f"missing {', '.join(missing)}")
-        if not MESSAGE_SID.fullmatch(sid):
-            raise BadRequest(400, "bad_message_sid", "MessageSid is not SM or MM and 32 hex digits")
-        if len(sender) > 64 or len(to) > 64:
-            raise BadRequest(400, "field_too_long", "From or To is too long")
-        # A lone surrogate (a JSON escape in a listed text) cannot be written as UTF-8: it becomes "?".
-        body, media = params.get("Body", "").encode("utf-8", "replace").decode("utf-8"), media_urls(params)
+        sid, sender, to, body, media = text
         config = self.config
         if received_at is None:
             self.last_webhook = self.clock()
@@ -5011,51 +5020,52 @@ class Relay:
     ):
         """A text from one of the line's contacts (lock held). `later`: texts to send once it is stored."""
         fields = {"line": line.name, "to": None, "contact": contact.name}
-        if is_keyword(body):
+        reply = read_reply(body)
+        if reply.keyword:
             return None, "reply_keyword", fields
-        if (taking := take_request(body)) is not None:
+        if (taking := reply.take) is not None:
             text, event = self.shifts.take(line, contact, taking, now, later)
             answer.message(text)
             return None, event, fields
         talking = self.store.talking(line.name, now)
-        word = reply_word(body)
+        word = reply.word
         if word == "list":
             mine = [c for c in self.store.open_on(line.name) if contact.phone in reached_phones(c)]
             answer.message(listing(f"{line.name}: {len(mine)} open for you", mine, holder=True))
             return None, "reply_list", fields
         if word == "pass":
             talking = []  # only an open conversation can be passed on
-        conv, code = choose_acknowledged(self._open_for_reply(line, contact, body), contact.phone, body, talking)
+        conv, code = choose_acknowledged(self._open_for_reply(line, contact, reply), contact.phone, reply, talking)
         if conv is None:
             answer.message(self._unmatched_reply_text(line, code))
             return None, "reply_unmatched", {**fields, "code": code}
-        reply = {"sid": sid, "from": contact.phone, "body": body, "at": now}
+        record = {"sid": sid, "from": contact.phone, "body": body, "at": now}
         if word == "pass":
-            conv.replies.append(reply)
+            conv.replies.append(record)
             if event := pass_on(conv, contact, now, self.roster):
                 self.after_change(conv, event, reason=f"passed on by {contact.name}")
-                reply["answer"] = f"{line.name} #{conv.code}: passed on; {self._next_paged(conv)}."
+                record["answer"] = f"{line.name} #{conv.code}: passed on; {self._next_paged(conv)}."
             else:
-                reply["answer"] = f"{line.name} #{conv.code} {holder_words(conv)}; nothing changed."
-            answer.message(reply["answer"])
+                record["answer"] = f"{line.name} #{conv.code} {holder_words(conv)}; nothing changed."
+            answer.message(record["answer"])
             return conv, "reply_pass" if event else "reply_pass_refused", conv_ids(conv, contact=contact.name)
         if conv.is_takeable:
-            acknowledge(conv, contact, reply, now)
+            acknowledge(conv, contact, record, now)
             ACKS.inc()
             event, text = (
                 "acknowledged",
                 f"Thanks {contact.name}: {line.name} #{conv.code} from {conv.sender} is yours.",
             )
         else:
-            conv.replies.append(reply)
+            conv.replies.append(record)
             event, text = "reply", f"{line.name} #{conv.code}:"
-        if reply_to_customer(conv, body, now):
+        if reply_to_customer(conv, reply, now):
             text += " Your reply goes to the customer."
         elif event == "acknowledged":
             text += f" {others_told(conv)}"
         else:
             text += " nothing was sent to the customer (a bare acknowledgement)."
-        reply["answer"] = text
+        record["answer"] = text
         answer.message(text)
         return conv, event, conv_ids(conv, contact=contact.name, way="sms" if event == "acknowledged" else None)
 
@@ -5095,16 +5105,15 @@ class Relay:
             self.after_change(conv, event, reason=f"passed on by {contact.name} on the console")
         return said
 
-    def _open_for_reply(self, line: Line, contact: Contact, body: str) -> list[Conversation]:
+    def _open_for_reply(self, line: Line, contact: Contact, reply: Reply) -> list[Conversation]:
         """The open conversations a reply may be about: the one holding the code it names, else the
         newest paged to its sender. Not all the line's open ones: a flood may have left thousands."""
-        candidate = code_candidate(body)
-        if candidate is not None:
-            holding = self.store.holding_code(line.name, candidate)
-            if holding is None and named_code(body, set()) is not None:  # named as a code: unanswered, maybe
-                latest = self.store.latest_with_code(line.name, candidate)
+        if reply.code is not None:
+            holding = self.store.holding_code(line.name, reply.code)
+            if holding is None and reply.named:  # named as a code: unanswered, maybe
+                latest = self.store.latest_with_code(line.name, reply.code)
                 holding = latest if latest is not None and latest.status == UNANSWERED_STATUS else None
-            if holding or named_code(body, set()) is not None:  # named as a code, open or not
+            if holding or reply.named:  # named as a code, open or not
                 return [holding] if holding else []
         newest = self.store.newest_paged(line.name, contact.phone)
         return [newest] if newest else []
@@ -5311,6 +5320,31 @@ def media_urls(params: dict[str, str]) -> list[str]:
     return [url for url in urls if url.startswith("https://") and len(url) <= 2048]
 
 
+class Inbound(typing.NamedTuple):
+    """A text as Twilio brings it (by webhook or to catch-up), read and checked once, at the edge."""
+
+    sid: str
+    sender: str
+    to: str
+    body: str
+    media: list[str]
+
+
+def read_inbound(params: dict[str, str]) -> Inbound:
+    """An inbound text's form fields as an Inbound; BadRequest (400) when one is missing or malformed."""
+    sid, sender, to = (params.get(k, "").strip() for k in ("MessageSid", "From", "To"))
+    missing = [k for k, v in (("MessageSid", sid), ("From", sender), ("To", to)) if not v]
+    if missing:
+        raise BadRequest(400, "missing_fields", f"missing {', '.join(missing)}")
+    if not MESSAGE_SID.fullmatch(sid):
+        raise BadRequest(400, "bad_message_sid", "MessageSid is not SM or MM and 32 hex digits")
+    if len(sender) > 64 or len(to) > 64:
+        raise BadRequest(400, "field_too_long", "From or To is too long")
+    # A lone surrogate (a JSON escape in a listed text) cannot be written as UTF-8: it becomes "?".
+    body = params.get("Body", "").encode("utf-8", "replace").decode("utf-8")
+    return Inbound(sid, sender, to, body, media_urls(params))
+
+
 def make_app(relay: Relay) -> bottle.Bottle:
     app = bottle.Bottle()
 
@@ -5372,7 +5406,7 @@ def make_app(relay: Relay) -> bottle.Bottle:
     @app.post("/api/sms/inbound")
     @twilio_webhook
     def inbound(params):
-        return relay.receive(params)
+        return relay.receive(read_inbound(params))
 
     def callback_page(kind: str) -> tuple[str, int]:
         """The conversation and page that the relay wrote into a callback's URL."""
@@ -6012,7 +6046,8 @@ def catch_up_pass(relay: Relay, since: float) -> bool:
                 if forwarded is None:  # the webhook failed it, so Twilio handed it to the fallback URL
                     forwarded = relay.gateway.falls_back_to_a_flow(line.number)
                 try:
-                    relay.receive(params, received_at=received_at or relay.clock(), forwarded=forwarded)
+                    text = read_inbound(params)
+                    relay.receive(text, received_at=received_at or relay.clock(), forwarded=forwarded)
                 except (BadRequest, StoreFailure) as e:  # tried again at the next pass
                     log("warning", "catch_up_text_failed", message_sid=params["MessageSid"], reason=str(e))
                     all_well = False

@@ -38,31 +38,31 @@ def clock():
 
 @pytest.mark.parametrize("body", ["#7", "ok", "#7 ok", "7", "Got it!", "#7 👍", "on it."])
 def test_bare_acknowledgements_are_recognised(body):
-    assert relay.is_bare_ack(body)
+    assert relay.read_reply(body).bare_ack
 
 
 @pytest.mark.parametrize("body", ["#7 on my way, 10 min", "10 min", "Yes we have kayaks at 9", "call me"])
 def test_replies_with_something_to_say_are_not_bare(body):
-    assert not relay.is_bare_ack(body)
+    assert not relay.read_reply(body).bare_ack
 
 
 def test_two_way_reply_goes_to_the_customer_without_the_code(clock):
     conv = start(line(reply_to_sender=True))
     relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
-    assert relay.reply_to_customer(conv, "#7 on my way, 10 min", time.time())
+    assert relay.reply_to_customer(conv, relay.read_reply("#7 on my way, 10 min"), time.time())
     (page,) = to_customer(conv)
     assert page.body == "on my way, 10 min" and page.kind == "customer_reply"
 
 
 def test_bare_acknowledgement_is_not_relayed_to_the_customer(clock):
     conv = start(line(reply_to_sender=True))
-    assert not relay.reply_to_customer(conv, "#7", time.time())
+    assert not relay.reply_to_customer(conv, relay.read_reply("#7"), time.time())
     assert to_customer(conv) == []
 
 
 def test_replies_are_not_relayed_on_a_one_way_line(clock):
     conv = start(line())
-    assert not relay.reply_to_customer(conv, "#7 on my way", time.time())
+    assert not relay.reply_to_customer(conv, relay.read_reply("#7 on my way"), time.time())
 
 
 def test_customer_answer_after_acknowledgement_goes_to_the_contact_who_took_it(clock):
@@ -86,16 +86,20 @@ def test_two_way_conversation_stops_talking_after_a_day(clock):
 def test_reply_without_code_reaches_the_conversation_the_contact_is_talking_in(clock):
     conv = start(line(reply_to_sender=True))
     relay.acknowledge(conv, SERGIO_C, {"sid": msid("2")}, time.time())
-    assert relay.choose_acknowledged([], SERGIO, "see you at 9", talking=[conv]) == (conv, None)
+    assert relay.choose_acknowledged([], SERGIO, relay.read_reply("see you at 9"), talking=[conv]) == (conv, None)
 
 
 def test_a_day_after_a_two_way_conversation_was_taken_a_contacts_text_no_longer_reaches_its_customer(tmp_path, clock):
     service = make_relay(tmp_path / "state", relay.Config(lines=(line(reply_to_sender=True),)))
     service.outbox.senders = RunAtOnce()
-    service.receive({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
-    service.receive({"MessageSid": msid("s1"), "From": SERGIO, "To": LINE, "Body": "#1 yes, two left"})
+    service.receive(
+        relay.read_inbound({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
+    )
+    service.receive(
+        relay.read_inbound({"MessageSid": msid("s1"), "From": SERGIO, "To": LINE, "Body": "#1 yes, two left"})
+    )
     clock.tick(relay.TWO_WAY_WINDOW)  # no sweep since: the conversation is still in the store, not archived
-    service.receive({"MessageSid": msid("s2"), "From": SERGIO, "To": LINE, "Body": "still coming?"})
+    service.receive(relay.read_inbound({"MessageSid": msid("s2"), "From": SERGIO, "To": LINE, "Body": "still coming?"}))
     assert msid("c1") in service.store.conversations
     assert [body for _, to, body in service.gateway.sent if to == CUSTOMER] == ["yes, two left"]
 
@@ -293,10 +297,12 @@ def test_a_two_way_contact_s_later_replies_reach_the_customer_too(tmp_path):
     two_way = line(reply_to_sender=True)
     service = make_relay(tmp_path / "state", relay.Config(lines=(two_way,)))
     service.outbox.senders = RunAtOnce()
-    service.receive({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
+    service.receive(
+        relay.read_inbound({"MessageSid": msid("c1"), "From": CUSTOMER, "To": LINE, "Body": "kayaks at 9?"})
+    )
     service.sweeper.sweep()
     for n, answer in enumerate(["#1 yes, two left", "bring a towel", "see you at the dock"]):
-        service.receive({"MessageSid": msid(f"s{n}"), "From": SERGIO, "To": LINE, "Body": answer})
+        service.receive(relay.read_inbound({"MessageSid": msid(f"s{n}"), "From": SERGIO, "To": LINE, "Body": answer}))
         service.sweeper.sweep()
     to_customer = [body for _, to, body in service.gateway.sent if to == CUSTOMER]
     assert to_customer == ["yes, two left", "bring a towel", "see you at the dock"]

@@ -183,7 +183,7 @@ def test_a_call_text_that_just_fits_the_twiml_limit_is_kept_whole_and_any_longer
     + [("list", "list"), ("?", "list"), ("#12 List", "list"), ("no way", None), ("passing by", None)],
 )
 def test_reply_words_are_the_whole_reply_apart_from_a_code(body, word):
-    assert relay.reply_word(body) == {"no": "pass"}.get(word, word)
+    assert relay.read_reply(body).word == {"no": "pass"}.get(word, word)
 
 
 # -- in the relay service --------------------------------------------------------------------------
@@ -201,9 +201,15 @@ def service_with(tmp_path, first=SERGIO_CALL):
 def test_list_by_sms_names_each_open_conversation_paged_to_that_contact(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
-        service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n} needs fuel now please"})
+        service.receive(
+            relay.read_inbound(
+                {"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n} needs fuel now please"}
+            )
+        )
     service.sweeper.sweep()
-    twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
+    twiml = service.receive(
+        relay.read_inbound({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
+    )
     assert f"#1 {CUSTOMER} boat 0 needs fuel now" in twiml and f"#2 {OTHER_CUSTOMER} boat 1 needs fuel now" in twiml
     assert all(c.is_open for c in service.store.conversations.values())
 
@@ -211,9 +217,11 @@ def test_list_by_sms_names_each_open_conversation_paged_to_that_contact(tmp_path
 def test_list_by_sms_names_the_oldest_conversation_first(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
-        service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n}"})
+        service.receive(relay.read_inbound({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": f"boat {n}"}))
         clock.tick(-2)  # the second text is stored second, but is the older
-    twiml = service.receive({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
+    twiml = service.receive(
+        relay.read_inbound({"MessageSid": msid("list"), "From": SERGIO, "To": LINE, "Body": "list"})
+    )
     assert twiml.index(f"#2 {OTHER_CUSTOMER}") < twiml.index(f"#1 {CUSTOMER}")
 
 
@@ -235,11 +243,13 @@ def test_a_call_still_in_flight_is_not_placed_again_when_its_text_went_first(tmp
     service = service_with(tmp_path, SERGIO_BOTH)
     service.gateway = gateway = CallsHangUntilReleased()
     service.outbox.senders = relay.SendThreads()
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     service.sweeper.sweep()
     wait_until(lambda: len(gateway.texts) == 1 and gateway.calls and len(service.outbox.senders.active) == 1)
     # A second customer's text queues more sends to Sergio, and so more workers for his queue.
-    service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
+    service.receive(
+        relay.read_inbound({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
+    )
     service.sweeper.sweep()
     outbox = service.outbox
     wait_until(lambda: len(gateway.calls) > 2 or (not outbox.queues.get(SERGIO) and len(outbox.senders.active) == 2))
@@ -253,7 +263,7 @@ def test_a_key_pressed_on_a_call_is_logged_with_the_key(tmp_path, clock, capsys)
     service = service_with(tmp_path)
     service.gateway = gateway = CallsHangUntilReleased()
     gateway.released.set()
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     service.sweeper.sweep()
     conv = next(iter(service.store.conversations.values()))
     service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
@@ -264,7 +274,7 @@ def test_a_take_by_key_press_logs_acknowledged_with_the_contact_and_the_way(tmp_
     service = service_with(tmp_path)
     service.gateway = gateway = CallsHangUntilReleased()
     gateway.released.set()
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     service.sweeper.sweep()
     conv = next(iter(service.store.conversations.values()))
     service.key_pressed(conv.id, 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
@@ -274,9 +284,11 @@ def test_a_take_by_key_press_logs_acknowledged_with_the_contact_and_the_way(tmp_
 
 def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     service.sweeper.sweep()
-    twiml = service.receive({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "can't"})
+    twiml = service.receive(
+        relay.read_inbound({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "can't"})
+    )
     service.sweeper.sweep()
     assert "passed on; Backup is paged now" in twiml
     assert [to for _, to, _ in service.gateway.sent] == [SERGIO, BACKUP]
@@ -284,10 +296,12 @@ def test_pass_by_sms_pages_the_next_contact_at_once(tmp_path, clock):
 
 def test_pass_from_a_contact_not_holding_the_step_changes_nothing(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     clock.tick(120)
     service.sweeper.sweep()  # the backup holds the step now
-    twiml = service.receive({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "#1 pass"})
+    twiml = service.receive(
+        relay.read_inbound({"MessageSid": msid("pass"), "From": SERGIO, "To": LINE, "Body": "#1 pass"})
+    )
     assert "is with Backup now; nothing changed" in twiml
     assert service.store.conversations[msid(1)].step == 1
 
@@ -454,7 +468,7 @@ def test_calls_have_their_own_hourly_cap_and_a_held_call_goes_out_later(tmp_path
     calls = []
     service.gateway.call = lambda from_, to, twiml, callback: calls.append(to) or "CA" + "9" * 32
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):
-        service.receive({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": "help"})
+        service.receive(relay.read_inbound({"MessageSid": msid(n), "From": sender, "To": LINE, "Body": "help"}))
     service.sweeper.sweep()
     first_pages = sorted((c.pages[0].state, c.pages[0].error) for c in service.store.conversations.values())
     assert calls == [SERGIO] and first_pages == [("held", "outbound cap"), ("sent", None)]
@@ -468,11 +482,11 @@ def test_a_key_press_1_after_another_contact_took_it_leaves_it_theirs(tmp_path, 
     service = service_with(tmp_path)
     service.gateway = gateway = CallsHangUntilReleased()
     gateway.released.set()
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     service.sweeper.sweep()
     clock.tick(120)
     service.sweeper.sweep()  # the backup is paged, and takes it
-    service.receive({"MessageSid": msid("take"), "From": BACKUP, "To": LINE, "Body": "ok"})
+    service.receive(relay.read_inbound({"MessageSid": msid("take"), "From": BACKUP, "To": LINE, "Body": "ok"}))
     words = service.key_pressed(msid(1), 0, {"Digits": "1", "CallSid": CALL_SID}, repeated=False)
     assert "It was already taken by Backup." in words
     assert service.store.conversations[msid(1)].acknowledged_by == "Backup"
@@ -480,10 +494,14 @@ def test_a_key_press_1_after_another_contact_took_it_leaves_it_theirs(tmp_path, 
 
 def test_list_names_only_the_conversations_paged_to_the_contact_who_asks(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "tow please"}))
     clock.tick(120)
     service.sweeper.sweep()  # this one has reached the backup too
-    service.receive({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
+    service.receive(
+        relay.read_inbound({"MessageSid": msid(2), "From": OTHER_CUSTOMER, "To": LINE, "Body": "fuel please"})
+    )
     service.sweeper.sweep()  # this one only Sergio
-    listed = service.receive({"MessageSid": msid("list"), "From": BACKUP, "To": LINE, "Body": "list"})
+    listed = service.receive(
+        relay.read_inbound({"MessageSid": msid("list"), "From": BACKUP, "To": LINE, "Body": "list"})
+    )
     assert "1 open for you" in listed and CUSTOMER in listed and OTHER_CUSTOMER not in listed

@@ -29,7 +29,7 @@ def capped_relay(tmp_path, sender_cap=100, outbound_cap=100, alarm=ALARM, line=Q
 
 def text(service: relay.Relay, sender: str, n: int, body: str | None = None) -> str:
     sid = msid(f"{sender}-{n}")
-    service.receive({"MessageSid": sid, "From": sender, "To": LINE, "Body": body or f"text {n}"})
+    service.receive(relay.read_inbound({"MessageSid": sid, "From": sender, "To": LINE, "Body": body or f"text {n}"}))
     service.sweeper.sweep()
     return sid
 
@@ -49,7 +49,7 @@ def cap_alarms(service: relay.Relay) -> list[str]:
 
 
 def acknowledge(service: relay.Relay, body: str = "ok") -> None:
-    service.receive({"MessageSid": msid(f"ack {body}"), "From": SERGIO, "To": LINE, "Body": body})
+    service.receive(relay.read_inbound({"MessageSid": msid(f"ack {body}"), "From": SERGIO, "To": LINE, "Body": body}))
     service.sweeper.sweep()
 
 

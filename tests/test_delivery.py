@@ -230,9 +230,13 @@ class HeldSends:
 def test_a_page_acknowledged_before_its_send_starts_is_never_sent_and_leaves_no_claim(tmp_path):
     service = make_relay(tmp_path / "state")
     service.outbox.senders = held = HeldSends()
-    service.receive({"MessageSid": msid("text"), "From": CUSTOMER, "To": LINE, "Body": "need a tow"})
+    service.receive(
+        relay_module.read_inbound({"MessageSid": msid("text"), "From": CUSTOMER, "To": LINE, "Body": "need a tow"})
+    )
     assert service.outbox.in_flight  # the page is claimed for its send
-    service.receive({"MessageSid": msid("reply"), "From": SERGIO, "To": LINE, "Body": "#1 on it"})
+    service.receive(
+        relay_module.read_inbound({"MessageSid": msid("reply"), "From": SERGIO, "To": LINE, "Body": "#1 on it"})
+    )
     held.run()
     assert service.gateway.sent == []
     assert service.outbox.in_flight == {}  # else it stays this relay's, as long as the relay runs

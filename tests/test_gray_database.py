@@ -184,7 +184,9 @@ def test_a_page_whose_claim_another_relay_took_over_is_never_sent(database_url, 
     store = relay_module.PgStore(database_url)
     store.open()
     frozen = relay_on(store, tmp_path)
-    frozen.receive({"MessageSid": msid("claimed"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    frozen.receive(
+        relay_module.read_inbound({"MessageSid": msid("claimed"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    )
     with psycopg.connect(database_url, autocommit=True) as conn:  # its lease lapsed; another relay claimed it
         conn.execute(
             """UPDATE relay_conversations SET doc = jsonb_set(doc::jsonb, '{pages,0,holder}', '"another"')::json"""
@@ -199,7 +201,7 @@ def test_a_page_whose_claim_lapsed_is_claimed_anew_before_it_is_sent_once(databa
     store = relay_module.PgStore(database_url)
     store.open()
     slow = relay_on(store, tmp_path)
-    slow.receive({"MessageSid": msid("lapsed"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    slow.receive(relay_module.read_inbound({"MessageSid": msid("lapsed"), "From": CUSTOMER, "To": LINE, "Body": "hi"}))
     store.offset += store.LEASE  # storing the claim took as long as the claim lasts
     sending = slow.gateway.send
 
@@ -220,7 +222,7 @@ def test_a_step_begun_after_a_slow_wait_for_its_lock_gets_all_its_wait(database_
     store = relay_module.PgStore(database_url)
     store.open()
     service = relay_on(store, tmp_path)
-    service.receive({"MessageSid": msid("slow"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    service.receive(relay_module.read_inbound({"MessageSid": msid("slow"), "From": CUSTOMER, "To": LINE, "Body": "hi"}))
     service.outbox.senders.run()
     store.offset += 61  # Sergio's wait has run out
     due = store.due

@@ -140,7 +140,7 @@ def test_reply_code_picks_the_conversation_when_several_are_open(clock):
     first = new_conversation(sid=msid("1"), code="1")
     clock.tick(1)
     second = new_conversation(sid=msid("2"), sender=OTHER_CUSTOMER, code="2")
-    chosen, code = relay.choose_acknowledged([first, second], SERGIO, "#1 on it")
+    chosen, code = relay.choose_acknowledged([first, second], SERGIO, relay.read_reply("#1 on it"))
     assert chosen is first and code == "1"
 
 
@@ -148,43 +148,43 @@ def test_bare_code_alone_acknowledges_that_conversation(clock):
     first = new_conversation(sid=msid("1"), code="7")
     clock.tick(1)
     second = new_conversation(sid=msid("2"), sender=OTHER_CUSTOMER, code="8")
-    assert relay.choose_acknowledged([first, second], SERGIO, " 7 ")[0] is first
+    assert relay.choose_acknowledged([first, second], SERGIO, relay.read_reply(" 7 "))[0] is first
 
 
 def test_reply_without_code_acknowledges_the_newest_paged_to_that_contact(clock):
     first = new_conversation(sid=msid("1"), code="1")
     clock.tick(1)
     second = new_conversation(sid=msid("2"), sender=OTHER_CUSTOMER, code="2")
-    assert relay.choose_acknowledged([first, second], SERGIO, "ok")[0] is second
+    assert relay.choose_acknowledged([first, second], SERGIO, relay.read_reply("ok"))[0] is second
 
 
 def test_reply_without_code_does_not_acknowledge_what_the_contact_never_got(clock):
     conv = new_conversation()
-    assert relay.choose_acknowledged([conv], BACKUP, "got it")[0] is None
+    assert relay.choose_acknowledged([conv], BACKUP, relay.read_reply("got it"))[0] is None
 
 
 def test_bare_number_that_is_no_open_code_acknowledges_nothing(clock):
     conv = new_conversation(code="1")
-    assert relay.choose_acknowledged([conv], SERGIO, "12") == (None, "12")
+    assert relay.choose_acknowledged([conv], SERGIO, relay.read_reply("12")) == (None, "12")
 
 
 def test_bare_word_that_is_no_code_acknowledges_the_newest(clock):
     conv = new_conversation(code="1")
-    assert relay.choose_acknowledged([conv], SERGIO, "ok") == (conv, None)
+    assert relay.choose_acknowledged([conv], SERGIO, relay.read_reply("ok")) == (conv, None)
 
 
 def test_reply_naming_an_unknown_code_acknowledges_nothing(clock):
     conv = new_conversation(code="1")
-    assert relay.choose_acknowledged([conv], SERGIO, "#42 done") == (None, "42")
+    assert relay.choose_acknowledged([conv], SERGIO, relay.read_reply("#42 done")) == (None, "42")
 
 
 @pytest.mark.parametrize("body", ["STOP", "stop", "Help", "UNSUBSCRIBE", "start", "STOP."])
 def test_stop_and_help_keywords_are_not_acknowledgements(body):
-    assert relay.is_keyword(body)
+    assert relay.read_reply(body).keyword
 
 
 def test_ordinary_reply_is_not_a_keyword():
-    assert not relay.is_keyword("stop the boat, on my way")
+    assert not relay.read_reply("stop the boat, on my way").keyword
 
 
 def test_follow_up_is_relayed_to_every_contact_already_paged(clock):
@@ -311,8 +311,8 @@ def test_reply_codes_do_not_run_out_at_four_digits():
 
 
 def test_a_six_digit_code_in_a_reply_is_read_whole():
-    assert relay.named_code("#123456 on it", set()) == "123456"
-    assert relay.named_code("123456", set()) == "123456"
+    assert relay.named_code(relay.read_reply("#123456 on it"), set()) == "123456"
+    assert relay.named_code(relay.read_reply("123456"), set()) == "123456"
 
 
 def test_wait_counts_from_when_the_step_began_even_when_the_send_succeeds_late(clock):

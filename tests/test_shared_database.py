@@ -165,7 +165,9 @@ def test_texts_and_lease_renewals_read_no_table_whole_however_many_texts_are_rem
         service = relay.Relay(settings, config, store, RecordingGateway())
         service.outbox.senders = RunAtOnce()
         for n in range(8):  # past the fifth, psycopg prepares each statement and the server may cache a plan
-            service.receive({"MessageSid": msid(n), "From": f"+1555123{n:04d}", "To": LINE, "Body": "hi"})
+            service.receive(
+                relay.read_inbound({"MessageSid": msid(n), "From": f"+1555123{n:04d}", "To": LINE, "Body": "hi"})
+            )
             store.renew({msid(n): {0}}, service.id)
         assert len(service.gateway.sent) == 8
         assert whole_table_reads(admin) == before

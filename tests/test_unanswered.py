@@ -123,7 +123,7 @@ def test_an_unanswered_conversation_waits_in_memory_until_taken(tmp_path, clock)
 
     service = make_relay(tmp_path / "state", relay.Config(lines=(QDN,)))
     service.outbox.senders = RunAtOnce()
-    service.receive({"MessageSid": msid(1), "From": CUSTOMER, "To": QDN.number, "Body": "hi"})
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": QDN.number, "Body": "hi"}))
     clock.tick(120)
     service.sweeper.sweep()
     clock.tick(300)

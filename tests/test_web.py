@@ -179,7 +179,11 @@ def test_message_bodies_stay_out_of_the_logs_unless_asked_for(tmp_path, capsys):
     for log_bodies in (False, True):
         config = relay.Config(lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),))
         service = make_relay(tmp_path / f"state-{log_bodies}", dataclasses.replace(config, log_bodies=log_bodies))
-        service.receive({"MessageSid": msid(log_bodies), "From": CUSTOMER, "To": LINE, "Body": "my card is 4111"})
+        service.receive(
+            relay.read_inbound(
+                {"MessageSid": msid(log_bodies), "From": CUSTOMER, "To": LINE, "Body": "my card is 4111"}
+            )
+        )
         assert ("my card is 4111" in capsys.readouterr().out) is log_bodies
 
 
