@@ -198,6 +198,14 @@ def service_with(tmp_path, first=SERGIO_CALL):
     return service
 
 
+@pytest.mark.parametrize("keyword", ["STOP", "help", "Start"])
+def test_a_carrier_keyword_from_a_contact_takes_nothing(tmp_path, clock, keyword):
+    service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "fuel?"}))
+    service.receive(relay.read_inbound({"MessageSid": msid(2), "From": SERGIO, "To": LINE, "Body": keyword}))
+    assert service.store.get(msid(1)).is_open and service.store.get(msid(1)).replies == []
+
+
 def test_list_by_sms_names_each_open_conversation_paged_to_that_contact(tmp_path, clock):
     service = service_with(tmp_path, relay.Contact("Sergio", SERGIO, 120))
     for n, sender in enumerate([CUSTOMER, OTHER_CUSTOMER]):

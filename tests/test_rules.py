@@ -173,6 +173,11 @@ def test_bare_word_that_is_no_code_acknowledges_the_newest(clock):
     assert relay.choose_acknowledged([conv], SERGIO, relay.read_reply("ok")) == (conv, None)
 
 
+def test_reply_naming_a_letter_code_that_is_not_open_acknowledges_nothing(clock):
+    conv = new_conversation(code="1")
+    assert relay.choose_acknowledged([conv], SERGIO, relay.read_reply("#ab on it")) == (None, "AB")
+
+
 def test_reply_naming_an_unknown_code_acknowledges_nothing(clock):
     conv = new_conversation(code="1")
     assert relay.choose_acknowledged([conv], SERGIO, relay.read_reply("#42 done")) == (None, "42")
