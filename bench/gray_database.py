@@ -11,12 +11,17 @@ TCP proxy in front of the database where a hang is needed, and prints one JSON l
 - slow: every write to the relay's tables takes 300 ms; two relays take 20 texts at once; texts
   answered 503, duplicate pages, backup lateness (its page's time minus the relay's accepted time + wait);
 - slots: three relays on a server with max_connections = 12 take 24 texts at once; answered 200,
-  of those paged within 20 s, and relays still answering 503 10 s later.
+  of those paged within 20 s, and relays still answering 503 10 s later;
+- frozen / cut off: two relays take 20 texts (writes as fast as they go, then taking 200 ms, so that a
+  sweep holds its locks a while); as the backups fall due one relay is frozen (SIGSTOP) for 8 s, or
+  its database connections forward nothing for 8 s; backups missing, duplicate pages, backup lateness.
 """
 
 import argparse
 import datetime
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -115,6 +120,65 @@ def slow(cluster, fake, workdir, relay_py) -> dict:
     }
 
 
+def held_work(cluster, fake, workdir, relay_py, how: str, write_s: float) -> dict:
+    """One of two relays stops answering the database as the backups fall due, while it may hold their locks."""
+    proxy = Proxy(cluster.port)
+    try:
+        url = cluster.new_database()
+        config = config_text(primary_wait=f"{WAIT:g}s", backup_wait="1h")
+        frozen = relay_at(workdir / f"{how}-{write_s:g}-0", fake, config, {"DATABASE_URL": proxy.url(url)}, relay_py)
+        other = relay_at(workdir / f"{how}-{write_s:g}-1", fake, config, {"DATABASE_URL": url}, relay_py)
+        if write_s:
+            slow_every_write(url, write_s)
+        fake.requests.clear()
+        relays = (frozen, other)
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: relays[i % 2].inbound(f"+1555124{i:04d}", f"held {i}", sid=msid(f"{how} {i}"))[0],
+                    range(20),
+                )
+            )
+        taken = [i for i, status in enumerate(answers) if status == 200]
+        accepted = {e["message_sid"]: e["ts"] for r in relays for e in r.events("inbound_accepted")}
+        first_due = min(datetime.datetime.fromisoformat(t).timestamp() for t in accepted.values()) + WAIT
+        time.sleep(max(0.0, first_due + 0.3 - time.time()))  # its sweep has begun on them
+        if how == "frozen":
+            os.kill(frozen.proc.pid, signal.SIGSTOP)
+        else:
+            proxy.hanging = True
+        time.sleep(8)
+        if how == "frozen":
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        else:
+            proxy.hanging = False
+        time.sleep(WAIT + 8)
+        accepted = {e["message_sid"]: e["ts"] for r in relays for e in r.events("inbound_accepted")}
+
+        def pages(to, i):
+            return [r for r in fake.requests if r["form"]["To"] == to and f": held {i}\n" in r["form"]["Body"]]
+
+        late = [
+            pages(BACKUP, i)[0]["at"]
+            - (datetime.datetime.fromisoformat(accepted[msid(f"{how} {i}")]).timestamp() + WAIT)
+            for i in taken
+            if pages(BACKUP, i) and msid(f"{how} {i}") in accepted
+        ]
+        for relay in relays:
+            relay.stop()
+        return {
+            "scenario": f"{how} 8 s as the backups fall due, writes {write_s * 1000:g} ms, 2 relays, 20 texts",
+            "answered_200": len(taken),
+            "backups_missing": sum(1 for i in taken if not pages(BACKUP, i)),
+            "duplicate_primary": sum(max(0, len(pages(SERGIO, i)) - 1) for i in taken),
+            "duplicate_backup": sum(max(0, len(pages(BACKUP, i)) - 1) for i in taken),
+            "backup_late_p50_s": round(statistics.median(late), 2) if late else None,
+            "backup_late_max_s": round(max(late), 2) if late else None,
+        }
+    finally:
+        proxy.close()
+
+
 def slots(fake, workdir, relay_py) -> dict:
     cluster = Postgres(settings="-c max_connections=12 -c superuser_reserved_connections=0").start()
     try:
@@ -145,14 +209,19 @@ def slots(fake, workdir, relay_py) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--relay", type=Path, default=ROOT / "relay.py", help="the relay.py to run")
+    parser.add_argument("--only", choices=["held"], help="only the frozen and cut-off relay scenarios")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relay-gray-"))
     fake = FakeTwilio()
     cluster = Postgres().start()
     try:
-        for scenario in (hang, slow):
+        for scenario in (hang, slow) if not args.only else ():
             print(json.dumps(scenario(cluster, fake, workdir, args.relay.resolve())), flush=True)
-        print(json.dumps(slots(fake, workdir, args.relay.resolve())), flush=True)
+        for how in ("frozen", "cut_off"):
+            for write_s in (0.0, 0.2):
+                print(json.dumps(held_work(cluster, fake, workdir, args.relay.resolve(), how, write_s)), flush=True)
+        if not args.only:
+            print(json.dumps(slots(fake, workdir, args.relay.resolve())), flush=True)
     finally:
         fake.close()
         cluster.close()
