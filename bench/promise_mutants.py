@@ -200,7 +200,7 @@ MUTANTS = [
         "the 2 KiB log-line cap counts bytes, not characters",
         "        if len(line.encode()) <= MAX_LOG_LINE:",
         "        if len(line) <= MAX_LOG_LINE:",
-        "tests/test_calls.py tests/test_cost_caps.py",
+        "tests/test_faults.py tests/test_delivery.py",
     ),
     Mutant(
         "Behaviour 4: transient errors",
@@ -1055,7 +1055,7 @@ MUTANTS += [
         "a MessageSid not of Twilio's form gets 400",
         "    if not MESSAGE_SID.fullmatch(sid):",
         "    if not sid:",
-        "tests/test_web.py",
+        "tests/test_faults.py tests/test_web.py",
     ),
     Mutant(
         "Faults 8: health checks harmless",
