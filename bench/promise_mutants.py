@@ -200,7 +200,7 @@ MUTANTS = [
         "the 2 KiB log-line cap counts bytes, not characters",
         "        if len(line.encode()) <= MAX_LOG_LINE:",
         "        if len(line) <= MAX_LOG_LINE:",
-        "tests/test_faults.py tests/test_delivery.py",
+        "tests/test_web.py tests/test_faults.py",
     ),
     Mutant(
         "Behaviour 4: transient errors",
@@ -964,7 +964,7 @@ MUTANTS += [
         "calls have their own hourly cap",
         '            return self.store.take("outbound:calls", self.relay.config.call_hourly_cap, now)',
         '            return self.store.take("outbound:calls", self.relay.config.outbound_hourly_cap, now)',
-        "tests/test_cost_caps.py",
+        "tests/test_calls.py tests/test_cost_caps.py",
     ),
     Mutant(
         "Faults 1: caps defer",
@@ -1034,7 +1034,7 @@ MUTANTS += [
         "a 2xx with an odd body counts as sent",
         "            if 200 <= (RestCall.current.call.status or 0) < 300:",
         "            if False:",
-        "tests/test_delivery.py",
+        "tests/test_faults.py tests/test_delivery.py",
     ),
     Mutant(
         "Faults 5: wall clock",
@@ -1597,7 +1597,7 @@ def main() -> int:
     parser.add_argument("--first", type=int, default=0, help="skip the mutants before this index (from 0)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the chosen tests unmutated")
     parser.add_argument("--skip-done", type=Path, metavar="RESULTS", help="leave out the mutants a results file has")
-    parser.add_argument("--again", type=Path, metavar="RESULTS", help="only the mutants a results file says survived")
+    parser.add_argument("--again", type=Path, metavar="RESULTS", help="only the mutants a results file has not killed")
     parser.add_argument("--out", type=Path, help="where the results go (default bench/results/promise-DATE.jsonl)")
     parser.add_argument("--coverage", action="store_true", help="each bullet and its mutants; exit 1 if one has none")
     parser.add_argument("--table", type=Path, metavar="RESULTS", help="print the audit table from a results file")
@@ -1607,10 +1607,10 @@ def main() -> int:
     if args.table:
         return table(args.table)
     chosen = [m for m in MUTANTS[args.first :] if args.k.lower() in f"{m.bullet} {m.promise}".lower()]
-    if args.again:
+    if args.again:  # what that run did not kill: its survivors, its stale ones, and mutants new since
         records = [json.loads(line) for line in args.again.read_text().splitlines()]
-        survived = {r["promise"] for r in records if r["outcome"] != "killed"}
-        chosen = [m for m in chosen if m.promise in survived]
+        killed = {r["promise"] for r in records if r["outcome"] == "killed"}
+        chosen = [m for m in chosen if m.promise not in killed]
     if args.skip_done:
         done = {json.loads(line)["promise"] for line in args.skip_done.read_text().splitlines()}
         chosen = [m for m in chosen if m.promise not in done]
