@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import glob
 import hashlib
@@ -400,8 +401,9 @@ class FakeTwilio:
                     fault = fake.list_faults.popleft() if fake.list_faults else None
                 if fault:
                     return self._answer(fault[0], {"code": fault[1], "message": "fault", "status": fault[0]})
+                # Twilio filters DateSent> by the day (its API description): the rest is the relay's to skip.
                 since = query.get("DateSent>")
-                since = time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone if since else 0
+                since = calendar.timegm(time.strptime(since[:10], "%Y-%m-%d")) if since else 0
                 found = sorted(
                     (m for m in fake.inbox if m["to"] == query.get("To") and m["date_sent"] >= since),
                     key=lambda m: -m["date_sent"],
