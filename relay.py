@@ -1164,7 +1164,7 @@ class Store(abc.ABC):
         page changed (a store no other relay shares has nothing to mark)."""
         return False
 
-    def holds(self, page: Page, holder: str, now: float | None = None) -> bool:
+    def claimed_by(self, page: Page, holder: str, now: float | None = None) -> bool:
         """Whether `page` is still `holder`'s to send: no other relay claimed it since (and, given
         `now`, the claim has not lapsed by then)."""
         return True
@@ -1825,7 +1825,7 @@ class JsonStore(Store):
     def load(self, archive: bool = True, quarantine: bool = False) -> None:
         """Read snapshot, journals and (unless told not to) the archive; safe without the lock.
 
-        With `quarantine` (the lock held), a file with unreadable records is moved aside, kept,
+        With `quarantine` (with the directory locked), a file with unreadable records is moved aside, kept,
         and listed in `damaged`; everything readable in it is kept.
         """
         snapshot_path = self.dir / self.SNAPSHOT
@@ -1931,7 +1931,7 @@ class JsonStore(Store):
                 found.append((int(number), path))
         return sorted(found)
 
-    # -- look-ups (the relay's lock held) ---------------------------------
+    # -- look-ups (in a transaction) -------------------------------------
 
     def _index_all(self) -> None:
         """Build look-ups and timers afresh from the conversations."""
@@ -3039,7 +3039,7 @@ class PgStore(Store):
         page.lease, page.holder = now + self.lease, holder
         return True
 
-    def holds(self, page: Page, holder: str, now: float | None = None) -> bool:
+    def claimed_by(self, page: Page, holder: str, now: float | None = None) -> bool:
         return page.holder == holder and (now is None or page.lease > now)
 
     def renew(self, in_flight: dict[str, set[int]], holder: str) -> None:
@@ -4374,7 +4374,7 @@ class Outbox:
         return f"{base}{route}?{urllib.parse.urlencode({'c': conv.id, 'p': index, **more})}"
 
     def _done(self, conv_id: str, index: int) -> None:
-        """(lock held)"""
+        """(with the outbox locked)"""
         sending = self.in_flight.get(conv_id, set())
         sending.discard(index)
         if not sending:
@@ -4417,7 +4417,7 @@ class Outbox:
         with self.store.transaction(reading=True):
             conv = self.store.get(conv_id)
             page = self._still_to_send(conv, index)
-            if page is not None and not self.store.holds(page, self.relay.id, self.clock()):
+            if page is not None and not self.store.claimed_by(page, self.relay.id, self.clock()):
                 conv = None  # claimed, but the claim lapsed before its send began: renewed first
             elif page is not None:
                 request = self._request(conv, index)
@@ -4503,7 +4503,7 @@ class Outbox:
         """The page, if it is still this relay's to send: not taken, reloaded or sent since it was
         claimed, nor claimed by another relay since this one's claim lapsed (cut off or frozen)."""
         page = conv.pages[index] if conv and index < len(conv.pages) else None
-        if page is None or page.state != "pending" or not self.store.holds(page, self.relay.id):
+        if page is None or page.state != "pending" or not self.store.claimed_by(page, self.relay.id):
             return None
         return page
 
@@ -4815,7 +4815,7 @@ class Shifts:
     def take(
         self, line: Line, contact: Contact, duration: int | str | None, now: float, later: list
     ) -> tuple[str, str]:
-        """A member's `take`: an override of each of the line's rotations they are in (lock held).
+        """A member's `take`: an override of each of the line's rotations they are in (in a transaction).
         Returns the answer and the event to log."""
         theirs = [r for r in line.rotations if r.member(contact.phone)]
         if not theirs:
@@ -5018,7 +5018,7 @@ class Relay:
     def _reply(
         self, line: Line, contact: Contact, sid: str, body: str, now: float, answer: MessagingResponse, later: list
     ):
-        """A text from one of the line's contacts (lock held). `later`: texts to send once it is stored."""
+        """A text from one of the line's contacts (in a transaction). `later`: texts to send once it is stored."""
         fields = {"line": line.name, "to": None, "contact": contact.name}
         reply = read_reply(body)
         if reply.keyword:

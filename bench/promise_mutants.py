@@ -345,7 +345,7 @@ MUTANTS = [
     Mutant(
         "Database gray: lapsed claims",
         "a relay never sends a page another relay claimed since",
-        '        if page is None or page.state != "pending" or not self.store.holds(page, self.relay.id):',
+        '        if page is None or page.state != "pending" or not self.store.claimed_by(page, self.relay.id):',
         '        if page is None or page.state != "pending":',
         "tests/test_gray_database.py",
     ),
