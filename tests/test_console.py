@@ -1,12 +1,13 @@
 """The console: sign-in by a texted code, sessions, the pages and their actions, seen over HTTP."""
 
 import http.client
+import io
 import re
 import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, config_text, make_relay, wait_until
+from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RunAtOnce, config_text, make_relay, wait_until
 from freezegun import freeze_time
 
 import relay
@@ -365,3 +366,53 @@ def test_a_login_link_expires_after_10_minutes(tmp_path):
         url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
         clock.tick(601)
         assert wsgi_get(app, f"{url.path}?{url.query}")[0] == 403
+
+
+def wsgi_post(app, path: str, fields: dict) -> tuple[int, str]:
+    body = urllib.parse.urlencode(fields).encode()
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "CONTENT_TYPE": "application/x-www-form-urlencoded",
+        "CONTENT_LENGTH": str(len(body)),
+    }
+    wsgiref.util.setup_testing_defaults(environ)
+    environ["wsgi.input"] = io.BytesIO(body)
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"] = int(status.split()[0])
+
+    text = b"".join(app(environ, start_response)).decode()
+    return answer["status"], text
+
+
+@pytest.mark.json_only
+def test_a_sign_in_code_expires_after_10_minutes(tmp_path):
+    with freeze_time("2026-12-07 12:00:00") as clock:
+        service = make_relay(tmp_path / "state")
+        service.outbox.senders = RunAtOnce()
+        app = relay.make_app(service)
+        wsgi_post(app, "/signin", {"phone": SERGIO})
+        code = re.search(r"code is (\d{6})", service.gateway.sent[-1][2])[1]
+        clock.tick(601)
+        assert wsgi_post(app, "/signin", {"phone": SERGIO, "code": code})[0] == 403
+
+
+@pytest.mark.json_only  # the same on both stores: nothing here is stored differently
+def test_behind_a_router_the_address_it_appended_last_is_counted(start_relay, fake_twilio):
+    service = start_relay(config_text())
+    # What the client put in X-Forwarded-For varies; the address the router appended last does not.
+    clients = [f"10.9.8.{n}, 198.51.100.9" for n in range(11)]
+    phones = [f"+1555777{n:04d}" for n in range(11)]
+    statuses = [Browser(service, client=c).post("/signin", {"phone": p})[0] for c, p in zip(clients, phones, strict=True)]
+    assert statuses == [200] * 10 + [429]
+
+
+@pytest.mark.json_only  # the same on both stores: nothing here is stored differently
+def test_the_session_cookie_is_secure_when_the_public_url_is_https(start_relay, fake_twilio):
+    service = start_relay(config_text(), env={"RELAY_PUBLIC_URL": "https://relay.example.com"})
+    done = service.run("login-link", SERGIO)
+    url = urllib.parse.urlsplit(done.stdout.strip())
+    _, _, response = Browser(service).get(f"{url.path}?{url.query}")
+    assert "secure" in response.getheader("Set-Cookie").lower()
