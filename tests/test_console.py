@@ -405,7 +405,8 @@ def test_behind_a_router_the_address_it_appended_last_is_counted(start_relay, fa
     # What the client put in X-Forwarded-For varies; the address the router appended last does not.
     clients = [f"10.9.8.{n}, 198.51.100.9" for n in range(11)]
     phones = [f"+1555777{n:04d}" for n in range(11)]
-    statuses = [Browser(service, client=c).post("/signin", {"phone": p})[0] for c, p in zip(clients, phones, strict=True)]
+    pairs = zip(clients, phones, strict=True)
+    statuses = [Browser(service, client=c).post("/signin", {"phone": p})[0] for c, p in pairs]
     assert statuses == [200] * 10 + [429]
 
 
