@@ -7,7 +7,18 @@ import urllib.parse
 import wsgiref.util
 
 import pytest
-from conftest import BACKUP, CUSTOMER, LINE, SERGIO, RunAtOnce, config_text, make_relay, wait_until
+from conftest import (
+    BACKUP,
+    CUSTOMER,
+    LINE,
+    OTHER_CUSTOMER,
+    SERGIO,
+    RunAtOnce,
+    config_text,
+    make_relay,
+    msid,
+    wait_until,
+)
 from freezegun import freeze_time
 
 import relay
@@ -237,6 +248,7 @@ def test_close_ends_a_conversation_without_paging_anyone(start_relay, fake_twili
     service.inbound(CUSTOMER.replace("1", "2", 1), "later text")
     wait_until(lambda: any("later text" in m["Body"] for m in fake_twilio.delivered(BACKUP)), timeout=15)
     assert not any("boat leaking" in m["Body"] for m in fake_twilio.delivered(BACKUP))
+    assert not any("was taken by" in m["Body"] for m in fake_twilio.delivered(SERGIO))  # closed, not taken
 
 
 @pytest.mark.json_only  # the same on both stores: nothing here is stored differently
@@ -417,3 +429,56 @@ def test_the_session_cookie_is_secure_when_the_public_url_is_https(start_relay, 
     url = urllib.parse.urlsplit(done.stdout.strip())
     _, _, response = Browser(service).get(f"{url.path}?{url.query}")
     assert "secure" in response.getheader("Set-Cookie").lower()
+
+
+@pytest.mark.json_only  # the console's own rule, whatever the store
+def test_reply_is_refused_on_a_line_that_is_not_two_way(start_relay, fake_twilio):
+    service = start_relay(config_text())
+    conv_id = open_conversation(service, fake_twilio)
+    browser = Browser(service)
+    browser.sign_in_by_link(SERGIO)
+    csrf = browser.csrf()
+    browser.post(f"/c/{conv_id}/take", {"csrf": csrf})
+    status, page, _ = browser.post(f"/c/{conv_id}/reply", {"csrf": csrf, "text": "on my way"})
+    barrier_text = "barrier after the reply"
+    service.inbound(OTHER_CUSTOMER, barrier_text)
+    wait_until(lambda: any(barrier_text in m["Body"] for m in fake_twilio.delivered(SERGIO)))
+    assert status == 200 and "nothing changed" in page and fake_twilio.delivered(CUSTOMER) == []
+
+
+@pytest.mark.json_only  # the console's own rule, whatever the store
+def test_a_contact_of_another_line_cannot_act_on_a_conversation(start_relay, fake_twilio):
+    other_line = config_text().split("[[lines]]")[1].replace('"QDN"', '"Dock"').replace(LINE, "+16195550177")
+    other_line = other_line.replace(SERGIO, "+16195550133").replace(BACKUP, "+16195550144")
+    service = start_relay(config_text() + "\n[[lines]]" + other_line)
+    conv_id = open_conversation(service, fake_twilio)
+    browser = Browser(service)
+    browser.sign_in_by_link("+16195550133")
+    status, _, _ = browser.post(f"/c/{conv_id}/take", {"csrf": browser.csrf()})
+    assert status == 403 and "QDN #1" in service.run("status").stdout  # still open
+
+
+@pytest.mark.json_only  # the console's own rule, whatever the store
+def test_the_csv_keeps_a_text_from_being_read_as_a_formula(tmp_path):
+    service = make_relay(tmp_path / "state")
+    service.outbox.senders = RunAtOnce()
+    service.receive(relay.read_inbound({"MessageSid": msid(1), "From": CUSTOMER, "To": LINE, "Body": "=1+1"}))
+    service.receive(relay.read_inbound({"MessageSid": msid(2), "From": SERGIO, "To": LINE, "Body": "#1 ok"}))
+    app = relay.make_app(service)
+    url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
+    cookie = wsgi_get(app, f"{url.path}?{url.query}")[2]["Set-Cookie"].split(";")[0]
+    row = wsgi_get(app, "/history.csv", cookie)[1].splitlines()[1]
+    assert ",'=1+1" in row
+
+
+@pytest.mark.json_only  # the console's own figure, whatever the store
+def test_the_overview_counts_the_texts_held_by_caps(tmp_path):
+    config = relay.Config(lines=(relay.Line("QDN", LINE, (relay.Contact("Sergio", SERGIO, 60),)),), sender_hourly_cap=1)
+    service = make_relay(tmp_path / "state", config)
+    service.outbox.senders = RunAtOnce()
+    for n in range(3):  # the first goes out; the next two wait for the sender cap
+        service.receive(relay.read_inbound({"MessageSid": msid(n), "From": CUSTOMER, "To": LINE, "Body": f"t{n}"}))
+    app = relay.make_app(service)
+    url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
+    cookie = wsgi_get(app, f"{url.path}?{url.query}")[2]["Set-Cookie"].split(";")[0]
+    assert "<dt>texts held by caps</dt><dd>2</dd>" in wsgi_get(app, "/", cookie)[1]

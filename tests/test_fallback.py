@@ -178,3 +178,11 @@ def test_a_text_the_webhook_brought_says_nothing_of_the_fallback(start_relay, fa
     relay.inbound(CUSTOMER, "engine won't start")
     (page,) = wait_until(lambda: fake_twilio.delivered(SERGIO))
     assert "received" not in page["Body"] and "fallback" not in page["Body"]
+
+
+def test_the_flow_texts_a_rotations_members_too(tmp_path, fake_twilio):
+    from test_rotations import ANA, rotation_config
+
+    relay = relay_with_numbers(tmp_path, fake_twilio, rotation_config("2026-12-07 08:00", "7d"))
+    relay.run("setup", "--apply")
+    assert ANA in [text["to"] for text in sends(fake_twilio.flow_named("relay fallback: QDN"))]
