@@ -1454,7 +1454,7 @@ MUTANTS += [
         "a URL's query, which may carry a secret, is not logged",
         '    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))',
         '    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, ""))',
-        "tests/test_config.py tests/test_dry_run.py",
+        "tests/test_faults.py tests/test_web.py",
     ),
     Mutant(
         "Environment: RELAY_CONFIG",
