@@ -1538,8 +1538,8 @@ MUTANTS += [
     Mutant(
         "Console: escaping",
         "every text from outside is escaped",
-        "{{e['what']}}",
-        "{{!e['what']}}",
+        "  <blockquote>{{e['text']}}</blockquote>",
+        "  <blockquote>{{!e['text']}}</blockquote>",
         "tests/test_console.py",
         "views/conversation.tpl",
     ),

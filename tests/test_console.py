@@ -482,3 +482,13 @@ def test_the_overview_counts_the_texts_held_by_caps(tmp_path):
     url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
     cookie = wsgi_get(app, f"{url.path}?{url.query}")[2]["Set-Cookie"].split(";")[0]
     assert "<dt>texts held by caps</dt><dd>2</dd>" in wsgi_get(app, "/", cookie)[1]
+
+
+@pytest.mark.json_only  # the page's own, whatever the store
+def test_the_overview_refreshes_by_itself_at_least_every_15_seconds(tmp_path):
+    service = make_relay(tmp_path / "state")
+    app = relay.make_app(service)
+    url = urllib.parse.urlsplit(relay.login_link(service.store, "http://x", SERGIO, service.clock()))
+    cookie = wsgi_get(app, f"{url.path}?{url.query}")[2]["Set-Cookie"].split(";")[0]
+    every = re.search(r'<meta http-equiv="refresh" content="(\d+)">', wsgi_get(app, "/", cookie)[1])
+    assert every and 0 < int(every[1]) <= 15

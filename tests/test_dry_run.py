@@ -155,9 +155,10 @@ def test_press_without_a_call_says_so_plainly(tmp_path):
     assert pressed.returncode == 1 and pressed.stderr.startswith("relay: no call in ")
 
 
-def test_every_flag_of_send_and_check_is_explained_by_help(tmp_path):
+def test_every_flag_of_serve_send_and_check_is_explained_by_help(tmp_path):
     relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
-    for command, flags in (("send", ("--from", "--to", "--body", "--url")), ("check", ("--dry-run", "--live"))):
+    send = ("send", ("--from", "--to", "--body", "--url"))
+    for command, flags in (("serve", ("--dry-run",)), send, ("check", ("--dry-run", "--live"))):
         lines = relay.run(command, "--help").stdout.splitlines()
         for flag in flags:
             described = next(line for line in lines if line.strip().startswith(flag))
@@ -204,5 +205,18 @@ def test_send_exits_1_when_the_relay_refuses_the_text(tmp_path):
         relay.env["TWILIO_AUTH_TOKEN"] = "another-token"  # signed with a token the relay does not hold
         sent = relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "hello", "--url", relay.url)
         assert sent.returncode == 1 and sent.stdout.startswith("403")
+    finally:
+        relay.stop()
+
+
+def test_the_state_goes_where_relay_state_dir_says(tmp_path):
+    relay = RelayProcess(tmp_path, None, config_text(), dry_run=True)
+    relay.env["RELAY_STATE_DIR"] = str(tmp_path / "elsewhere")
+    relay.start()
+    try:
+        sent = relay.run("send", "--from", CUSTOMER, "--to", LINE, "--body", "hello", "--url", relay.url)
+        assert sent.returncode == 0
+        wait_until(lambda: (tmp_path / "elsewhere" / "outbox.jsonl").exists())
+        assert not (tmp_path / "state").exists()
     finally:
         relay.stop()
