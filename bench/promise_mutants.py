@@ -8,7 +8,7 @@ they do not fail "survives".
     python bench/promise_mutants.py              # every mutant (about an hour), after a baseline run
     python bench/promise_mutants.py -k carrier   # those whose bullet or promise mentions "carrier"
     python bench/promise_mutants.py --coverage   # each contract bullet and how many mutants break it
-    python bench/promise_mutants.py --table      # the audit table of docs/testing.md, from the last results
+    python bench/promise_mutants.py --table R... # the audit table of docs/testing.md from results files
 
 A mutant whose text is no longer in its file is reported as stale (the code moved: rewrite it).
 Results go to bench/results/promise-DATE.jsonl.
@@ -1582,12 +1582,17 @@ def coverage() -> int:
     return 1 if missing or unknown else 0
 
 
-def table(path: Path) -> int:
-    """The audit table, one row per mutant of the results file, for docs/testing.md."""
-    outcomes = {r["promise"]: r["outcome"] for r in map(json.loads, path.read_text().splitlines())}
+def table(paths: list[Path]) -> int:
+    """The audit table, one row per mutant, from results files (a later file's outcome wins)."""
+    outcomes = {}
+    for path in paths:
+        outcomes |= {r["promise"]: r["outcome"] for r in map(json.loads, path.read_text().splitlines())}
     print("| contract bullet | the bug | caught by | outcome |\n| --- | --- | --- | --- |")
     for m in MUTANTS:
-        print(f"| {m.bullet} | {m.promise} | `{m.tests}` | {outcomes.get(m.promise, 'not run')} |")
+        tests = ", ".join(f"`{t.removeprefix('tests/')}`" for t in m.tests.split())
+        print(f"| {m.bullet} | {m.promise} | {tests} | {outcomes.get(m.promise, 'not run')} |")
+    counts = collections.Counter(outcomes.get(m.promise, "not run") for m in MUTANTS)
+    print(f"\n{counts['killed']} of {len(MUTANTS)} killed; {dict(counts)}")
     return 0
 
 
@@ -1600,7 +1605,7 @@ def main() -> int:
     parser.add_argument("--again", type=Path, metavar="RESULTS", help="only the mutants a results file has not killed")
     parser.add_argument("--out", type=Path, help="where the results go (default bench/results/promise-DATE.jsonl)")
     parser.add_argument("--coverage", action="store_true", help="each bullet and its mutants; exit 1 if one has none")
-    parser.add_argument("--table", type=Path, metavar="RESULTS", help="print the audit table from a results file")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="RESULTS", help="the audit table from results files")
     args = parser.parse_args()
     if args.coverage:
         return coverage()
