@@ -1771,7 +1771,7 @@ class ArchiveFiles:
 class JsonStore(Store):
     """Conversations on disk under one directory, held by one relay at a time, and all in memory.
 
-    The relay's lock guards it: a transaction is the relay holding that lock.
+    Its own lock guards it: a transaction is holding that lock.
     """
 
     SNAPSHOT = "conversations.jsonl"
@@ -2141,7 +2141,7 @@ class JsonStore(Store):
     def fold(self) -> None:
         """Move settled conversations to the archive and fold the journal into a snapshot.
 
-        The caller holds the relay's lock, so nothing is appended meanwhile. A fold that fails
+        The caller is in a transaction, so nothing is appended meanwhile. A fold that fails
         leaves the store failed (and the files as they were, or the new snapshot complete).
         """
         try:
@@ -4466,7 +4466,7 @@ class Outbox:
         # In flight until its outcome is stored (so its claim is renewed meanwhile), but not for its
         # own next look: a retry is due at its retry time.
         try:
-            conv = self.store.change(conv_id, record, lambda: self.in_flight.get(conv_id, set()) - {index})
+            conv = self.store.change(conv_id, record, lambda: self.in_flight_of(conv_id) - {index})
         finally:
             with self.lock:
                 self._done(conv_id, index)
@@ -4534,8 +4534,7 @@ class Outbox:
         (the outbound cap counts it when its send begins); returns whether the conversation changed.
         """
         changed, claimed = False, set()
-        with self.lock:  # only this conversation's: a flood's outbox may hold thousands
-            sending = set(self.in_flight.get(conv.id, ()))
+        sending = self.in_flight_of(conv.id)  # only this conversation's: a flood's outbox may hold thousands
         for index, page in enumerate(conv.pages):
             if page.state != "pending" or max(page.retry_at, page.lease) > now or index in sending:
                 continue
