@@ -1150,11 +1150,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def change(
-        self, conv_id: str, apply: Callable[[Conversation], bool], in_flight: Callable[[], Container[int]]
+        self,
+        conv_id: str,
+        apply: Callable[[Conversation], bool],
+        in_flight: Callable[[], Container[int]],
+        afterwards: bool = False,
     ) -> Conversation | None:
         """A redone change of one conversation, a transaction of its own: `apply` changes it (False:
         nothing to store), then `in_flight()` says which of its pages this relay is sending. Returns
-        it once durable. `apply` may run twice, each time on a fresh copy: it changes only the copy."""
+        it once durable. `apply` may run twice, each time on a fresh copy: it changes only the copy.
+        `afterwards`: it stores what was done (a send's outcome), and may wait for work on its way."""
 
     # -- claims: where other relays share the store, each page being sent is this relay's for a
     # short lease, renewed while the send is in flight, so another takes it up if this one dies.
@@ -2087,7 +2092,7 @@ class JsonStore(Store):
         self.written[conv.id] = conv.written_mark()
         return ticket
 
-    def change(self, conv_id, apply, in_flight) -> Conversation | None:
+    def change(self, conv_id, apply, in_flight, afterwards=False) -> Conversation | None:
         with self.lock:
             conv = self.get(conv_id)
             if conv is None or not apply(conv):
@@ -2407,7 +2412,10 @@ SCHEMA = {
                 from_sender text, customer boolean, talking_since double precision)
             RETURNS TABLE (answered text, joins json, code_for_new text) LANGUAGE plpgsql AS $$
             BEGIN
-                INSERT INTO relay_messages (sid, at) VALUES (text_sid, at_time) ON CONFLICT DO NOTHING;
+                -- A customer's text is its own conversation's (its id), unless the save says it joined
+                -- another: a new customer's text is then written once, not written and updated.
+                INSERT INTO relay_messages (sid, at, conversation)
+                    VALUES (text_sid, at_time, CASE WHEN customer THEN text_sid END) ON CONFLICT DO NOTHING;
                 IF NOT FOUND THEN
                     RETURN QUERY SELECT coalesce(answer, ''), NULL::json, NULL::text
                         FROM relay_messages WHERE sid = text_sid;
@@ -2438,6 +2446,34 @@ SCHEMA[4] = [
     )""",
     "CREATE TABLE relay_console (key text PRIMARY KEY, record json NOT NULL, expires double precision NOT NULL)",
 ]
+SCHEMA[5] = [
+    # A cap's use is written before its lock is taken, and the lock is held only to count: a database
+    # slow to write then holds up no other take of the cap (the outbound cap is every send's). The count
+    # runs after the lock, so it sees every use the takes before this one committed, and this one's; a
+    # take over the limit undoes its use. It reads at most the limit's worth of the hour's uses.
+    f"""CREATE OR REPLACE FUNCTION relay_take(cap text, cap_limit bigint, at_time double precision)
+        RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO relay_cap_uses (key, at) VALUES (cap, at_time);
+            PERFORM pg_advisory_xact_lock(hashtext(cap));
+            IF (SELECT count(*) FROM (SELECT FROM relay_cap_uses WHERE key = cap AND at > at_time - {HOUR}
+                                      LIMIT cap_limit + 1) AS used) > cap_limit THEN
+                RAISE SQLSTATE 'RLCAP';
+            END IF;
+            RETURN true;
+        EXCEPTION WHEN SQLSTATE 'RLCAP' THEN
+            RETURN false;  -- its use is undone with the block
+        END $$""",
+    # Uses that have left the hour count for nothing: deleted a batch at a time, with no lock.
+    """CREATE OR REPLACE FUNCTION relay_forget_caps(cutoff double precision, batch integer) RETURNS integer
+        LANGUAGE sql AS $$
+            WITH gone AS (DELETE FROM relay_cap_uses WHERE ctid = ANY(ARRAY(
+                SELECT ctid FROM relay_cap_uses WHERE at <= cutoff LIMIT batch)) RETURNING 1)
+            SELECT count(*)::integer FROM gone
+        $$""",
+    "DROP TABLE relay_caps",
+    SCHEMA[3][0].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1),  # as written there now
+]
 SCHEMA_VERSION = max(SCHEMA)
 SCHEMA_LOST = {"42P01", "42883"}  # undefined_table, undefined_function
 # What the schema holds, looked for at every start and heal: tables (and the sequence) hold data, so a
@@ -2448,15 +2484,16 @@ SCHEMA_RELATIONS = (
     "relay_codes",
     "relay_cap_uses",
     "relay_marks",
-    "relay_caps",
     "relay_overrides",
     "relay_console",
 )
-SCHEMA_FUNCTIONS = {
-    re.match(r"CREATE FUNCTION (\w+)", statement)[1]: statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
+SCHEMA_FUNCTIONS = {  # each as its latest version defines it
+    re.match(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)", statement)[1]: re.sub(
+        r"^CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", statement
+    )
     for statements in SCHEMA.values()
     for statement in statements
-    if statement.startswith("CREATE FUNCTION")
+    if re.match(r"CREATE (OR REPLACE )?FUNCTION", statement)
 }
 SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through PgBouncer too)
 TIDY_LOCK = 7_301_002
@@ -2541,6 +2578,8 @@ class PgSessions:
         self.failed: str | None = "database not connected yet"
         self.idle: list[psycopg.Connection] = []
         self.opened = 0  # open for transactions, idle or in use
+        self.background: set[int] = set()  # the connections in use by work nobody waits on (id)
+        self.waiting = [0, 0, 0, 0]  # checkouts waiting, by rank
         self.budget = self.most = max(1, connections - 1)
         self.refused_until = -math.inf
         self.pool = threading.Condition()
@@ -2548,6 +2587,7 @@ class PgSessions:
         self.watch_lock = threading.Lock()
         self.watchdog: threading.Thread | None = None
         self.local = threading.local()  # this thread's transaction: its connection and the sids it took
+        self.slowest_write = (0.0, -math.inf)  # the slowest recent transaction that wrote: seconds, when
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(
@@ -2564,6 +2604,13 @@ class PgSessions:
             tcp_user_timeout=self.STATEMENT_MS,
         )
 
+    SLOW_WRITE_MEMORY = 30.0  # how long the slowest write is remembered, unless a slower one comes
+
+    def write_seconds(self) -> float:
+        """How long the slowest transaction that wrote took, lately."""
+        seconds, at = self.slowest_write
+        return seconds if time.monotonic() - at < self.SLOW_WRITE_MEMORY else 0.0
+
     def drop_idle(self) -> None:
         with self.pool:
             idle, self.idle = self.idle, []
@@ -2572,23 +2619,38 @@ class PgSessions:
         for conn in idle:
             conn.close()
 
-    def checkout(self, deadline: float, healing: bool = False) -> psycopg.Connection:
+    # Who goes first when connections are short (a database slow to write): the renewal of claims
+    # (CLAIMS: short, and what keeps another relay from sending a page again), texts' webhooks and
+    # health checks (PROMPT), then work on a page's way (AHEAD: the sweep, a send up to Twilio), then
+    # the outcomes of what was done (BEHIND). Work nobody waits on leaves one connection for the first two.
+    CLAIMS, PROMPT, AHEAD, BEHIND = range(4)
+    BEHIND_CHECKOUT_SECONDS = 60.0
+
+    def checkout(self, deadline: float, healing: bool = False, rank: int = PROMPT) -> psycopg.Connection:
         """An idle connection, else a new one within this relay's budget, else the first one handed back."""
         with self.pool:
-            while not self.idle:
-                if self.failed and not healing:  # found gone meanwhile: answered now, not at the deadline
-                    raise StoreFailure(self.failed)
-                if time.monotonic() >= self.refused_until:
-                    self.most = self.budget
-                if self.opened < self.most:
-                    self.opened += 1
-                    break
-                if not self.pool.wait(deadline - time.monotonic()):
-                    raise StoreFailure(f"database: all {self.opened} connection(s) of this relay are busy")
-            else:
-                return self.idle.pop()
+            self.waiting[rank] += 1
+            try:
+                while True:
+                    if self.failed and not healing:  # found gone meanwhile: answered now, not at the deadline
+                        raise StoreFailure(self.failed)
+                    if time.monotonic() >= self.refused_until:
+                        self.most = self.budget
+                    if self._may_take(rank):
+                        if self.idle:
+                            conn = self.idle.pop()
+                            break
+                        if self.opened < self.most:
+                            self.opened += 1
+                            conn = None
+                            break
+                    if not self.pool.wait(deadline - time.monotonic()):
+                        raise StoreFailure(f"database: all {self.opened} connection(s) of this relay are busy")
+            finally:
+                self.waiting[rank] -= 1
+                self.pool.notify_all()  # one waiting behind this one may go now
         try:
-            return self.connect()
+            conn = conn or self.connect()
         except psycopg.Error as e:
             with self.pool:
                 self.opened -= 1
@@ -2597,9 +2659,20 @@ class PgSessions:
                     if self.most > self.opened:
                         log("warning", "database_connection_limit", holding=self.opened, reason=first_line(e))
                     self.most, self.refused_until = self.opened, time.monotonic() + self.REFUSED_RETRY
+                self.pool.notify_all()
             if refused:
-                return self.checkout(deadline, healing)
+                return self.checkout(deadline, healing, rank)
             raise
+        if rank > self.PROMPT:
+            with self.pool:
+                self.background.add(id(conn))
+        return conn
+
+    def _may_take(self, rank: int) -> bool:
+        """(with the pool locked)"""
+        if any(self.waiting[:rank]):
+            return False  # one before it in rank waits
+        return rank <= self.PROMPT or len(self.background) < self.most - 1 or self.most == 1
 
     def checkin(self, conn: psycopg.Connection) -> None:
         keep = not (conn.broken or conn.closed)
@@ -2607,11 +2680,12 @@ class PgSessions:
         if not keep:
             conn.close()
         with self.pool:
+            self.background.discard(id(conn))
             if keep:
                 self.idle.append(conn)
             else:
                 self.opened -= 1
-            self.pool.notify()
+            self.pool.notify_all()  # the first in rank goes
 
     def watch(self, conn: psycopg.Connection, seconds: float) -> None:
         with self.watch_lock:
@@ -2646,17 +2720,28 @@ class PgSessions:
         redone: bool = False,
         prompt: bool = False,
         patience: float | None = None,
+        rank: int | None = None,
     ):
-        """(`patience`: how long a round trip may take before it is cut, if not as `prompt` says.)"""
+        """(`patience`: how long a round trip may take before it is cut, and a connection be waited for, if
+        not as `prompt` says: a health check's. `rank`: who goes first when connections are short, if
+        not as `prompt` and `patience` say.)"""
         if getattr(self.local, "conn", None) is not None:  # inside one already: part of it
             yield
             return
         if self.failed:
             raise StoreFailure(self.failed)
-        conn = None
+        conn, began = None, time.monotonic()  # a write's time counts its wait for a connection
         try:
-            conn = self.checkout(time.monotonic() + (self.PROMPT_CHECKOUT_SECONDS if prompt else self.CONNECT_SECONDS))
-            self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, [], reading, None
+            # A text's webhook and a health check are answered 503 soon; other work waits its turn.
+            if rank is None:
+                rank = self.PROMPT if prompt or patience is not None else self.AHEAD
+            waiting = self.PROMPT_CHECKOUT_SECONDS if prompt else patience or self.ROUND_TRIP_SECONDS
+            if rank == self.BEHIND:  # what was done waits as long as it takes: given up, it is done again
+                waiting = self.BEHIND_CHECKOUT_SECONDS
+            conn = self.checkout(time.monotonic() + waiting, rank=rank)
+            # `claimed`: the texts this transaction took, each with the conversation it was written with
+            self.local.conn, self.local.claimed, self.local.reading, self.local.opening = conn, {}, reading, None
+            self.local.loaded = set()  # the ids of the conversations read: saved with an UPDATE
             self.local.patience = patience or (self.PROMPT_SECONDS if prompt else self.ROUND_TRIP_SECONDS)
             self.local.cursor = conn.cursor()  # one for the transaction: a cursor per statement costs CPU
             if reading:  # only looking: each statement on its own, with no BEGIN, COMMIT or row lock
@@ -2674,6 +2759,8 @@ class PgSessions:
                     self.watch(conn, self.local.patience)
                     conn.execute("COMMIT")
                     self.unwatch(conn)
+                    if (took := time.monotonic() - began) >= self.write_seconds():
+                        self.slowest_write = (took, time.monotonic())
         except psycopg.Error as e:
             # Whatever the statement, nothing of the transaction is stored. A cut connection (a
             # commit's outcome unknown included) is answered 503: a retry finds the MessageSid.
@@ -2730,7 +2817,9 @@ class PgSessions:
             self.unwatch(cursor.connection)
 
     def docs(self, sql: str, params: tuple = ()) -> list[Conversation]:
-        return [Conversation.from_json(doc) for (doc,) in self.q(sql, params)]
+        found = [Conversation.from_json(doc) for (doc,) in self.q(sql, params)]
+        self.local.loaded.update(conv.id for conv in found)
+        return found
 
 
 class PgStore(Store):
@@ -2754,13 +2843,12 @@ class PgStore(Store):
     CLOCK_SYNC_EVERY = 10.0
     RETENTION_EVERY = 60.0
     NEWEST_BATCH = 20
-    FORGET_CAPS = 500  # idle caps forgotten a minute, at most: each holds its lock to the commit
+    FORGET_USES = 10_000  # cap uses that left the hour, forgotten a minute at most: retention stays short
 
     def __init__(self, url: str, connections: int = 5):
         import_psycopg()
         self.db = PgSessions(url, connections)
         self.lock = threading.RLock()
-        self.lease = self.LEASE  # how long a claim lasts now
         self.offset = 0.0  # the database's clock minus this process's monotonic clock
         self.open_now = 0
         self.synced_at = self.retained_at = -math.inf
@@ -2864,8 +2952,11 @@ class PgStore(Store):
             (sid, now, line, sender, customer, now - TWO_WAY_WINDOW),
         ).fetchone()
         if answered is None:
-            self.db.local.claimed.append(sid)
-        return Arrival(answered, None if joins is None else Conversation.from_json(joins), code)
+            self.db.local.claimed[sid] = sid if customer else None
+        if joins is not None:
+            joins = Conversation.from_json(joins)
+            self.db.local.loaded.add(joins.id)
+        return Arrival(answered, joins, code)
 
     def knows(self, sid: str) -> bool:
         with self.transaction(reading=True):
@@ -2981,38 +3072,41 @@ class PgStore(Store):
             self.db.q("UPDATE relay_conversations SET wake_at = %s WHERE id = %s", (next_wakeup(conv), conv.id))
             return None
         said = {m["sid"]: m.get("answer") for m in [*conv.messages, *conv.replies]}
-        texts = [sid for sid in self.db.local.claimed if sid in said]  # claimed in this transaction
+        # Claimed in this transaction, and not already written as they are (relay_arrival)
+        claimed = self.db.local.claimed
+        texts = [sid for sid in claimed if sid in said and (claimed[sid] != conv.id or said[sid] is not None)]
+        # One read here is updated, not upserted: an upsert is an insert tried first, and a write
+        # that is slow (a trigger, a slow disk) is then paid for twice.
+        known = conv.id in self.db.local.loaded
         upsert = """INSERT INTO relay_conversations
             (id, line, sender, code, created, two_way, status, finished_at, held, wake_at, doc)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
             held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc"""
+        if known:
+            upsert = """UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s,
+                doc = %s WHERE id = %s"""
         if texts:  # in the same statement, the texts it took are marked as its own, with their answers
             # (Found by `= ANY`, which a cached plan looks up in the index: a join with their list
             # may be planned as a read of every text remembered, for each text saved.)
             upsert = f"""WITH saved AS ({upsert})
                 UPDATE relay_messages SET conversation = %s, answer = %s::json ->> sid WHERE sid = ANY(%s)"""
-        self.db.q(
-            upsert,
-            (
-                conv.id,
-                conv.line,
-                conv.sender,
-                conv.code,
-                conv.created,
-                conv.two_way,
-                *self._changing(conv),
-                *((conv.id, Json({sid: said[sid] for sid in texts}), texts) if texts else ()),
-            ),
-        )
+        columns = (*self._changing(conv), conv.id) if known else (*self._identity(conv), *self._changing(conv))
+        self.db.q(upsert, (*columns, *((conv.id, Json({sid: said[sid] for sid in texts}), texts) if texts else ())))
         return None
+
+    @staticmethod
+    def _identity(conv: Conversation) -> tuple:
+        """The columns a conversation keeps: id, line, sender, code, created, two_way."""
+        return conv.id, conv.line, conv.sender, conv.code, conv.created, conv.two_way
 
     @staticmethod
     def _changing(conv: Conversation) -> tuple:
         """The columns a save may change: status, finished_at, held, wake_at, doc."""
         return conv.status, conv.finished_at, bool(held_pages(conv)), next_wakeup(conv), Json(conv.to_dict())
 
-    def change(self, conv_id, apply, in_flight) -> Conversation | None:
+    def change(self, conv_id, apply, in_flight, afterwards=False) -> Conversation | None:
+        rank = PgSessions.BEHIND if afterwards else PgSessions.AHEAD
         seen, self.db.local.seen = getattr(self.db.local, "seen", None), None
         if seen and seen[0] == conv_id:
             # Read just before (for a send): stored if nobody changed it since, in one statement
@@ -3020,7 +3114,7 @@ class PgStore(Store):
             _, version, conv = seen
             if not apply(conv):
                 return conv
-            with self.transaction(reading=True):
+            with self.db.transaction(reading=True, rank=rank):
                 stored = self.db.q(
                     """UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s,
                        doc = %s WHERE id = %s AND xmin = %s::xid RETURNING 1""",
@@ -3028,7 +3122,7 @@ class PgStore(Store):
                 ).fetchone()
             if stored:
                 return conv
-        with self.transaction(redone=True):
+        with self.db.transaction(redone=True, rank=rank):
             conv = self.get(conv_id)
             if conv is None or not apply(conv):
                 return conv
@@ -3036,35 +3130,56 @@ class PgStore(Store):
         return conv
 
     def claim(self, page: Page, holder: str, now: float) -> bool:
-        page.lease, page.holder = now + self.lease, holder
+        # From this moment, not the transaction's `now`: a slow transaction has used some of it up.
+        page.lease, page.holder = max(now, self.clock()) + self.lease, holder
         return True
 
     def claimed_by(self, page: Page, holder: str, now: float | None = None) -> bool:
         return page.holder == holder and (now is None or page.lease > now)
 
+    @property
+    def lease(self) -> float:
+        """How long a claim lasts now: three times the slowest recent write, so that a database slow
+        to write does not let claims lapse while they are stored or renewed (and another relay send
+        the page too); never less than LEASE, nor more than MAX_LEASE."""
+        return min(self.MAX_LEASE, max(self.LEASE, 3 * self.db.write_seconds()))
+
     def renew(self, in_flight: dict[str, set[int]], holder: str) -> None:
-        began = time.monotonic()
-        self._set_leases(in_flight, self.clock() + self.lease, holder)
-        # A database slow to write renews slowly: claims then last longer than three renewals, so
-        # they do not lapse while being renewed (and another relay send the page too).
-        self.lease = min(self.MAX_LEASE, max(self.LEASE, 3 * (time.monotonic() - began)))
+        # Only the claims that would lapse before two more renewals: while the database is slow to
+        # write, claims last longer, and most sends finish inside their first one.
+        now = self.clock()
+        self._set_leases(in_flight, now + self.lease, holder, lapsing_by=now + self.lease * 2 / 3)
 
     def give_up(self, in_flight: dict[str, set[int]], holder: str) -> None:
         self._set_leases(in_flight, 0.0, holder)
 
-    def _set_leases(self, in_flight: dict[str, set[int]], until: float, holder: str) -> None:
-        """Set `holder`'s claims on these pages to last until `until` (0: given up, and the other
-        relays' sweeps woken). Two statements however many pages are queued (a flood's, with the caps
-        lifted). A conversation another change holds now is left for the next renewal."""
-        with self.transaction(redone=True):
-            convs = self.db.docs(
-                "SELECT doc FROM relay_conversations WHERE id = ANY(%s) FOR UPDATE SKIP LOCKED", (list(in_flight),)
+    def _set_leases(
+        self, in_flight: dict[str, set[int]], until: float, holder: str, lapsing_by: float = math.inf
+    ) -> None:
+        """Set `holder`'s claims on these pages that lapse by `lapsing_by` to last until `until` (0:
+        given up, and the other relays' sweeps woken). Two statements however many pages are queued (a
+        flood's, with the caps lifted). A conversation another change holds now is left for the next
+        renewal."""
+        with self.db.transaction(redone=True, rank=PgSessions.CLAIMS):
+            # Only those with a claim to renew are locked: a slow write of some holds up no change of
+            # the others (a send's outcome, say).
+            found = self.db.docs(
+                """SELECT doc FROM relay_conversations WHERE id = ANY(%s) AND EXISTS (
+                       SELECT FROM json_array_elements(doc -> 'pages') AS p WHERE p ->> 'holder' = %s
+                       AND p ->> 'state' = 'pending' AND (p ->> 'lease')::float8 <= %s)
+                   FOR UPDATE SKIP LOCKED""",
+                (list(in_flight), holder, min(lapsing_by, 1e300)),
             )
-            for conv in convs:
-                for index in in_flight[conv.id]:
-                    page = conv.pages[index] if index < len(conv.pages) else None
-                    if page is not None and page.state == "pending" and page.holder == holder:
-                        page.lease = until
+            convs = []
+            for conv in found:
+                pages = [conv.pages[i] for i in in_flight[conv.id] if i < len(conv.pages)]
+                pages = [p for p in pages if p.state == "pending" and p.holder == holder and p.lease <= lapsing_by]
+                for page in pages:
+                    page.lease = until
+                if pages:
+                    convs.append(conv)
+            if not convs:
+                return
             self.db.q(  # `c.id = ANY`: else the join may be planned as a read of the whole table
                 """UPDATE relay_conversations AS c SET wake_at = t.wake_at, doc = t.doc
                    FROM json_to_recordset(%s) AS t (id text, wake_at float8, doc json)
@@ -3074,7 +3189,7 @@ class PgStore(Store):
                     [c.id for c in convs],
                 ),
             )
-            if not until and convs:
+            if not until:
                 self.db.q(f"NOTIFY {self.CHANNEL}")  # delivered at the commit, to every relay listening
 
     def listen(self, wake: Callable[[], None], stop: threading.Event) -> None:
@@ -3218,7 +3333,7 @@ class PgStore(Store):
                     self.db.q("DELETE FROM relay_overrides WHERE end_at < %s", (now - retention,))
                     self.db.q("DELETE FROM relay_console WHERE expires < %s", (now,))
                     self.db.q("DELETE FROM relay_marks WHERE key LIKE 'remind:%%' AND at < %s", (now - retention,))
-                    self.db.q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_CAPS))
+                    self.db.q("SELECT relay_forget_caps(%s, %s)", (now - HOUR, self.FORGET_USES))
         return pruned
 
 
@@ -4466,7 +4581,7 @@ class Outbox:
         # In flight until its outcome is stored (so its claim is renewed meanwhile), but not for its
         # own next look: a retry is due at its retry time.
         try:
-            conv = self.store.change(conv_id, record, lambda: self.in_flight_of(conv_id) - {index})
+            conv = self.store.change(conv_id, record, lambda: self.in_flight_of(conv_id) - {index}, afterwards=True)
         finally:
             with self.lock:
                 self._done(conv_id, index)

@@ -82,7 +82,7 @@ def hang(cluster, fake, workdir, relay_py) -> dict:
         proxy.close()
 
 
-def slow(cluster, fake, workdir, relay_py) -> dict:
+def slow(cluster, fake, workdir, relay_py, texts: int = 20) -> dict:
     url = cluster.new_database()
     config = config_text(primary_wait=f"{WAIT:g}s", backup_wait="1h")
     relays = [relay_at(workdir / f"slow{n}", fake, config, {"DATABASE_URL": url}, relay_py) for n in range(2)]
@@ -92,8 +92,8 @@ def slow(cluster, fake, workdir, relay_py) -> dict:
     def text(i):
         return relays[i % 2].inbound(f"+1555123{i:04d}", f"text {i}", sid=msid(f"slow {i}"))[0]
 
-    with ThreadPoolExecutor(20) as pool:
-        answers = list(pool.map(text, range(20)))
+    with ThreadPoolExecutor(texts) as pool:
+        answers = list(pool.map(text, range(texts)))
     taken = [i for i, status in enumerate(answers) if status == 200]
     time.sleep(WAIT + 15)
     accepted = {e["message_sid"]: e["ts"] for r in relays for e in r.events("inbound_accepted")}
@@ -109,7 +109,7 @@ def slow(cluster, fake, workdir, relay_py) -> dict:
     for relay in relays:
         relay.stop()
     return {
-        "scenario": "writes 300 ms, 2 relays, 20 texts",
+        "scenario": f"writes 300 ms, 2 relays, {texts} texts",
         "answered_200": len(taken),
         "answered_other": sorted(str(a) for a in answers if a != 200),
         "backups_missing": sum(1 for i in taken if not pages(BACKUP, i)),
@@ -117,6 +117,7 @@ def slow(cluster, fake, workdir, relay_py) -> dict:
         "duplicate_backup": sum(max(0, len(pages(BACKUP, i)) - 1) for i in taken),
         "backup_late_p50_s": round(statistics.median(late), 2) if late else None,
         "backup_late_max_s": round(max(late), 2) if late else None,
+        "backup_late_s": sorted(round(x, 2) for x in late),
     }
 
 
@@ -209,19 +210,25 @@ def slots(fake, workdir, relay_py) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--relay", type=Path, default=ROOT / "relay.py", help="the relay.py to run")
-    parser.add_argument("--only", choices=["held"], help="only the frozen and cut-off relay scenarios")
+    parser.add_argument(
+        "--only", choices=["hang", "slow", "held", "slots"], nargs="+", help="only these scenarios (default: all)"
+    )
+    parser.add_argument("--texts", type=int, default=20, help="texts at once in the slow-writes scenario")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="relay-gray-"))
     fake = FakeTwilio()
     cluster = Postgres().start()
     try:
-        for scenario in (hang, slow) if not args.only else ():
-            print(json.dumps(scenario(cluster, fake, workdir, args.relay.resolve())), flush=True)
-        for how in ("frozen", "cut_off"):
+        only, relay_py = args.only or ["hang", "slow", "held", "slots"], args.relay.resolve()
+        if "hang" in only:
+            print(json.dumps(hang(cluster, fake, workdir, relay_py)), flush=True)
+        if "slow" in only:
+            print(json.dumps(slow(cluster, fake, workdir, relay_py, args.texts)), flush=True)
+        for how in ("frozen", "cut_off") if "held" in only else ():
             for write_s in (0.0, 0.2):
-                print(json.dumps(held_work(cluster, fake, workdir, args.relay.resolve(), how, write_s)), flush=True)
-        if not args.only:
-            print(json.dumps(slots(fake, workdir, args.relay.resolve())), flush=True)
+                print(json.dumps(held_work(cluster, fake, workdir, relay_py, how, write_s)), flush=True)
+        if "slots" in only:
+            print(json.dumps(slots(fake, workdir, relay_py)), flush=True)
     finally:
         fake.close()
         cluster.close()

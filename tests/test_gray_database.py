@@ -245,7 +245,8 @@ def slow_every_write(database_url: str, seconds: float) -> None:
             f"""CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$"""
         )
-        for table in ("relay_conversations", "relay_messages"):
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'relay%'").fetchall()
+        for (table,) in tables:
             conn.execute(
                 f"CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION slow_write()"
             )

@@ -5,6 +5,7 @@ import json
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -262,13 +263,43 @@ def test_a_cap_counted_in_the_database_allows_again_as_its_uses_leave_the_hour(d
     assert take(store, "outbound:texts", 2, start + 3611)
 
 
-def test_a_cap_idle_for_an_hour_is_forgotten_and_counts_afresh(database_url):
+def slow_cap_uses(database_url: str, seconds: float) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            f"""CREATE FUNCTION slow_use() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$"""
+        )
+        conn.execute(
+            "CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON relay_cap_uses FOR EACH ROW EXECUTE FUNCTION slow_use()"
+        )
+
+
+def test_takes_of_one_cap_racing_on_a_slow_database_allow_exactly_its_limit(database_url):
+    stores = [opened_store(database_url) for _ in range(8)]
+    slow_cap_uses(database_url, 0.2)
+    with ThreadPoolExecutor(8) as pool:
+        allowed = list(pool.map(lambda store: take(store, "outbound:texts", 3, store.clock()), stores))
+    assert allowed.count(True) == 3
+    with psycopg.connect(database_url, autocommit=True) as conn:  # the refused takes left no use behind
+        assert conn.execute("SELECT count(*) FROM relay_cap_uses").fetchone()[0] == 3
+
+
+def test_a_take_of_a_cap_is_not_held_up_by_another_takes_slow_write(database_url):
+    stores = [opened_store(database_url) for _ in range(4)]
+    slow_cap_uses(database_url, 0.5)
+    began = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(lambda store: take(store, "outbound:texts", 100, store.clock()), stores))
+    # Side by side they take one write's time; one after another, behind the cap's lock, four.
+    assert time.monotonic() - began < 1.5
+
+
+def test_cap_uses_that_left_the_hour_are_forgotten_and_the_cap_counts_afresh(database_url):
     store = opened_store(database_url)
     start = store.clock()
     assert take(store, "sender:QDN:+15551230001", 1, start) and take(store, "busy", 5, start + 3000)
     store.tidy(start + 3600, 7 * 86400)  # its one use has just left the hour
     with psycopg.connect(database_url, autocommit=True) as conn:
-        assert [key for (key,) in conn.execute("SELECT key FROM relay_caps")] == ["busy"]
         assert [key for (key,) in conn.execute("SELECT key FROM relay_cap_uses")] == ["busy"]
     assert take(store, "sender:QDN:+15551230001", 1, start + 3602)
     assert not take(store, "sender:QDN:+15551230001", 1, start + 3603)
