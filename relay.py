@@ -2833,7 +2833,7 @@ class PgStore(Store):
 
     SHARED = True
     LEASE = 1.2  # the least a claim lasts; longer while the database is slow to write (renew)
-    MAX_LEASE = 10.0  # the most, however slow the database: a dead relay's pages wait no longer
+    MAX_LEASE = 4.0  # the most, however slow the database: a frozen or dead relay's pages wait no longer
     RENEW_EVERY = LEASE / 3
     POLL = 0.25
     COUNT_SECONDS = 1.0
@@ -4532,15 +4532,6 @@ class Outbox:
         with self.store.transaction(reading=True):
             conv = self.store.get(conv_id)
             page = self._still_to_send(conv, index)
-            if page is not None and not self.store.claimed_by(page, self.relay.id, self.clock()):
-                conv = None  # claimed, but the claim lapsed before its send began: renewed first
-            elif page is not None:
-                request = self._request(conv, index)
-        if page is not None and conv is None:
-            conv = self.store.change(conv_id, functools.partial(self._reclaim, index=index), lambda: ())
-            page = self._still_to_send(conv, index)
-            if page is not None:
-                request = self._request(conv, index)
         counting = page is not None and not page.counted and page.kind not in NEVER_HELD
         if counting:  # counted now, by itself: the cap's lock is held for the count alone
             with self.store.transaction(reading=True):
@@ -4548,7 +4539,15 @@ class Outbox:
             if not counted:
                 self._hold_over_cap(conv_id, index)
                 page = None
-        if page is None:  # a page not yet with Twilio stays unsent
+        # Looked at last, just before Twilio: a claim that lapsed meanwhile (a slow database, or this
+        # relay frozen) is renewed first, unless another relay claimed the page since (then it was
+        # counted for nothing, and the cap errs on the side of fewer texts).
+        if page is not None and not self.store.claimed_by(page, self.relay.id, self.clock()):
+            conv = self.store.change(conv_id, functools.partial(self._reclaim, index=index), lambda: ())
+            page = self._still_to_send(conv, index)
+        if page is not None:
+            request = self._request(conv, index)
+        else:  # a page not yet with Twilio stays unsent
             with self.lock:
                 self._done(conv_id, index)
             return

@@ -195,6 +195,32 @@ def test_a_page_whose_claim_another_relay_took_over_is_never_sent(database_url, 
     assert frozen.gateway.sent == []
 
 
+def test_a_page_whose_claim_lapsed_while_it_was_counted_and_another_relay_took_is_never_sent(
+    database_url, tmp_path, monkeypatch
+):
+    from conftest import LINE, msid
+
+    store = relay_module.PgStore(database_url)
+    store.open()
+    frozen = relay_on(store, tmp_path)
+    frozen.receive(
+        relay_module.read_inbound({"MessageSid": msid("counted"), "From": CUSTOMER, "To": LINE, "Body": "hi"})
+    )
+    take = frozen.caps.take_outbound
+
+    def frozen_while_counting(page, now):
+        store.offset += store.MAX_LEASE + 1  # the relay froze here; its claim lapsed, and another took it
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                """UPDATE relay_conversations SET doc = jsonb_set(doc::jsonb, '{pages,0,holder}', '"another"')::json"""
+            )
+        return take(page, now)
+
+    monkeypatch.setattr(frozen.caps, "take_outbound", frozen_while_counting)
+    frozen.outbox.senders.run()
+    assert frozen.gateway.sent == []
+
+
 def test_a_page_whose_claim_lapsed_is_claimed_anew_before_it_is_sent_once(database_url, tmp_path):
     from conftest import LINE, msid
 
