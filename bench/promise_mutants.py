@@ -137,6 +137,7 @@ BULLETS = {
     "Database gray: connections": "each relay opens at most database_connections",
     "Database gray: damaged schema": "missing functions are recreated; a missing table is named",
     "Database gray: password": "a password never appears in any output",
+    "Database gray: slow writes": "with writes at 300 ms nothing lost, nothing resent but in flight, backups on time",
     "Database: status reads it": "status reads the database",
     "Schedules: turns": "members[k mod n]; whole days hand off at the local clock time",
     "Schedules: rotation step": "a rotation step pages whoever is on shift; the conversation keeps whom",
@@ -348,6 +349,31 @@ MUTANTS = [
         '        if page is None or page.state != "pending" or not self.store.claimed_by(page, self.relay.id):',
         '        if page is None or page.state != "pending":',
         "tests/test_gray_database.py",
+    ),
+    Mutant(
+        "Database gray: slow writes",
+        "takes of one cap are not queued behind another take's slow write",
+        """            INSERT INTO relay_cap_uses (key, at) VALUES (cap, at_time);
+            PERFORM pg_advisory_xact_lock(hashtext(cap));""",
+        """            PERFORM pg_advisory_xact_lock(hashtext(cap));
+            INSERT INTO relay_cap_uses (key, at) VALUES (cap, at_time);""",
+        "tests/test_shared_database.py::test_a_take_of_a_cap_is_not_held_up_by_another_takes_slow_write",
+    ),
+    Mutant(
+        "Database gray: slow writes",
+        "takes of one cap racing on a slow database allow exactly its limit",
+        """            INSERT INTO relay_cap_uses (key, at) VALUES (cap, at_time);
+            PERFORM pg_advisory_xact_lock(hashtext(cap));""",
+        """            INSERT INTO relay_cap_uses (key, at) VALUES (cap, at_time);""",
+        "tests/test_shared_database.py::test_takes_of_one_cap_racing_on_a_slow_database_allow_exactly_its_limit",
+    ),
+    Mutant(
+        "Database gray: lapsed claims",
+        "a claim that lapsed while the page was counted is looked at again before Twilio",
+        "        if page is not None and not self.store.claimed_by(page, self.relay.id, self.clock()):\n"
+        "            conv = self.store.change(",
+        "        if False:\n            conv = self.store.change(",
+        "tests/test_gray_database.py::test_a_page_whose_claim_lapsed_while_it_was_counted_and_another_relay_took_is_never_sent",
     ),
     Mutant(
         "Database gray: steps after locks",

@@ -277,8 +277,14 @@ def slow_cap_uses(database_url: str, seconds: float) -> None:
 def test_takes_of_one_cap_racing_on_a_slow_database_allow_exactly_its_limit(database_url):
     stores = [opened_store(database_url) for _ in range(8)]
     slow_cap_uses(database_url, 0.2)
+    together = threading.Barrier(8)  # all eight write their uses at once, and count as they finish
+
+    def take_together(store):
+        together.wait()
+        return take(store, "outbound:texts", 3, store.clock())
+
     with ThreadPoolExecutor(8) as pool:
-        allowed = list(pool.map(lambda store: take(store, "outbound:texts", 3, store.clock()), stores))
+        allowed = list(pool.map(take_together, stores))
     assert allowed.count(True) == 3
     with psycopg.connect(database_url, autocommit=True) as conn:  # the refused takes left no use behind
         assert conn.execute("SELECT count(*) FROM relay_cap_uses").fetchone()[0] == 3
