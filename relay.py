@@ -2307,6 +2307,15 @@ class SchemaRefused(Exception):
 
 
 OPEN_SQL = "status IN ('open', 'held')"
+# A conversation saved: its columns (PgStore._identity, then PgStore._changing), or only those that change
+INSERT_CONVERSATION = """INSERT INTO relay_conversations
+    (id, line, sender, code, created, two_way, status, finished_at, held, wake_at, doc)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
+    held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc"""
+UPDATE_CONVERSATION = (
+    "UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s, doc = %s WHERE id = %s"
+)
 OVERRIDE_COLUMNS = "id, rotation, name, phone, start_at, end_at, replaces, made"
 
 # Each version's statements bring the schema from the version before it. Times are seconds since the
@@ -3078,21 +3087,14 @@ class PgStore(Store):
         # One read here is updated, not upserted: an upsert is an insert tried first, and a write
         # that is slow (a trigger, a slow disk) is then paid for twice.
         known = conv.id in self.db.local.loaded
-        upsert = """INSERT INTO relay_conversations
-            (id, line, sender, code, created, two_way, status, finished_at, held, wake_at, doc)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, finished_at = EXCLUDED.finished_at,
-            held = EXCLUDED.held, wake_at = EXCLUDED.wake_at, doc = EXCLUDED.doc"""
-        if known:
-            upsert = """UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s,
-                doc = %s WHERE id = %s"""
+        statement = UPDATE_CONVERSATION if known else INSERT_CONVERSATION
         if texts:  # in the same statement, the texts it took are marked as its own, with their answers
             # (Found by `= ANY`, which a cached plan looks up in the index: a join with their list
             # may be planned as a read of every text remembered, for each text saved.)
-            upsert = f"""WITH saved AS ({upsert})
+            statement = f"""WITH saved AS ({statement})
                 UPDATE relay_messages SET conversation = %s, answer = %s::json ->> sid WHERE sid = ANY(%s)"""
         columns = (*self._changing(conv), conv.id) if known else (*self._identity(conv), *self._changing(conv))
-        self.db.q(upsert, (*columns, *((conv.id, Json({sid: said[sid] for sid in texts}), texts) if texts else ())))
+        self.db.q(statement, (*columns, *((conv.id, Json({sid: said[sid] for sid in texts}), texts) if texts else ())))
         return None
 
     @staticmethod
@@ -3116,8 +3118,7 @@ class PgStore(Store):
                 return conv
             with self.db.transaction(reading=True, rank=rank):
                 stored = self.db.q(
-                    """UPDATE relay_conversations SET status = %s, finished_at = %s, held = %s, wake_at = %s,
-                       doc = %s WHERE id = %s AND xmin = %s::xid RETURNING 1""",
+                    f"{UPDATE_CONVERSATION} AND xmin = %s::xid RETURNING 1",
                     (*self._changing(conv), conv_id, version),
                 ).fetchone()
             if stored:
