@@ -1200,8 +1200,9 @@ class Store(abc.ABC):
         """Return once the change behind the ticket is durable; raise StoreFailure if it never will be."""
 
     @abc.abstractmethod
-    def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
-        """Conversations with a deadline or a page due by `now`, each held for this change."""
+    def due(self, now: float, in_flight: dict[str, set[int]], most: int) -> list[Conversation]:
+        """At most `most` conversations with a deadline or a page due by `now`, soonest first, each held
+        for this change, which saves each of them (the rest stay due for the next)."""
 
     @abc.abstractmethod
     def next_due(self) -> float | None:
@@ -2042,9 +2043,9 @@ class JsonStore(Store):
         self.marks[key] = now
         return True
 
-    def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
+    def due(self, now: float, in_flight: dict[str, set[int]], most: int) -> list[Conversation]:
         found: dict[str, Conversation] = {}
-        while self.timers and self.timers[0][0] <= now:
+        while self.timers and self.timers[0][0] <= now and len(found) < most:
             _, conv_id = heapq.heappop(self.timers)
             conv = self.conversations.get(conv_id)
             due = next_wakeup(conv, in_flight.get(conv_id, frozenset())) if conv else None
@@ -3039,10 +3040,10 @@ class PgStore(Store):
         ).fetchone()
         return marked is not None
 
-    def due(self, now: float, in_flight: dict[str, set[int]]) -> list[Conversation]:
+    def due(self, now: float, in_flight: dict[str, set[int]], most: int) -> list[Conversation]:
         return self.db.docs(
-            "SELECT doc FROM relay_conversations WHERE wake_at <= %s ORDER BY wake_at LIMIT 100 FOR UPDATE SKIP LOCKED",
-            (now,),
+            "SELECT doc FROM relay_conversations WHERE wake_at <= %s ORDER BY wake_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (now, most),
         )
 
     def next_due(self) -> float | None:
@@ -4818,6 +4819,7 @@ class Sweeper:
         self.woken = threading.Condition(self.lock)
         self.last_sweep = 0.0
         self.sweep_at = math.inf  # when the sweep looks next (inf: it is looking now)
+        self.most = SWEEP_MOST  # how many due conversations a pass takes
 
     def run(self, stop: threading.Event) -> None:
         """The sweeper's thread: a sweep, housekeeping about once a second, reminders; then sleep."""
@@ -4850,13 +4852,11 @@ class Sweeper:
         if self.store.failure:
             return None
         started, began = time.thread_time(), time.monotonic()
-        events, to_send, tickets, lag, more = [], [], [], 0.0, False
+        events, to_send, tickets, lag = [], [], [], 0.0
         with self.relay.outbox.sending_once_stored(to_send):
             with self.store.transaction(redone=True):
-                for conv in self.store.due(self.clock(), self.relay.outbox.in_flight):
-                    if time.monotonic() - began > SWEEP_BATCH_SECONDS:  # a slow database: send these first
-                        more = True
-                        break
+                due = self.store.due(self.clock(), self.relay.outbox.in_flight, self.most)
+                for conv in due:
                     # Read after its lock was taken and the writes before it: a step begun now gets
                     # all its wait, and a claim made now starts whole, however slow the database.
                     now = self.clock()
@@ -4869,7 +4869,11 @@ class Sweeper:
                     tickets.append(self.relay.save(conv, changed))
                 self.last_sweep = self.clock()
                 SWEEP_LAG.set(lag)
-                next_at = self.last_sweep if more else self.store.next_due()
+                next_at = self.last_sweep if len(due) == self.most else self.store.next_due()
+            # Next time, as many as it can step in SWEEP_BATCH_SECONDS: on a slow database (or disk)
+            # a pass then holds few conversations, briefly, and sends their pages before the next.
+            took = (time.monotonic() - began) / max(1, len(due))
+            self.most = max(1, min(SWEEP_MOST, int(SWEEP_BATCH_SECONDS / max(took, 1e-6))))
             for ticket in tickets:
                 self.store.wait(ticket)
         for conv, event in events:
@@ -6119,9 +6123,11 @@ def login_link(store: Store | ConsoleFile, public_url: str, phone: str, now: flo
 
 
 HOUSEKEEPING_EVERY = 1.0
-# A sweep commits, and sends what it claimed, after this long; the rest of what is due is taken at
-# once by the next: a slow database then delays each page by its own writes, not by all of them.
+# A pass of the sweep takes as many due conversations as it can step in about this long, commits, and
+# sends what it claimed; the rest are taken at once by the next: a slow database then delays each page
+# by its own writes, not by all of them, and a pass holds no conversation long.
 SWEEP_BATCH_SECONDS = 0.5
+SWEEP_MOST = 100
 SWEEP_STALL = 10.0
 
 

@@ -253,8 +253,8 @@ def test_a_step_begun_after_a_slow_wait_for_its_lock_gets_all_its_wait(database_
     store.offset += 61  # Sergio's wait has run out
     due = store.due
 
-    def slow_due(now, in_flight):
-        found = due(now, in_flight)
+    def slow_due(now, in_flight, most):
+        found = due(now, in_flight, most)
         store.offset += 8  # the locks took eight seconds to come
         return found
 
