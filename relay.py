@@ -2497,13 +2497,12 @@ SCHEMA_RELATIONS = (
     "relay_overrides",
     "relay_console",
 )
+FUNCTION_NAMED = re.compile(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)")
 SCHEMA_FUNCTIONS = {  # each as its latest version defines it
-    re.match(r"CREATE (?:OR REPLACE )?FUNCTION (\w+)", statement)[1]: re.sub(
-        r"^CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", statement
-    )
+    FUNCTION_NAMED.match(statement)[1]: re.sub(r"^CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", statement)
     for statements in SCHEMA.values()
     for statement in statements
-    if re.match(r"CREATE (OR REPLACE )?FUNCTION", statement)
+    if FUNCTION_NAMED.match(statement)
 }
 SCHEMA_LOCK = 7_301_001  # transaction-level advisory locks (they work through PgBouncer too)
 TIDY_LOCK = 7_301_002
@@ -3170,7 +3169,7 @@ class PgStore(Store):
                        SELECT FROM json_array_elements(doc -> 'pages') AS p WHERE p ->> 'holder' = %s
                        AND p ->> 'state' = 'pending' AND (p ->> 'lease')::float8 <= %s)
                    FOR UPDATE SKIP LOCKED""",
-                (list(in_flight), holder, min(lapsing_by, 1e300)),
+                (list(in_flight), holder, lapsing_by),
             )
             convs = []
             for conv in found:
